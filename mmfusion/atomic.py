@@ -1,0 +1,85 @@
+"""Atomic file writes: write under a temporary name in the same folder, then rename.
+
+A crash (or a SLURM time limit) never leaves a half-written file under the final name,
+and concurrent writers of *different* files never see each other's partial output.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it to ``path``.
+
+    The temporary name keeps ``suffix`` (default: the final file's full suffix, e.g.
+    ``.nii.gz``) so libraries that dispatch on the extension still work. On error the
+    temporary file is removed and the final path is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write ``text`` to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_once(path: str | Path, text: str) -> bool:
+    """Create ``path`` with ``text`` unless it exists; safe when many processes race.
+
+    Uses a hard link from a complete temporary file, which fails if the target exists,
+    so the file is written exactly once and never seen partially. Returns True if this
+    call created it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it replaces ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""The YAML configuration: defaults (= the paper, SPEC.md), user overrides, validation.
+
+Defaults live in ``mmfusion/defaults/<section>.yaml``, one file per section (the file
+stem is the section name, e.g. ``model.yaml`` -> ``cfg["model"]``). A user's
+``--config FILE.yaml`` holds any subset of the same nested keys. Unknown sections or
+keys are an error, and so is a value whose type does not match the default's
+(an int is accepted where the default is a float; ``null`` defaults accept anything).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmfusion.errors import ConfigError
+
+DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    """Return the default configuration, a fresh nested dict ``{section: {key: value}}``."""
+    cfg: dict[str, dict[str, Any]] = {}
+    for path in sorted(DEFAULTS_DIR.glob("*.yaml")):
+        with open(path) as fh:
+            cfg[path.stem] = yaml.safe_load(fh) or {}
+    return cfg
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def _merge(base: dict, override: dict, where: str, source: str) -> None:
+    for key, value in override.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in base:
+            valid = ", ".join(sorted(map(str, base)))
+            raise ConfigError(f"{source}: unknown config key '{path}' (valid keys here: {valid})")
+        default = base[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{path}' must be a mapping of keys, got {value!r}")
+            _merge(default, value, path, source)
+        elif not _type_ok(default, value):
+            raise ConfigError(
+                f"{source}: '{path}' must be of type {type(default).__name__} "
+                f"(default {default!r}), got {value!r}"
+            )
+        else:
+            base[key] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (if any).
+
+    Raises :class:`ConfigError` (exit code 64) naming the file and the offending key.
+    """
+    cfg = default_config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config")
+        try:
+            with open(path) as fh:
+                user = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from exc
+        if not isinstance(user, dict):
+            raise ConfigError(f"{path}: the config must be a YAML mapping of sections")
+        _merge(cfg, user, "", str(path))
+    if overrides:
+        _merge(cfg, copy.deepcopy(overrides), "", "override")
+    return cfg
+
+
+def config_hash(cfg: dict, sections: list[str] | None = None) -> str:
+    """sha256 (hex, first 16 chars) of the canonical JSON of ``cfg`` (or some sections)."""
+    part = cfg if sections is None else {s: cfg[s] for s in sections}
+    blob = json.dumps(part, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dump_config(cfg: dict) -> str:
+    """The config as YAML text (for provenance and ``--config`` templates)."""
+    return yaml.safe_dump(cfg, sort_keys=True)
