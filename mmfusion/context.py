@@ -1,0 +1,51 @@
+"""RunContext: the validated inputs of one CLI run, handed to every analysis level."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmfusion.bids import SubjectRecord
+from mmfusion.provenance import Provenance
+
+
+@dataclass
+class RunContext:
+    """What a level needs; built by :mod:`mmfusion.cli` after validation.
+
+    Paths are absolute. ``records`` holds the selected subjects/sessions (participant
+    and template levels). ``config`` is the validated nested config dict with
+    ``config['spatial']['random_seed']`` already set from ``--seed``.
+    """
+
+    level: str
+    bids_dir: Path
+    output_dir: Path
+    work_dir: Path
+    config: dict
+    seed: int
+    provenance: Provenance
+    logger: logging.Logger
+    records: list[SubjectRecord] = field(default_factory=list)
+    participant_labels: list[str] = field(default_factory=list)  # without 'sub-'; empty = all
+    session_labels: list[str] = field(default_factory=list)
+    derivatives: list[Path] = field(default_factory=list)
+    modalities: list[str] = field(default_factory=lambda: ["jac", "ndi"])
+    template: Path | None = None          # --template
+    template_subjects: int | None = None  # --template-subjects
+    phenotypes_file: Path | None = None   # --phenotypes
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    mem_gb: float | None = None
+    force: bool = False
+    resume: bool = False
+    allow_missing: bool = False
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.output_dir / "logs"
+
+    @property
+    def group_dir(self) -> Path:
+        """Where group-level outputs go: ``output_dir/group``."""
+        return self.output_dir / "group"
