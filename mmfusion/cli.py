@@ -1,0 +1,242 @@
+"""The BIDS-App command line: ``mmfusion bids_dir output_dir {template,participant,group}``.
+
+Follows fMRIPrep/QSIPrep conventions: validate everything early, fail with one line that
+says what to do, exit with a documented code (``mmfusion.errors.EXIT_CODES``,
+``docs/exit-codes.md``). ``mmfusion simulate OUT_DIR`` writes a synthetic dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mmfusion import __version__
+from mmfusion.errors import (EXIT_CODES, MmfusionError, NotImplementedLevelError, OutputError,
+                             UnknownLevelError, UsageError)
+
+LEVELS = ("template", "participant", "group")
+MODALITIES = ("t1", "jac", "fa", "ndi")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (exit 64) instead of exiting with code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _memory_gb(text: str) -> float:
+    """'16', '16G', '16GB', '16000MB' -> GB (float)."""
+    t = text.strip().upper().removesuffix("B")
+    scale = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}.get(t[-1:], None)
+    try:
+        return float(t[:-1]) * scale if scale else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 16GB, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The BIDS-App parser (every option is documented in docs/usage.md)."""
+    p = _Parser(
+        prog="mmfusion",
+        description="mmfusion: multimodal 3D brain MRI -> learned embeddings and data-driven "
+                    "subject strata (BIDS-App). Also: 'mmfusion simulate OUT_DIR' writes a "
+                    "synthetic BIDS dataset with ground truth.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="root of the BIDS dataset (holds dataset_description.json)")
+    p.add_argument("output_dir", type=Path, help="where outputs go (must not be inside bids_dir)")
+    p.add_argument("analysis_level", help=f"processing stage: one of {', '.join(LEVELS)}")
+    p.add_argument("--version", action="version", version=f"mmfusion {__version__}")
+
+    g = p.add_argument_group("selecting data")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", default=[], metavar="LABEL",
+                   help="subjects to process, space-separated, with or without 'sub-' (default: all)")
+    g.add_argument("--session-label", "--session_label", nargs="+", default=[], metavar="LABEL",
+                   help="sessions to process, with or without 'ses-' (default: all)")
+    g.add_argument("--bids-filter-file", "--bids_filter_file", type=Path, metavar="FILE",
+                   help='JSON selecting inputs by entities, e.g. {"t1w": {"acquisition": "mprage"}}; '
+                        "keys t1w, fa, ndi")
+    g.add_argument("--derivatives", nargs="+", type=Path, default=[], metavar="PATH",
+                   help="derivative datasets holding FA/NDI maps (QSIRecon naming); "
+                        "default: every dataset in bids_dir/derivatives/")
+    g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                   help="do not run the BIDS validator on bids_dir")
+    g.add_argument("--phenotypes", type=Path, metavar="FILE",
+                   help="group level: a TSV/CSV phenotype table with participant_id "
+                        "(default: participants.tsv + phenotype/*.tsv of bids_dir)")
+
+    g = p.add_argument_group("method")
+    g.add_argument("--config", type=Path, metavar="FILE.yaml",
+                   help="YAML overriding the defaults (the paper's settings; see docs/configuration.md); "
+                        "unknown keys are an error")
+    g.add_argument("--seed", type=int, default=42, help="random seed for every stochastic step")
+    g.add_argument("--template", type=Path, metavar="PATH",
+                   help="T1w template (NIfTI) to register to; default: the study template built by "
+                        "the template level in output_dir, else MNI152 2009 (built in)")
+    g.add_argument("--template-subjects", type=_positive_int, metavar="N",
+                   help="template level: build from a seeded random subset of N subjects (default: all)")
+    g.add_argument("--modalities", nargs="+", choices=MODALITIES, default=["jac", "ndi"],
+                   help="group level: modalities fed to the autoencoder")
+
+    g = p.add_argument_group("running")
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
+                   help="scratch folder for intermediate files (default: output_dir/work)")
+    g.add_argument("--nprocs", "--n_cpus", type=_positive_int, default=None,
+                   help="CPUs this run may use in total (default: all available)")
+    g.add_argument("--omp-nthreads", type=_positive_int, default=None,
+                   help="threads per process for ANTs/TensorFlow (default: --nprocs)")
+    g.add_argument("--mem", "--mem_gb", type=_memory_gb, default=None, metavar="GB",
+                   help="memory budget, e.g. 16GB (recorded; used to size batches and caches)")
+    g.add_argument("--force", action="store_true",
+                   help="redo subjects/results that already exist, even if up to date")
+    g.add_argument("--resume", action="store_true",
+                   help="group level: continue interrupted training from the last checkpoints")
+    g.add_argument("--allow-missing", action="store_true",
+                   help="group level: run on the subjects whose shards exist even if others failed")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v, -vv)")
+    return p
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def validate_paths(args: argparse.Namespace) -> None:
+    """Level known, bids_dir a dataset, output_dir outside bids_dir and writable."""
+    from mmfusion.bids import check_is_bids
+
+    if args.analysis_level not in LEVELS:
+        raise UnknownLevelError(f"unknown analysis level '{args.analysis_level}'; choose one of "
+                                f"{', '.join(LEVELS)} (or 'mmfusion simulate OUT_DIR')")
+    args.bids_dir = args.bids_dir.resolve()
+    args.output_dir = args.output_dir.resolve()
+    check_is_bids(args.bids_dir)
+    if args.output_dir == args.bids_dir or _inside(args.output_dir, args.bids_dir):
+        raise OutputError(f"{args.output_dir}: output_dir must not be bids_dir or inside it; "
+                          "choose a folder outside the raw dataset")
+    for path, what in ((args.output_dir, "output_dir"), (args.work_dir, "work dir")):
+        if path is None:
+            continue
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot create {what} ({exc.strerror}); choose a writable folder") from exc
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"{path}: {what} is not writable; choose a writable folder")
+    for path, opt in ((args.config, "--config"), (args.template, "--template"),
+                      (args.phenotypes, "--phenotypes"), (args.bids_filter_file, "--bids-filter-file")):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{path}: file given to {opt} does not exist")
+
+
+def make_context(args: argparse.Namespace, argv: list[str]):
+    """Validate the remaining inputs and build the RunContext (logging, provenance, records)."""
+    from mmfusion import bids
+    from mmfusion.config import load_config
+    from mmfusion.context import RunContext
+    from mmfusion.provenance import Provenance
+    from mmfusion.runlog import new_run_id, setup_logging
+
+    cfg = load_config(args.config)
+    cfg["spatial"]["random_seed"] = args.seed
+    run_id = new_run_id(args.analysis_level)
+    logger = setup_logging(args.verbose, args.output_dir / "logs" / f"{run_id}.log")
+    logger.info("mmfusion %s, %s level, run %s", __version__, args.analysis_level, run_id)
+    nprocs = args.nprocs or len(os.sched_getaffinity(0))
+    prov = Provenance(run_id, args.analysis_level, argv, cfg, args.seed)
+    ctx = RunContext(
+        level=args.analysis_level, bids_dir=args.bids_dir, output_dir=args.output_dir,
+        work_dir=(args.work_dir or args.output_dir / "work").resolve(), config=cfg, seed=args.seed,
+        provenance=prov, logger=logger,
+        participant_labels=[bids.strip_prefix(x, "sub-") for x in args.participant_label],
+        session_labels=[bids.strip_prefix(x, "ses-") for x in args.session_label],
+        derivatives=[d.resolve() for d in args.derivatives], modalities=list(dict.fromkeys(args.modalities)),
+        template=args.template.resolve() if args.template else None,
+        template_subjects=args.template_subjects,
+        phenotypes_file=args.phenotypes.resolve() if args.phenotypes else None,
+        nprocs=nprocs, omp_nthreads=args.omp_nthreads or nprocs, mem_gb=args.mem,
+        force=args.force, resume=args.resume, allow_missing=args.allow_missing,
+    )
+    if not args.skip_bids_validation:
+        logger.info("validating %s with bids-validator-deno", args.bids_dir)
+        bids.run_validator(args.bids_dir)
+    if ctx.level in ("template", "participant"):
+        filters = bids.load_filter_file(args.bids_filter_file)
+        ctx.records = bids.discover(args.bids_dir, ctx.derivatives, ctx.participant_labels,
+                                    ctx.session_labels, filters)
+    return ctx
+
+
+def run_level(ctx) -> int:
+    """Dispatch to the analysis level; write provenance at the end (also on failure)."""
+    import importlib
+
+    entry = {
+        "template": ("mmfusion.spatial.template", "run_template_level"),
+        "participant": ("mmfusion.participant", "run_participant_level"),
+        "group": ("mmfusion.group", "run_group_level"),
+    }[ctx.level]
+    try:
+        module = importlib.import_module(entry[0])
+        func = getattr(module, entry[1])
+    except (ImportError, AttributeError) as exc:
+        raise NotImplementedLevelError(f"the {ctx.level} level is not implemented yet in mmfusion "
+                                       f"{__version__} ({exc})") from exc
+    status = "failed"
+    try:
+        func(ctx)
+        status = "success"
+    finally:
+        ctx.provenance.extra["status"] = status
+        path = ctx.provenance.write(ctx.logs_dir)
+        ctx.logger.info("provenance: %s", path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":
+        return _run_guarded(lambda: _simulate(argv[1:]))
+    return _run_guarded(lambda: _bids_app(argv))
+
+
+def _simulate(argv: list[str]) -> int:
+    from mmfusion import simulate
+
+    return simulate.main(argv)
+
+
+def _bids_app(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    validate_paths(args)
+    ctx = make_context(args, ["mmfusion", *argv])
+    return run_level(ctx)
+
+
+def _run_guarded(func) -> int:
+    try:
+        return func()
+    except MmfusionError as err:
+        sys.stderr.write(f"mmfusion: error: {err}\n")
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("mmfusion: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The group level: shards -> model + embeddings -> strata + phenotype statistics -> report.
+
+Orchestration only; the work is in :mod:`mmfusion.training`, :mod:`mmfusion.analysis`
+and :mod:`mmfusion.report`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmfusion.errors import MissingInputError
+from mmfusion.runlog import get_logger
+
+log = get_logger(__name__)
+
+
+def expected_subjects(bids_dir: Path, labels: list[str]) -> list[str]:
+    """Subject labels the group level should see: ``labels`` if given, else every
+    ``sub-*`` folder of the raw dataset (labels without 'sub-')."""
+    if labels:
+        return sorted(labels)
+    return sorted(p.name[4:] for p in bids_dir.glob("sub-*") if p.is_dir())
+
+
+def subjects_with_shards(output_dir: Path) -> set[str]:
+    """Subject labels that have at least one shard in ``output_dir/shards``."""
+    return {p.name[4:].split("_")[0].removesuffix(".h5") for p in (output_dir / "shards").glob("sub-*.h5")}
+
+
+def check_shards(ctx) -> list[str]:
+    """Return the subjects to analyse; refuse (exit 66) if some have no shard, unless
+    ``--allow-missing`` is given, in which case they are listed and skipped."""
+    expected = expected_subjects(ctx.bids_dir, ctx.participant_labels)
+    present = subjects_with_shards(ctx.output_dir)
+    missing = [s for s in expected if s not in present]
+    available = [s for s in expected if s in present]
+    if missing and not ctx.allow_missing:
+        listed = " ".join(f"sub-{s}" for s in missing[:30]) + (" ..." if len(missing) > 30 else "")
+        raise MissingInputError(
+            f"{ctx.output_dir / 'shards'}: no shard for {len(missing)} subject(s): {listed}; run the "
+            "participant level for them, or pass --allow-missing to analyse the others")
+    if missing:
+        log.warning("--allow-missing: skipping %d subject(s) without a shard: %s",
+                    len(missing), " ".join(f"sub-{s}" for s in missing))
+    if not available:
+        raise MissingInputError(f"{ctx.output_dir / 'shards'}: no shards found; run the participant level first")
+    ctx.provenance.extra["subjects_missing_shards"] = [f"sub-{s}" for s in missing]
+    return available
+
+
+def run_group_level(ctx) -> Path:
+    """Run the whole group level; returns the path of the HTML report."""
+    from mmfusion import analysis, report, training
+
+    ctx.participant_labels = check_shards(ctx)
+    log.info("group level on %d subject(s), modalities %s", len(ctx.participant_labels), " ".join(ctx.modalities))
+    learning = training.run_learning(ctx)
+    analysis.run_analysis(ctx, Path(learning["embeddings_tsv"]))
+    path = report.write_report(ctx.output_dir)
+    log.info("report: %s", path)
+    print(f"mmfusion report: {path}")
+    return path
