@@ -17,6 +17,7 @@ EXIT_CODES = {
     69: "analysis level or feature not implemented yet",
     73: "cannot create or write an output (output_dir not writable or inside bids_dir)",
     75: "refused: outputs exist from a different config/template (use --force)",
+    130: "interrupted (Ctrl-C / SIGINT)",
 }
 
 
