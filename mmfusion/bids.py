@@ -122,7 +122,7 @@ def discover(
     filters = filters or {}
     deriv = find_derivative_datasets(bids_dir, derivatives)
     layout = _layout(bids_dir, deriv)
-    all_subjects = sorted(layout.get_subjects(scope="raw"))
+    all_subjects = _all_subjects(layout, bids_dir)
     subjects = _select_labels(all_subjects, participant_labels, "sub-", "participant", bids_dir)
     records: list[SubjectRecord] = []
     for sub in subjects:
@@ -137,6 +137,18 @@ def discover(
     log.info("discovered %d subject/session record(s) in %s (%d derivative dataset(s))",
              len(records), bids_dir, len(deriv))
     return records
+
+
+def _all_subjects(layout, bids_dir: Path) -> list[str]:
+    """Subjects with raw files, a ``sub-*`` folder, or a row in participants.tsv."""
+    found = set(layout.get_subjects(scope="raw"))
+    found |= {p.name[4:] for p in bids_dir.glob("sub-*") if p.is_dir()}
+    table = bids_dir / "participants.tsv"
+    if table.is_file():
+        lines = table.read_text().splitlines()
+        if lines and lines[0].split("\t")[0] == "participant_id":
+            found |= {strip_prefix(line.split("\t")[0], "sub-") for line in lines[1:] if line.strip()}
+    return sorted(found)
 
 
 def _select_labels(existing: list[str], wanted: list[str] | None, prefix: str, what: str,
