@@ -20,7 +20,7 @@ done
 
 status=0
 stop_one() {  # stop_one NAME
-    local file="$RECORD/$1.pid" pid comm i
+    local file="$RECORD/$1.pid" pid comm
     [ -s "$file" ] || return 0
     pid=$(cat "$file")
     comm=$(ps -p "$pid" -o comm= 2>/dev/null || true)
@@ -30,7 +30,7 @@ stop_one() {  # stop_one NAME
         return 0
     fi
     kill -TERM "$pid" 2>/dev/null
-    for i in $(seq 1 30); do
+    for _ in $(seq 1 30); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.5
     done
