@@ -1,0 +1,529 @@
+"""Affinity-propagation (AP) grid search over (damping, preference), chosen by silhouette.
+
+SPEC.md section 5. The similarity is the negative squared Euclidean distance between
+embeddings, computed once (:func:`similarity_matrix`). The grid is ``damping_n`` damping
+values equally spaced in ``[damping_min, 1)`` times ``preference_n`` preferences equally
+spaced between two percentiles of the off-diagonal similarities (config section
+``stratify``). Fits that do not converge within ``max_iter`` iterations, and fits with 1 or
+n clusters, are skipped and counted. The fit with the highest silhouette score (Euclidean
+distances, precomputed once) is chosen; ties are broken by fewer clusters, then the smaller
+damping, then the smaller preference.
+
+Exactness: every fit reproduces :class:`sklearn.cluster.AffinityPropagation` bit for bit
+(same tiny noise added to S from ``random_state=seed``, same update order, same
+convergence rule, same final exemplar refinement), so the labels equal scikit-learn's for
+the same (damping, preference, random_state). The speed comes from (a) computing S, the
+noise and the distances once instead of once per fit, (b) a fused, compiled (numba) update
+that passes over the n x n messages twice per iteration instead of ~15 times, run on
+``n_threads`` cores in parallel over grid points, and (c) a batched silhouette computed
+once per distinct partition. Without numba a numpy fallback gives the same labels, slower.
+
+Outputs written by :func:`write_outputs` into ``group/strata/``:
+
+- ``labels.tsv``: participant_id, session, cluster (0..k-1) of the chosen fit.
+- ``ap_grid.tsv``: damping, preference, n_clusters, silhouette, converged, n_iter, valid
+  (one row per grid point; silhouette empty where invalid).
+- ``ap_grid.png``: heat map of the silhouette over the grid (blank = invalid).
+- ``ap_selection.json``: the chosen point, counts of skipped fits, the grid bounds.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import euclidean_distances
+
+from mmfusion.atomic import atomic_path, write_json
+from mmfusion.errors import InputDataError
+from mmfusion.runlog import get_logger, progress
+
+log = get_logger(__name__)
+
+try:  # numba is optional: the numpy fallback gives identical labels, slower
+    import numba
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+    HAVE_NUMBA = False
+
+
+class ClusteringError(InputDataError):
+    """No usable clustering (every grid point invalid, degenerate embeddings)."""
+
+
+@dataclass
+class GridResult:
+    """The outcome of :func:`grid_search`.
+
+    ``grid`` has one row per grid point (columns damping, preference, n_clusters,
+    silhouette, converged, n_iter, valid); ``labels`` (n,) int the chosen partition.
+    """
+
+    grid: pd.DataFrame
+    labels: np.ndarray
+    best: dict
+    counts: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- the grid
+def similarity_matrix(X: np.ndarray) -> np.ndarray:
+    """S (n, n) float64 = -||x_i - x_j||^2, exactly as scikit-learn's AP computes it."""
+    return -euclidean_distances(np.asarray(X, dtype=np.float64), squared=True)
+
+
+def distance_matrix(S: np.ndarray) -> np.ndarray:
+    """Euclidean distances (n, n) from S (zero diagonal, negatives from round-off -> 0)."""
+    D = np.sqrt(np.maximum(-S, 0.0))
+    np.fill_diagonal(D, 0.0)
+    return D
+
+
+def damping_grid(n: int, damping_min: float = 0.5) -> np.ndarray:
+    """``n`` damping values equally spaced in ``[damping_min, 1)`` (1.0 excluded)."""
+    if not 0.5 <= damping_min < 1.0 or n < 1:
+        raise ValueError(f"damping_min must be in [0.5, 1) and damping_n >= 1, got {damping_min}, {n}")
+    return np.linspace(damping_min, 1.0, n, endpoint=False)
+
+
+def preference_grid(S: np.ndarray, n: int, percentiles=(1.0, 50.0)) -> np.ndarray:
+    """``n`` preferences equally spaced between two percentiles (percent) of off-diagonal S."""
+    off = S[~np.eye(S.shape[0], dtype=bool)]
+    lo, hi = np.percentile(off, list(percentiles))
+    return np.linspace(lo, hi, n)
+
+
+def noised_similarity(S: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's degeneracy noise, shared by all fits with ``random_state=seed``.
+
+    scikit-learn does ``S[diag] = preference; S += (eps*S + tiny*100) * Z`` with
+    ``Z = RandomState(seed).standard_normal((n, n))``. Off the diagonal this does not
+    depend on the preference. Returns the noised S (n, n) with a zero diagonal and the
+    diagonal of Z (n,), from which :func:`noised_diagonal` builds each fit's diagonal.
+    """
+    n = S.shape[0]
+    Z = np.random.RandomState(seed).standard_normal(size=(n, n))
+    S0 = S.copy()
+    np.fill_diagonal(S0, 0.0)
+    fi = np.finfo(S0.dtype)
+    Sn = S0 + (fi.eps * S0 + fi.tiny * 100) * Z
+    return Sn, np.diag(Z).copy()
+
+
+def noised_diagonal(preference: float, z_diag: np.ndarray) -> np.ndarray:
+    """The diagonal (n,) scikit-learn's AP uses for ``preference`` (same float ops)."""
+    fi = np.finfo(np.float64)
+    p = np.full(z_diag.shape, preference, dtype=np.float64)
+    return p + (fi.eps * p + fi.tiny * 100) * z_diag
+
+
+# --------------------------------------------------------------------- the AP kernel
+def _ap_iterate_numpy(Sn, sdiag, damping, max_iter, convergence_iter):
+    """One AP fit, scikit-learn's loop verbatim. Returns (E (n,) bool, n_iter, converged)."""
+    n = Sn.shape[0]
+    S = Sn.copy()
+    S.flat[:: n + 1] = sdiag
+    A = np.zeros((n, n))
+    R = np.zeros((n, n))
+    tmp = np.zeros((n, n))
+    e = np.zeros((n, convergence_iter))
+    ind = np.arange(n)
+    for it in range(max_iter):
+        np.add(A, S, tmp)
+        I = np.argmax(tmp, axis=1)
+        Y = tmp[ind, I]
+        tmp[ind, I] = -np.inf
+        Y2 = np.max(tmp, axis=1)
+        np.subtract(S, Y[:, None], tmp)
+        tmp[ind, I] = S[ind, I] - Y2
+        tmp *= 1 - damping
+        R *= damping
+        R += tmp
+        np.maximum(R, 0, out=tmp)
+        tmp.flat[:: n + 1] = R.flat[:: n + 1]
+        tmp -= np.sum(tmp, axis=0)
+        dA = np.diag(tmp).copy()
+        tmp.clip(0, np.inf, tmp)
+        tmp.flat[:: n + 1] = dA
+        tmp *= 1 - damping
+        A *= damping
+        A -= tmp
+        E = (np.diag(A) + np.diag(R)) > 0
+        e[:, it % convergence_iter] = E
+        K = np.sum(E, axis=0)
+        if it >= convergence_iter:
+            se = np.sum(e, axis=1)
+            if np.sum((se == convergence_iter) + (se == 0)) == n and K > 0:
+                return E, it + 1, True
+    return E, max_iter, False
+
+
+def _rowmax_py(row):
+    """max of row (n,) with 8 independent accumulators (vectorizes; exact, like np.max)."""
+    n = row.shape[0]
+    m0 = row[0]
+    m1 = m0
+    m2 = m0
+    m3 = m0
+    m4 = m0
+    m5 = m0
+    m6 = m0
+    m7 = m0
+    j = 0
+    while j + 8 <= n:
+        v = row[j]
+        m0 = v if v > m0 else m0
+        v = row[j + 1]
+        m1 = v if v > m1 else m1
+        v = row[j + 2]
+        m2 = v if v > m2 else m2
+        v = row[j + 3]
+        m3 = v if v > m3 else m3
+        v = row[j + 4]
+        m4 = v if v > m4 else m4
+        v = row[j + 5]
+        m5 = v if v > m5 else m5
+        v = row[j + 6]
+        m6 = v if v > m6 else m6
+        v = row[j + 7]
+        m7 = v if v > m7 else m7
+        j += 8
+    while j < n:
+        v = row[j]
+        m0 = v if v > m0 else m0
+        j += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
+
+
+def _ap_fit_numba_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out):
+    """One AP fit (numba-compiled below), bit-identical to scikit-learn's.
+
+    Same float operations in the same order, but ONE sweep over the (n, n) messages per
+    iteration instead of ~15: sweep k applies, row by row, iteration k-1's availability
+    update and then iteration k's responsibility update, accumulating iteration k's column
+    sums (double-buffered) on the way; the column sums come out in row order, exactly like
+    numpy's ``sum(axis=0)``. The diagonal and the argmax column are patched after
+    vectorizable row loops, so S (n, n) is shared read-only by all threads.
+    Writes the final exemplar mask into E_out (n,) and returns (n_iter, converged).
+    """
+    n = Sn.shape[0]
+    A = np.zeros((n, n))
+    R = np.zeros((n, n))
+    cs_old = np.zeros(n)      # column sums of max(R, 0) (diagonal: R) of iteration k-1
+    cs_new = np.zeros(n)      # ... of iteration k, accumulated during this sweep
+    row = np.empty(n)
+    e = np.zeros((n, convergence_iter), dtype=np.uint8)
+    one_m = 1.0 - damping
+    for k in range(max_iter + 1):
+        do_a = k >= 1
+        do_r = k < max_iter
+        cs_new[:] = 0.0
+        n_e = 0
+        for i in range(n):
+            if do_a:
+                # A = A*d - clip(max(R, 0) - colsum, 0)*(1-d); diagonal R - colsum, unclipped
+                a_ii = A[i, i]
+                for j in range(n):
+                    v = R[i, j]
+                    t = (v if v > 0.0 else 0.0) - cs_old[j]
+                    t = t if t > 0.0 else 0.0
+                    A[i, j] = A[i, j] * damping - t * one_m
+                A[i, i] = a_ii * damping - (R[i, i] - cs_old[i]) * one_m
+                ei = (A[i, i] + R[i, i]) > 0.0
+                E_out[i] = ei
+                e[i, (k - 1) % convergence_iter] = 1 if ei else 0
+                n_e += 1 if ei else 0
+            if do_r:
+                # best / first argmax / second best of A[i] + S[i]
+                for j in range(n):
+                    row[j] = A[i, j] + Sn[i, j]
+                row[i] = A[i, i] + sdiag[i]
+                best = _rowmax(row)
+                arg = 0
+                while row[arg] != best:
+                    arg += 1
+                row[arg] = -np.inf
+                second = _rowmax(row)
+                # R = R*d + (S - best)*(1-d); at the argmax S - second
+                r_ii = R[i, i]
+                r_arg = R[i, arg]
+                for j in range(n):
+                    R[i, j] = R[i, j] * damping + (Sn[i, j] - best) * one_m
+                if arg == i:
+                    R[i, i] = r_ii * damping + (sdiag[i] - second) * one_m
+                else:
+                    R[i, i] = r_ii * damping + (sdiag[i] - best) * one_m
+                    R[i, arg] = r_arg * damping + (Sn[i, arg] - second) * one_m
+                cs_ii = cs_new[i]
+                for j in range(n):
+                    v = R[i, j]
+                    cs_new[j] += v if v > 0.0 else 0.0
+                cs_new[i] = cs_ii + R[i, i]  # diagonal: R itself, unclipped
+        if do_a and k - 1 >= convergence_iter:
+            stable = 0
+            for i in range(n):
+                se = 0
+                for c in range(convergence_iter):
+                    se += e[i, c]
+                if se == convergence_iter or se == 0:
+                    stable += 1
+            if stable == n and n_e > 0:
+                return k, True
+        cs_old, cs_new = cs_new, cs_old
+    return max_iter, False
+
+
+def _ap_batch_numba_py(Sn, sdiags, dampings, max_iter, convergence_iter, E_out, n_iter, converged):
+    """Independent fits in parallel over grid points (one fit per thread, no barriers)."""
+    for p in numba.prange(sdiags.shape[0]):
+        it, conv = _ap_fit_numba(Sn, sdiags[p], dampings[p], max_iter, convergence_iter, E_out[p])
+        n_iter[p] = it
+        converged[p] = conv
+
+
+if HAVE_NUMBA:
+    _FM = {"nnan", "nsz"}  # no NaNs in S; no reassociation, no contraction: exact IEEE ops
+    _rowmax = numba.njit(cache=True, nogil=True, fastmath=_FM)(_rowmax_py)
+    _ap_fit_numba = numba.njit(cache=True, nogil=True, fastmath=_FM)(_ap_fit_numba_py)
+    _ap_batch_numba = numba.njit(cache=True, parallel=True)(_ap_batch_numba_py)
+
+
+def final_labels(Sn: np.ndarray, sdiag: np.ndarray, E: np.ndarray) -> np.ndarray:
+    """scikit-learn's exemplar refinement and labelling from the exemplar mask E (n,).
+
+    Returns labels (n,) int in 0..K-1, or all -1 when there is no exemplar.
+    """
+    I = np.flatnonzero(E)
+    K = I.size
+    if K == 0:
+        return np.full(Sn.shape[0], -1)
+    S = Sn.copy()
+    S.flat[:: S.shape[0] + 1] = sdiag
+    c = np.argmax(S[:, I], axis=1)
+    c[I] = np.arange(K)
+    for k in range(K):
+        ii = np.asarray(c == k).nonzero()[0]
+        j = np.argmax(np.sum(S[ii[:, np.newaxis], ii], axis=0))
+        I[k] = ii[j]
+    c = np.argmax(S[:, I], axis=1)
+    c[I] = np.arange(K)
+    labels = I[c]
+    centers = np.unique(labels)
+    return np.searchsorted(centers, labels)
+
+
+def ap_fits(Sn, z_diag, dampings, preferences, max_iter=1000, convergence_iter=15,
+            n_threads=2, use_numba=None):
+    """Run AP for each (damping[p], preference[p]) pair, in parallel over pairs.
+
+    Sn (n, n): noised similarity from :func:`noised_similarity`. Returns labels (P, n)
+    int (-1 rows where not converged), n_iter (P,) int, converged (P,) bool.
+    """
+    dampings = np.asarray(dampings, dtype=np.float64)
+    preferences = np.asarray(preferences, dtype=np.float64)
+    P, n = dampings.size, Sn.shape[0]
+    sdiags = np.stack([noised_diagonal(p, z_diag) for p in preferences]) if P else np.zeros((0, n))
+    E = np.zeros((P, n), dtype=np.bool_)
+    n_iter = np.zeros(P, dtype=np.int64)
+    converged = np.zeros(P, dtype=np.bool_)
+    if use_numba is None:
+        use_numba = HAVE_NUMBA
+    if use_numba:
+        numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+        _ap_batch_numba(np.ascontiguousarray(Sn), sdiags, dampings, int(max_iter),
+                        int(convergence_iter), E, n_iter, converged)
+    else:
+        for p in range(P):
+            E[p], n_iter[p], converged[p] = _ap_iterate_numpy(
+                Sn, sdiags[p], dampings[p], max_iter, convergence_iter)
+    labels = np.full((P, n), -1, dtype=np.int64)
+    for p in np.flatnonzero(converged):
+        labels[p] = final_labels(Sn, sdiags[p], E[p])
+    return labels, n_iter, converged
+
+
+# ------------------------------------------------------------------------ silhouette
+def silhouette_scores(D: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean silhouette (P,) of each row of labels (P, n) on distances D (n, n).
+
+    Same definition as :func:`sklearn.metrics.silhouette_score` (a singleton's sample
+    silhouette is 0); NaN where a row has fewer than 2 or n clusters. Distinct partitions
+    are scored once.
+    """
+    labels = np.atleast_2d(labels)
+    n = D.shape[0]
+    out = np.full(labels.shape[0], np.nan)
+    cache: dict[bytes, float] = {}
+    for p, lab in enumerate(labels):
+        if lab.min() < 0:
+            continue
+        key = lab.astype(np.int32).tobytes()
+        if key not in cache:
+            cache[key] = _silhouette_one(D, lab, n)
+        out[p] = cache[key]
+    return out
+
+
+def _silhouette_one(D, lab, n):
+    k = int(lab.max()) + 1
+    if k < 2 or k >= n:
+        return np.nan
+    onehot = np.zeros((n, k))
+    onehot[np.arange(n), lab] = 1.0
+    sums = D @ onehot                                   # (n, k) distance sums per cluster
+    counts = onehot.sum(axis=0)                         # (k,)
+    own = counts[lab]
+    a = sums[np.arange(n), lab] / np.maximum(own - 1, 1)
+    means = sums / counts
+    means[np.arange(n), lab] = np.inf
+    b = means.min(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = (b - a) / np.maximum(a, b)
+    s = np.where(own > 1, np.nan_to_num(s), 0.0)
+    return float(s.mean())
+
+
+# ---------------------------------------------------------------------- grid search
+def grid_search(X: np.ndarray, cfg: dict, seed: int = 0, n_threads: int = 2,
+                source: str = "embeddings", chunk: int = 64) -> GridResult:
+    """Full AP grid search on embeddings X (n, d); ``cfg`` is the ``stratify`` section.
+
+    Raises :class:`ClusteringError` (one line naming ``source``) when the embeddings are
+    degenerate or no grid point gives a valid clustering.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n = X.shape[0]
+    if n < 3:
+        raise ClusteringError(f"{source}: {n} subject(s); affinity propagation needs at least 3")
+    S = similarity_matrix(X)
+    off = S[~np.eye(n, dtype=bool)]
+    if np.all(off == off[0]):
+        raise ClusteringError(f"{source}: all embeddings are equidistant (e.g. identical); "
+                              "there is nothing to cluster - check the model's embeddings")
+    dampings = damping_grid(int(cfg["damping_n"]), float(cfg["damping_min"]))
+    prefs = preference_grid(S, int(cfg["preference_n"]), cfg["preference_percentiles"])
+    dd, pp = np.meshgrid(dampings, prefs, indexing="ij")
+    dd, pp = dd.ravel(), pp.ravel()
+    Sn, zd = noised_similarity(S, seed)
+    D = distance_matrix(S)
+    P = dd.size
+    labels = np.full((P, n), -1, dtype=np.int64)
+    n_iter = np.zeros(P, dtype=np.int64)
+    conv = np.zeros(P, dtype=bool)
+    starts = range(0, P, chunk)
+    for s0 in progress(starts, "AP grid", total=len(starts), logger=log):
+        sl = slice(s0, min(s0 + chunk, P))
+        labels[sl], n_iter[sl], conv[sl] = ap_fits(
+            Sn, zd, dd[sl], pp[sl], cfg["max_iter"], cfg["convergence_iter"], n_threads)
+    n_clusters = np.where(conv, labels.max(axis=1) + 1, 0)
+    valid = conv & (n_clusters > 1) & (n_clusters < n)
+    sil = np.full(P, np.nan)
+    sil[valid] = silhouette_scores(D, labels[valid])
+    grid = pd.DataFrame({"damping": dd, "preference": pp, "n_clusters": n_clusters,
+                         "silhouette": sil, "converged": conv, "n_iter": n_iter, "valid": valid})
+    counts = {"grid_points": int(P), "not_converged": int((~conv).sum()),
+              "one_or_n_clusters": int((conv & ~valid).sum()), "valid": int(valid.sum())}
+    if not valid.any():
+        raise ClusteringError(
+            f"{source}: no valid AP fit among {P} grid points ({counts['not_converged']} did not converge "
+            f"within max_iter={cfg['max_iter']}, {counts['one_or_n_clusters']} gave 1 or n clusters); "
+            "try stratify.max_iter higher, stratify.damping_min nearer 1 (e.g. 0.9), or other "
+            f"stratify.preference_percentiles (now {list(cfg['preference_percentiles'])})")
+    best_idx = select_best(grid)
+    best = {k: (v.item() if hasattr(v, "item") else v) for k, v in grid.loc[best_idx].items()}
+    best["grid_index"] = int(best_idx)
+    log.info("AP grid: %d valid of %d (%d not converged, %d with 1 or n clusters); chosen damping "
+             "%.3f preference %.4g: %d clusters, silhouette %.3f", counts["valid"], P,
+             counts["not_converged"], counts["one_or_n_clusters"], best["damping"],
+             best["preference"], best["n_clusters"], best["silhouette"])
+    return GridResult(grid=grid, labels=labels[best_idx].copy(), best=best, counts=counts)
+
+
+def select_best(grid: pd.DataFrame) -> int:
+    """Index of the valid row with the highest silhouette (rounded to 1e-10); ties go to
+    fewer clusters, then smaller damping, then smaller preference."""
+    v = grid[grid["valid"]].copy()
+    v["_sil"] = -v["silhouette"].round(10)
+    v = v.sort_values(["_sil", "n_clusters", "damping", "preference"], kind="mergesort")
+    return int(v.index[0])
+
+
+# --------------------------------------------------------------------------- outputs
+def write_outputs(result: GridResult, ids: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    """Write labels.tsv, ap_grid.tsv, ap_grid.png, ap_selection.json into ``out_dir``.
+
+    ``ids`` (n rows) holds participant_id and session in embedding order.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"labels": out_dir / "labels.tsv", "grid": out_dir / "ap_grid.tsv",
+             "heatmap": out_dir / "ap_grid.png", "selection": out_dir / "ap_selection.json"}
+    lab = ids[["participant_id", "session"]].copy()
+    lab["cluster"] = result.labels
+    with atomic_path(paths["labels"]) as tmp:
+        lab.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+    with atomic_path(paths["grid"]) as tmp:
+        result.grid.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.10g")
+    plot_grid(result.grid, result.best, paths["heatmap"])
+    sizes = np.bincount(result.labels).tolist()
+    write_json(paths["selection"], {"best": result.best, "counts": result.counts,
+                                    "cluster_sizes": sizes})
+    return paths
+
+
+def plot_grid(grid: pd.DataFrame, best: dict, path: Path) -> Path:
+    """Heat map of the silhouette over (damping rows, preference columns); blank = invalid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dampings = np.unique(grid["damping"])
+    prefs = np.unique(grid["preference"])
+    table = grid.pivot_table(index="damping", columns="preference", values="silhouette",
+                             dropna=False).reindex(index=dampings, columns=prefs)
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    extent = [prefs[0], prefs[-1] if prefs.size > 1 else prefs[0] + 1, -0.5, dampings.size - 0.5]
+    im = ax.imshow(table.to_numpy(float), aspect="auto", origin="lower", extent=extent,
+                   cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(dampings.size), [f"{d:.2f}" for d in dampings])
+    ax.set_xlabel("preference (diagonal of S)")
+    ax.set_ylabel("damping")
+    bi = int(np.searchsorted(dampings, best["damping"]))
+    ax.plot([best["preference"]], [bi], marker="*", color="red", markersize=12,
+            label=f"chosen: {best['n_clusters']} clusters")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.colorbar(im, ax=ax, label="silhouette")
+    ax.set_title("Affinity propagation grid (blank: not converged or 1/n clusters)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def read_selection(path: Path) -> dict:
+    """Read ``ap_selection.json`` back (for the report)."""
+    return json.loads(Path(path).read_text())
+
+
+def sklearn_reference_labels(X, damping, preference, seed, max_iter=1000, convergence_iter=15):
+    """scikit-learn's labels for one grid point (for tests and the bench), and converged."""
+    from sklearn.cluster import AffinityPropagation
+    from sklearn.exceptions import ConvergenceWarning
+
+    ap = AffinityPropagation(damping=damping, preference=preference, max_iter=max_iter,
+                             convergence_iter=convergence_iter, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        ap.fit(np.asarray(X, dtype=np.float64))
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return ap.labels_, converged, int(ap.n_iter_)
