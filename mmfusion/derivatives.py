@@ -1,0 +1,144 @@
+"""The BIDS-derivative side of output_dir: file names, JSON sidecars, dataset_description.json
+and .bidsignore.
+
+Layout (one subject, ``<tpl>`` = the template's space label, ``2p5`` = grid voxel size)::
+
+    dataset_description.json             DatasetType 'derivative', GeneratedBy mmfusion
+    .bidsignore                          lists the non-BIDS parts below
+    sub-X[/ses-Y]/anat/
+      sub-X[_ses-Y]_space-<tpl>_res-2p5_desc-preproc_T1w.nii.gz (+ .json)    warped N4 T1w
+      sub-X[_ses-Y]_space-<tpl>_res-2p5_desc-brain_mask.nii.gz (+ .json)     template mask
+      sub-X[_ses-Y]_space-<tpl>_res-2p5_desc-logjac_jacobian.nii.gz (+ .json)  log-JAC  [bidsignored]
+      sub-X[_ses-Y]_space-<tpl>_res-2p5_desc-fa_mdp.nii.gz / desc-ndi_mdp     FA, NDI  [bidsignored]
+      sub-X[_ses-Y]_from-T1w_to-<tpl>_mode-image_desc-{affine,warp}_xfm.*     [bidsignored]
+    sub-X/figures/sub-X[_ses-Y]_desc-registration_qc.png                      [bidsignored]
+    sub-X[_ses-Y].html                                                        [bidsignored]
+    shards/ template/ logs/ work/ group/                                      [bidsignored]
+
+Every writer here is atomic; the two shared files are created exactly once even when
+many array tasks race (:func:`mmfusion.atomic.write_text_once`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mmfusion import __version__
+from mmfusion.atomic import write_json, write_text_once
+
+BIDSIGNORE = [
+    "shards/", "template/", "logs/", "work/", "group/", "figures/", "sub-*.html",
+    "*_desc-logjac_jacobian.*", "*_mdp.*", "*_xfm.*",
+]
+
+#: modality -> (desc label, suffix) of the derivative NIfTI
+MODALITY_NAMES = {
+    "t1": ("preproc", "T1w"),
+    "jac": ("logjac", "jacobian"),
+    "fa": ("fa", "mdp"),
+    "ndi": ("ndi", "mdp"),
+    "mask": ("brain", "mask"),
+}
+
+MODALITY_DESCRIPTIONS = {
+    "t1": "N4-corrected T1w warped to the template (arbitrary units)",
+    "jac": ("natural log of the Jacobian determinant of the NONLINEAR part of the T1w->template "
+            "warp, on the template grid; > 0 where the subject is larger than the template"),
+    "fa": "fractional anisotropy (tensor model) warped from T1w space with the T1w transforms",
+    "ndi": "neurite density index (NODDI ICVF) warped from T1w space with the T1w transforms",
+    "mask": "template brain mask on the output grid",
+}
+
+
+def entities_prefix(subject: str, session: str = "") -> str:
+    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
+
+
+def subject_dir(output_dir: Path, subject: str, session: str = "") -> Path:
+    base = Path(output_dir) / f"sub-{subject}"
+    return (base / f"ses-{session}" if session else base) / "anat"
+
+
+def res_label(voxel_size_mm: float) -> str:
+    """2.5 -> '2p5', 2.0 -> '2' (BIDS labels are alphanumeric)."""
+    text = f"{voxel_size_mm:g}"
+    return text.replace(".", "p")
+
+
+def modality_path(output_dir: Path, subject: str, session: str, modality: str, space: str,
+                  voxel_size_mm: float) -> Path:
+    desc, suffix = MODALITY_NAMES[modality]
+    name = (f"{entities_prefix(subject, session)}_space-{space}_res-{res_label(voxel_size_mm)}"
+            f"_desc-{desc}_{suffix}.nii.gz")
+    return subject_dir(output_dir, subject, session) / name
+
+
+def transform_paths(output_dir: Path, subject: str, session: str, space: str) -> dict[str, Path]:
+    stem = f"{entities_prefix(subject, session)}_from-T1w_to-{space}_mode-image"
+    folder = subject_dir(output_dir, subject, session)
+    return {"affine": folder / f"{stem}_desc-affine_xfm.mat", "warp": folder / f"{stem}_desc-warp_xfm.nii.gz"}
+
+
+def figure_path(output_dir: Path, subject: str, session: str) -> Path:
+    return Path(output_dir) / f"sub-{subject}" / "figures" / f"{entities_prefix(subject, session)}_desc-registration_qc.png"
+
+
+def report_path(output_dir: Path, subject: str, session: str) -> Path:
+    return Path(output_dir) / f"{entities_prefix(subject, session)}.html"
+
+
+def sidecar_path(nifti: Path) -> Path:
+    return nifti.with_name(nifti.name.replace(".nii.gz", ".json"))
+
+
+def write_sidecar(nifti: Path, modality: str, sources: list[str], template: dict, extra: dict | None = None) -> Path:
+    """Write the JSON sidecar of a derivative NIfTI (atomic). ``template`` is the template
+    info dict (space, source, reference, hash)."""
+    meta = {
+        "Description": MODALITY_DESCRIPTIONS[modality],
+        "Sources": sources,
+        "SpatialReference": template["reference"],
+        "TemplateSource": template["source"],
+        "TemplateHash": template["hash"],
+        "GeneratedBy": {"Name": "mmfusion", "Version": __version__},
+    }
+    if modality == "jac":
+        meta["JacobianKind"] = "log"
+    if modality == "mask":
+        meta["Type"] = "Brain"
+    meta.update(extra or {})
+    path = sidecar_path(nifti)
+    write_json(path, meta)
+    return path
+
+
+def dataset_description(bids_dir: Path | None) -> dict:
+    desc = {
+        "Name": "mmfusion spatial normalization",
+        "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "mmfusion", "Version": __version__,
+                         "Description": "N4 + ANTs registration to a T1w template; log-JAC, FA, NDI on a 2.5 mm grid"}],
+    }
+    if bids_dir is not None:
+        desc["SourceDatasets"] = [{"URL": Path(bids_dir).resolve().as_uri()}]
+        desc["DatasetLinks"] = {"raw": Path(bids_dir).resolve().as_uri()}
+    return desc
+
+
+def init_output_dir(output_dir: Path, bids_dir: Path | None) -> None:
+    """Create dataset_description.json and .bidsignore once (safe under concurrent tasks)."""
+    output_dir = Path(output_dir)
+    write_text_once(output_dir / "dataset_description.json", json.dumps(dataset_description(bids_dir), indent=2) + "\n")
+    write_text_once(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+
+
+def bids_uri(path: Path, root: Path | None, dataset: str = "raw") -> str:
+    """'bids:raw:sub-01/anat/...' when ``path`` is inside ``root``, else a file:// URI."""
+    path = Path(path).resolve()
+    if root is not None:
+        try:
+            return f"bids:{dataset}:{path.relative_to(Path(root).resolve()).as_posix()}"
+        except ValueError:
+            pass
+    return path.as_uri()

@@ -1,0 +1,185 @@
+"""Participant level: one subject (and session) per record, as one SLURM array task runs it.
+
+Per record: validate inputs -> skip if an up-to-date shard exists -> N4 -> register T1w
+to the template (preset) -> log-JAC of the nonlinear warp -> warp FA/NDI with the same
+transforms -> resample all to the output grid -> BIDS-derivative NIfTIs + sidecars +
+transforms -> QC figure + HTML -> the HDF5 shard, written LAST (its existence means the
+subject is complete). Every file is written atomically.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ants
+import numpy as np
+
+from mmfusion import __version__, derivatives, qc
+from mmfusion.atomic import atomic_path
+from mmfusion.config import config_hash
+from mmfusion.errors import StaleOutputError
+from mmfusion.images import load_subject_inputs
+from mmfusion.provenance import sha256_file
+from mmfusion.runlog import get_logger, progress
+from mmfusion.shards import Shard, read_attrs, shard_path, write_shard
+from mmfusion.spatial import registration as reg
+from mmfusion.spatial.resample import output_grid, ras_affine, to_grid
+from mmfusion.spatial.template import TemplateInfo, resolve_template
+
+log = get_logger(__name__)
+
+MAP_MODALITIES = ("fa", "ndi")
+
+
+def spatial_hash(config: dict) -> str:
+    """Hash of the config sections that shape a shard (``spatial``)."""
+    return config_hash(config, ["spatial"])
+
+
+def run_participant_level(ctx) -> list[Path]:
+    """Process every record in ``ctx.records``; return the shard paths written or kept."""
+    cfg = ctx.config["spatial"]
+    reg.set_ants_threads(ctx.omp_nthreads, cfg.get("random_seed", ctx.seed))
+    params = reg.resolve_preset(cfg["preset"], cfg.get("registration_overrides"))
+    derivatives.init_output_dir(ctx.output_dir, ctx.bids_dir)
+    template = resolve_template(ctx, params)
+    ctx.logger.info("template: %s (space-%s, hash %s); preset %s",
+                    template.source, template.space, template.hash, cfg["preset"])
+    ctx.provenance.extra["template"] = template.as_dict()
+    ctx.provenance.extra["preset"] = {"name": cfg["preset"], "params": params}
+    out = []
+    for record in progress(ctx.records, "participant"):
+        out.append(process_subject(ctx, record, template, params))
+    return out
+
+
+def _input_hashes(ctx, paths: dict[str, Path]) -> dict[str, str]:
+    ctx.provenance.add_inputs(paths.values())
+    return {m: f"{Path(p).name}:{ctx.provenance.inputs.get(str(Path(p).resolve())) or sha256_file(p)}"
+            for m, p in sorted(paths.items())}
+
+
+def up_to_date(path: Path, expected: dict, force: bool) -> bool:
+    """True if the shard at ``path`` matches ``expected`` (config/template/input hashes).
+
+    Raises StaleOutputError when it exists but differs and ``force`` is False.
+    """
+    if force or not path.is_file():
+        return False
+    attrs = read_attrs(path)
+    diffs = [k for k in ("config_hash", "template_hash", "input_hashes") if attrs.get(k) != expected[k]]
+    if not diffs:
+        return True
+    raise StaleOutputError(
+        f"{path}: exists but was made with a different {', '.join(d.replace('_hash', '').replace('input_hashes', 'inputs') for d in diffs)} "
+        f"(shard {attrs.get('template_hash') if 'template_hash' in diffs else attrs.get('config_hash')}); "
+        "pass --force to redo it, or use another output_dir")
+
+
+def process_subject(ctx, record, template: TemplateInfo, params: dict) -> Path:
+    """Run the whole participant pipeline for one SubjectRecord; return its shard path."""
+    cfg = ctx.config["spatial"]
+    key = record.key
+    shard_file = shard_path(ctx.output_dir, record.subject, record.session)
+    t1_nii, maps, qc_counts = load_subject_inputs(
+        record.t1w, {m: getattr(record, m) for m in MAP_MODALITIES}, key)
+    inputs = {"t1w": record.t1w, **{m: getattr(record, m) for m in MAP_MODALITIES if getattr(record, m)}}
+    expected = {"config_hash": spatial_hash(ctx.config), "template_hash": template.hash,
+                "input_hashes": _input_hashes(ctx, inputs)}
+    if up_to_date(shard_file, expected, ctx.force):
+        ctx.logger.info("%s: up to date (%s), skipping; --force redoes it", key, shard_file)
+        return shard_file
+    ctx.logger.info("%s: registering to the %s template", key, template.source)
+    Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"mmf_{key}_", dir=ctx.work_dir) as tmp:
+        grids, timings, reg_out = _register_and_resample(cfg, t1_nii, maps, template, params, Path(tmp))
+        outputs = _write_derivatives(ctx, record, template, grids, reg_out, inputs, timings)
+    grids_qc = {**qc_counts, "similarity_t1_template": outputs["similarity"],
+                "template_space": template.space}
+    shard = Shard(record.subject, record.session,
+                  images={m: grids[m] for m in ("t1", "jac", *maps.keys())},
+                  mask=grids["mask"].astype(np.uint8), affine=grids["affine"],
+                  meta={"mmfusion_version": __version__, "config_hash": expected["config_hash"],
+                        "template_hash": template.hash, "template_source": template.source,
+                        "preset": cfg["preset"], "jac_kind": "log",
+                        "input_hashes": expected["input_hashes"], "timings_s": timings, "qc": grids_qc})
+    write_shard(shard_file, shard)
+    ctx.logger.info("%s: shard %s (%.0f s)", key, shard_file, sum(timings.values()))
+    return shard_file
+
+
+def _register_and_resample(cfg, t1_nii, maps, template: TemplateInfo, params, workdir: Path):
+    """N4, register, log-JAC, warp maps, resample to the output grid.
+
+    Returns ({'t1','jac','fa','ndi','mask','template': float32 (X, Y, Z), 'affine': (4, 4)},
+    timings, registration result).
+    """
+    timings = {}
+    t0 = time.perf_counter()
+    t1 = ants.from_nibabel_nifti(t1_nii)
+    if cfg["n4"]:
+        t1 = reg.n4_correct(t1)
+    timings["n4"] = time.perf_counter() - t0
+    result = reg.register_to_template(template.image, t1, params, workdir / "reg")
+    timings.update({f"reg_{k}": v for k, v in result.timings_s.items()})
+    t0 = time.perf_counter()
+    in_template = {"t1": result.warped, "jac": reg.log_jacobian(template.image, result)}
+    for m, nii in maps.items():
+        in_template[m] = reg.apply_to_template(template.image, ants.from_nibabel_nifti(nii), result)
+    timings["jac_and_warp_maps"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    grid = output_grid(template.image, float(cfg["grid_voxel_size"]), cfg["grid_shape"])
+    grids = {m: to_grid(img, grid).numpy().astype(np.float32) for m, img in in_template.items()}
+    grids["template"] = to_grid(template.image, grid).numpy().astype(np.float32)
+    grids["mask"] = (to_grid(template.mask, grid, "nearestNeighbor").numpy() > 0.5).astype(np.uint8)
+    for m in MAP_MODALITIES:
+        if m in grids:
+            grids[m] = np.nan_to_num(grids[m], nan=0.0, posinf=0.0, neginf=0.0)
+    grids["affine"] = ras_affine(grid)
+    grids["_grid"] = grid
+    timings["resample"] = time.perf_counter() - t0
+    return grids, {k: round(v, 2) for k, v in timings.items()}, result
+
+
+def _write_nifti(path: Path, grid: ants.ANTsImage, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        ants.image_write(grid.new_image_like(arr.astype(np.float32)), str(tmp))
+
+
+def _write_derivatives(ctx, record, template: TemplateInfo, grids, reg_out, inputs, timings) -> dict:
+    """NIfTIs + sidecars + transforms + QC figure + HTML. Returns {'similarity': r}."""
+    cfg = ctx.config["spatial"]
+    out_dir, sub, ses = ctx.output_dir, record.subject, record.session
+    vox = float(cfg["grid_voxel_size"])
+    grid = grids["_grid"]
+    sources = {m: derivatives.bids_uri(p, ctx.bids_dir) for m, p in inputs.items()}
+    t1_src = [sources["t1w"]]
+    written = {}
+    for m in ("t1", "jac", "fa", "ndi", "mask"):
+        if m not in grids:
+            continue
+        path = derivatives.modality_path(out_dir, sub, ses, m, template.space, vox)
+        _write_nifti(path, grid, grids[m])
+        src = t1_src + ([sources[m]] if m in MAP_MODALITIES else [])
+        derivatives.write_sidecar(path, m, src, template.as_dict(),
+                                  {"Preset": cfg["preset"], "VoxelSizeMM": vox} if m != "mask" else None)
+        written[m] = path
+    if cfg["keep_transforms"]:
+        for kind, dst in derivatives.transform_paths(out_dir, sub, ses, template.space).items():
+            src = reg_out.affine if kind == "affine" else reg_out.warp
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+    similarity = qc.similarity(grids["t1"], grids["template"], grids["mask"])
+    fig = derivatives.figure_path(out_dir, sub, ses)
+    qc.registration_figure(fig, grids["t1"], grids["template"], grids["jac"], grids["mask"],
+                           f"{record.key}  template: {template.source} (space-{template.space})  r(T1w, template) = {similarity:.3f}")
+    meta = {"subject": sub, "session": ses or "(none)", "template": template.as_dict(), "preset": cfg["preset"],
+            "similarity (Pearson r, warped T1w vs template, in mask)": f"{similarity:.4f}",
+            "jac": "natural log of the Jacobian determinant of the nonlinear warp",
+            "outputs": {m: str(p.relative_to(out_dir)) for m, p in written.items()},
+            "inputs": {m: str(p) for m, p in inputs.items()}, "timings_s": timings,
+            "mmfusion_version": __version__}
+    qc.subject_report(derivatives.report_path(out_dir, sub, ses), record.key, fig, meta)
+    return {"similarity": similarity}

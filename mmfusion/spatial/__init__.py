@@ -1,0 +1,1 @@
+"""Spatial normalization: study template, T1w -> template registration, output grid."""

@@ -1,0 +1,213 @@
+"""T1w -> template registration with ANTsPy: presets, the stage chain, log-Jacobian.
+
+Convention (measured while scoping, see docs/registration.md): fixed = template,
+moving = subject. The forward transforms ``[<prefix>1Warp.nii.gz, <prefix>0GenericAffine.mat]``
+map subject intensities onto the template grid; the Jacobian determinant of the WARP
+alone (the nonlinear part) on the template grid is > 1 where the subject is larger.
+
+Stage chain: centre-of-mass initialisation -> rigid -> similarity -> affine (each
+stage starts from the previous one; ANTs collapses them into one affine) -> SyN.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ants
+
+from mmfusion.errors import ConfigError
+from mmfusion.runlog import get_logger
+
+log = get_logger(__name__)
+
+#: Registration presets. Linear stages use Mattes MI (robust to contrast differences
+#: between subject and template); the SyN metric is the main accuracy/speed knob.
+#: ``syn_levels`` is the number of SyN levels whose shrink factors are 2**k..1;
+#: ``reg_iterations`` lists iterations per level, coarse to fine.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Chosen by measurement (bench/bench_registration.py, docs/registration.md):
+    # Mattes MI after N4, 4 levels with the finest (full-resolution) level given iterations.
+    "default": {
+        "linear_stages": ["Rigid", "Similarity", "Affine"],
+        "aff_metric": "mattes",
+        "aff_sampling": 32,
+        "aff_random_sampling_rate": 0.25,
+        "aff_iterations": [500, 250, 100],
+        "aff_shrink_factors": [4, 2, 1],
+        "aff_smoothing_sigmas": [2, 1, 0],
+        "syn_metric": "mattes",
+        "syn_sampling": 32,
+        "reg_iterations": [100, 70, 50, 20],
+        "grad_step": 0.2,
+        "flow_sigma": 3.0,
+        "total_sigma": 0.0,
+        "histogram_matching": False,
+        "linear_resolution": 2.5,
+    },
+    # SPEC.md section 1 (the paper): CC radius 4, gradient step 0.12, 4 levels
+    # (shrink 8,4,2,1 in ANTsPy's SyN stage: 6,4,2,1 is not expressible there),
+    # smoothing 3,2,1,0 vox, histogram matching. Expensive: see docs/registration.md.
+    "paper": {
+        "linear_stages": ["Rigid", "Similarity", "Affine"],
+        "aff_metric": "mattes",
+        "aff_sampling": 32,
+        "aff_random_sampling_rate": 0.25,
+        "aff_iterations": [1000, 500, 250, 100],
+        "aff_shrink_factors": [6, 4, 2, 1],
+        "aff_smoothing_sigmas": [3, 2, 1, 0],
+        "syn_metric": "CC",
+        "syn_sampling": 4,
+        "reg_iterations": [100, 70, 50, 20],
+        "grad_step": 0.12,
+        "flow_sigma": 3.0,
+        "total_sigma": 0.0,
+        "histogram_matching": True,
+        "linear_resolution": None,
+    },
+    # For tests only: seconds per subject on tiny images, accuracy not a goal.
+    "fast-test": {
+        "linear_stages": ["Rigid", "Affine"],
+        "aff_metric": "mattes",
+        "aff_sampling": 16,
+        "aff_random_sampling_rate": 0.5,
+        "aff_iterations": [50, 20],
+        "aff_shrink_factors": [2, 1],
+        "aff_smoothing_sigmas": [1, 0],
+        "syn_metric": "mattes",
+        "syn_sampling": 16,
+        "reg_iterations": [10, 5],
+        "grad_step": 0.2,
+        "flow_sigma": 3.0,
+        "total_sigma": 0.0,
+        "histogram_matching": False,
+        "linear_resolution": None,
+    },
+}
+
+
+def resolve_preset(name: str, overrides: dict | None = None) -> dict[str, Any]:
+    """Return a copy of preset ``name`` with ``overrides`` (config
+    ``spatial.registration_overrides``) applied. Raises ConfigError for unknown names/keys."""
+    if name not in PRESETS:
+        raise ConfigError(f"spatial.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    params = copy.deepcopy(PRESETS[name])
+    for key, value in (overrides or {}).items():
+        if key not in params:
+            raise ConfigError(f"spatial.registration_overrides: unknown key {key!r}; valid: {sorted(params)}")
+        params[key] = value
+    return params
+
+
+def set_ants_threads(n_threads: int, seed: int | None) -> None:
+    """Limit ITK to ``n_threads`` and fix ANTs' random seed (registration sampling)."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(n_threads)))
+    ants.config._random_seed = None if seed is None else int(seed)
+
+
+@dataclass
+class RegistrationResult:
+    """Outputs of :func:`register_to_template`.
+
+    ``affine`` (.mat) and ``warp`` (displacement field NIfTI, template grid) are the
+    forward transforms; apply as ``[warp, affine]``. ``warped`` is the moving image on the
+    fixed grid. ``timings_s`` maps stage -> seconds.
+    """
+
+    affine: Path
+    warp: Path
+    inverse_warp: Path | None
+    warped: ants.ANTsImage
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fwdtransforms(self) -> list[str]:
+        return [str(self.warp), str(self.affine)]
+
+
+def _linear_chain(fixed, moving, params: dict, workdir: Path) -> tuple[str, dict]:
+    """Rigid -> similarity -> affine from a centre-of-mass start; returns the affine .mat."""
+    timings: dict[str, float] = {}
+    fixed_lin, moving_lin = fixed, moving
+    res = params.get("linear_resolution")
+    if res:  # linear stages do not need full resolution
+        spacing = (float(res),) * fixed.dimension
+        if min(fixed.spacing) < res:
+            fixed_lin = ants.resample_image(fixed, spacing, use_voxels=False, interp_type=0)
+        if min(moving.spacing) < res:
+            moving_lin = ants.resample_image(moving, spacing, use_voxels=False, interp_type=0)
+    init = None  # None -> ANTs' centre-of-mass initialisation "[fixed,moving,1]"
+    for i, stage in enumerate(params["linear_stages"]):
+        t0 = time.perf_counter()
+        reg = ants.registration(
+            fixed_lin, moving_lin, type_of_transform=stage, initial_transform=init,
+            outprefix=str(workdir / f"lin{i}_"),
+            aff_metric=params["aff_metric"], aff_sampling=params["aff_sampling"],
+            aff_random_sampling_rate=params["aff_random_sampling_rate"],
+            aff_iterations=tuple(params["aff_iterations"]),
+            aff_shrink_factors=tuple(params["aff_shrink_factors"]),
+            aff_smoothing_sigmas=tuple(params["aff_smoothing_sigmas"]),
+            use_legacy_histogram_matching=bool(params["histogram_matching"]),
+        )
+        init = reg["fwdtransforms"][0]
+        timings[stage.lower()] = time.perf_counter() - t0
+    return init, timings
+
+
+def register_to_template(fixed: ants.ANTsImage, moving: ants.ANTsImage, params: dict,
+                         workdir: str | Path) -> RegistrationResult:
+    """Register ``moving`` (subject T1w, N4-corrected) to ``fixed`` (template).
+
+    ``params`` is a resolved preset (:func:`resolve_preset`). Transforms are written
+    under ``workdir`` (must be unique per registration and free of '[' ']').
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if "[" in str(workdir) or "]" in str(workdir):
+        raise ValueError(f"{workdir}: ANTs cannot use paths containing '[' or ']'")
+    affine, timings = _linear_chain(fixed, moving, params, workdir)
+    t0 = time.perf_counter()
+    reg = ants.registration(
+        fixed, moving, type_of_transform="SyNOnly", initial_transform=affine,
+        outprefix=str(workdir / "syn_"),
+        syn_metric=params["syn_metric"], syn_sampling=params["syn_sampling"],
+        reg_iterations=tuple(params["reg_iterations"]), grad_step=params["grad_step"],
+        flow_sigma=params["flow_sigma"], total_sigma=params["total_sigma"],
+        use_legacy_histogram_matching=bool(params["histogram_matching"]),
+    )
+    timings["syn"] = time.perf_counter() - t0
+    fwd = reg["fwdtransforms"]
+    warp = next(Path(f) for f in fwd if f.endswith("Warp.nii.gz"))
+    mat = next(Path(f) for f in fwd if f.endswith(".mat"))
+    inv = next((Path(f) for f in reg["invtransforms"] if f.endswith("InverseWarp.nii.gz")), None)
+    return RegistrationResult(affine=mat, warp=warp, inverse_warp=inv,
+                              warped=reg["warpedmovout"], timings_s=timings)
+
+
+def log_jacobian(fixed: ants.ANTsImage, result: RegistrationResult) -> ants.ANTsImage:
+    """Natural log of the Jacobian determinant of the NONLINEAR warp, on ``fixed``'s grid.
+
+    > 0 where the subject is locally larger than the template. Shape = fixed.shape.
+    """
+    return ants.create_jacobian_determinant_image(fixed, str(result.warp), do_log=True)
+
+
+def apply_to_template(fixed: ants.ANTsImage, image: ants.ANTsImage, result: RegistrationResult,
+                      interpolator: str = "linear") -> ants.ANTsImage:
+    """Warp ``image`` (subject T1w space) onto ``fixed``'s grid with the forward transforms."""
+    return ants.apply_transforms(fixed, image, transformlist=result.fwdtransforms,
+                                 interpolator=interpolator)
+
+
+def n4_correct(image: ants.ANTsImage, shrink_factor: int = 4) -> ants.ANTsImage:
+    """N4 bias-field correction inside a foreground mask (Otsu-like, ``ants.get_mask``).
+
+    Intensities are positive-clipped first; the result keeps the input's grid and units.
+    """
+    image = ants.threshold_image(image, 0, None, 1, 0) * image if image.min() < 0 else image
+    mask = ants.get_mask(image, cleanup=2)
+    return ants.n4_bias_field_correction(image, mask=mask, shrink_factor=shrink_factor,
+                                         convergence={"iters": [50, 50, 50, 50], "tol": 1e-7})

@@ -1,0 +1,224 @@
+"""Templates: build the study template (template level) and choose the one a subject is
+registered to (participant level).
+
+Choice, in order: ``--template PATH`` (mask: a sibling ``*desc-brain_mask*`` file, else
+derived by registering the MNI mask) > the study template in ``output_dir/template/`` >
+the built-in MNI152 2009 template that nilearn ships (offline). Every output records
+which (``source``), its space label and a content hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ants
+import numpy as np
+
+from mmfusion import __version__
+from mmfusion.atomic import atomic_path, write_json
+from mmfusion.config import config_hash
+from mmfusion.errors import MissingInputError
+from mmfusion.images import load_3d
+from mmfusion.runlog import get_logger, progress
+from mmfusion.spatial import registration as reg
+
+log = get_logger(__name__)
+
+STUDY_SPACE = "study"
+MNI_SPACE = "MNI152NLin2009aSym"  # nilearn ships the ICBM 2009a nonlinear symmetric template
+USER_SPACE = "custom"
+
+
+@dataclass
+class TemplateInfo:
+    """The template a subject is registered to, resampled to the registration resolution.
+
+    ``image``/``mask``: ANTs images on the same grid (mask 0/1). ``source``: 'user',
+    'study' or 'builtin'. ``space``: the BIDS space label. ``reference``: SpatialReference
+    (path or URI). ``hash``: sha256[:16] of the template voxels + grid.
+    """
+
+    image: ants.ANTsImage
+    mask: ants.ANTsImage
+    source: str
+    space: str
+    reference: str
+    hash: str
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "space": self.space, "reference": self.reference, "hash": self.hash}
+
+
+def study_template_paths(output_dir: Path, resolution: float) -> dict[str, Path]:
+    from mmfusion.derivatives import res_label
+    folder = Path(output_dir) / "template"
+    res = res_label(resolution)
+    return {"dir": folder, "t1w": folder / f"tpl-{STUDY_SPACE}_res-{res}_T1w.nii.gz",
+            "mask": folder / f"tpl-{STUDY_SPACE}_res-{res}_desc-brain_mask.nii.gz",
+            "provenance": folder / f"tpl-{STUDY_SPACE}_provenance.json"}
+
+
+def image_hash(img: ants.ANTsImage) -> str:
+    """sha256[:16] of an image's voxels (float32) and grid (spacing, origin, direction)."""
+    h = hashlib.sha256(np.ascontiguousarray(img.numpy(), dtype=np.float32).tobytes())
+    h.update(np.asarray([*img.spacing, *img.origin, *np.ravel(img.direction)], dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _resample_iso(img: ants.ANTsImage, mm: float, interp: int = 0) -> ants.ANTsImage:
+    if np.allclose(img.spacing, mm, atol=1e-3):
+        return img
+    return ants.resample_image(img, (float(mm),) * 3, use_voxels=False, interp_type=interp)
+
+
+def builtin_mni(resolution: float) -> tuple[ants.ANTsImage, ants.ANTsImage]:
+    """nilearn's MNI152 2009 T1 (x1000, brain-extracted) and brain mask at ``resolution`` mm."""
+    from nilearn import datasets
+    tpl = ants.from_nibabel_nifti(datasets.load_mni152_template(resolution=1))
+    msk = ants.from_nibabel_nifti(datasets.load_mni152_brain_mask(resolution=1))
+    tpl = _resample_iso(tpl, resolution, 0)
+    tpl = tpl.new_image_like(tpl.numpy().astype(np.float32) * 1000.0)
+    msk = _resample_iso(msk, resolution, 1)
+    return tpl, msk
+
+
+def _mask_by_mni(target: ants.ANTsImage, params: dict, workdir: Path) -> ants.ANTsImage:
+    """Brain mask for ``target``: register the MNI template to it and carry the MNI mask over."""
+    res = float(min(target.spacing))
+    mni, mni_mask = builtin_mni(res)
+    out = reg.register_to_template(target, mni, params, workdir)
+    warped = reg.apply_to_template(target, mni_mask, out, interpolator="linear")
+    return ants.threshold_image(warped, 0.5, 1e9, 1, 0)
+
+
+def resolve_template(ctx, params: dict) -> TemplateInfo:
+    """Pick the template for the participant level (see module docstring)."""
+    cfg = ctx.config["spatial"]
+    res = float(cfg["registration_resolution"])
+    if ctx.template is not None:
+        path = Path(ctx.template)
+        nii = load_3d(path, "template")
+        img = _resample_iso(ants.from_nibabel_nifti(nii), res)
+        siblings = sorted(path.parent.glob("*desc-brain_mask*.nii*"))
+        if siblings:
+            mask = _resample_iso(ants.from_nibabel_nifti(load_3d(siblings[0], "template mask")), res, 1)
+            mask = ants.threshold_image(ants.resample_image_to_target(mask, img, interp_type="nearestNeighbor"), 0.5, 1e9, 1, 0)
+        else:
+            with tempfile.TemporaryDirectory(prefix="mmf_tplmask_", dir=_work(ctx)) as tmp:
+                mask = _mask_by_mni(img, params, Path(tmp))
+        ctx.provenance.add_inputs([path])
+        return TemplateInfo(img, mask, "user", USER_SPACE, path.resolve().as_uri(), image_hash(img))
+    study = study_template_paths(ctx.output_dir, res)
+    if study["t1w"].is_file() and study["mask"].is_file():
+        img = ants.image_read(str(study["t1w"]))
+        mask = ants.image_read(str(study["mask"]))
+        return TemplateInfo(img, mask, "study", STUDY_SPACE,
+                            f"bids::template/{study['t1w'].name}", image_hash(img))
+    img, mask = builtin_mni(res)
+    return TemplateInfo(img, mask, "builtin", MNI_SPACE,
+                        "nilearn MNI152 2009 (load_mni152_template)", image_hash(img))
+
+
+def _work(ctx) -> Path:
+    Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
+    return Path(ctx.work_dir)
+
+
+def select_template_subjects(records, n: int | None, seed: int):
+    """Records with a T1w; a seeded random subset of ``n`` of them (all if n is None)."""
+    usable = [r for r in records if r.t1w is not None]
+    if not usable:
+        raise MissingInputError("template level: no subject has a T1w image; check bids_dir and --participant-label")
+    if n is None or n >= len(usable):
+        return usable
+    idx = np.random.default_rng(seed).choice(len(usable), size=int(n), replace=False)
+    return [usable[i] for i in sorted(idx)]
+
+
+def _initial_template(images: list[ants.ANTsImage], params: dict, workdir: Path) -> ants.ANTsImage:
+    """Average of all images affinely aligned (similarity) to the first one."""
+    ref = images[0]
+    acc = ref.clone()
+    for k, img in enumerate(images[1:], start=1):
+        out = ants.registration(ref, img, type_of_transform="Similarity", outprefix=str(workdir / f"init{k}_"),
+                                aff_iterations=tuple(params["aff_iterations"]),
+                                aff_shrink_factors=tuple(params["aff_shrink_factors"]),
+                                aff_smoothing_sigmas=tuple(params["aff_smoothing_sigmas"]))
+        acc = acc + out["warpedmovout"]
+    return acc / float(len(images))
+
+
+def build_study_template(t1w_paths: list[Path], cfg: dict, params: dict, workdir: Path):
+    """N4 every T1w, resample to ``registration_resolution``, iterate register-all + average.
+
+    Returns (template image, brain mask) on the template grid.
+    """
+    res = float(cfg["registration_resolution"])
+    images = []
+    for path in progress(t1w_paths, "template: N4"):
+        img = ants.from_nibabel_nifti(load_3d(path, "T1w"))
+        img = reg.n4_correct(img) if cfg["n4"] else img
+        img = _resample_iso(img, res)
+        images.append(img / float(img.numpy()[img.numpy() > 0].mean()) * 1000.0)
+    init = _initial_template(images, params, workdir)
+    tpl = ants.build_template(
+        initial_template=init, image_list=images, iterations=int(cfg["template_iterations"]),
+        output_dir=str(workdir / "build"), type_of_transform="SyN",
+        reg_iterations=tuple(params["reg_iterations"]), syn_metric=params["syn_metric"],
+        syn_sampling=params["syn_sampling"], aff_metric=params["aff_metric"],
+        aff_iterations=tuple(params["aff_iterations"]),
+        aff_shrink_factors=tuple(params["aff_shrink_factors"]),
+        aff_smoothing_sigmas=tuple(params["aff_smoothing_sigmas"]))
+    mask = _mask_by_mni(tpl, params, workdir / "mask")
+    return tpl, mask
+
+
+def run_template_level(ctx) -> Path:
+    """Template level: build ``output_dir/template/tpl-study_res-<r>_T1w.nii.gz`` + mask +
+    provenance JSON. Returns the template folder."""
+    cfg = ctx.config["spatial"]
+    reg.set_ants_threads(ctx.omp_nthreads, cfg.get("random_seed", ctx.seed))
+    params = reg.resolve_preset(cfg["preset"], cfg.get("registration_overrides"))
+    n = ctx.template_subjects if ctx.template_subjects is not None else cfg.get("template_subjects")
+    chosen = select_template_subjects(ctx.records, n, ctx.seed)
+    paths = study_template_paths(ctx.output_dir, float(cfg["registration_resolution"]))
+    ctx.logger.info("template level: %d subjects, %d iterations, preset %s",
+                    len(chosen), cfg["template_iterations"], cfg["preset"])
+    ctx.provenance.add_inputs([r.t1w for r in chosen])
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mmf_template_", dir=_work(ctx)) as tmp:
+        tpl, mask = build_study_template([r.t1w for r in chosen], cfg, params, Path(tmp))
+        paths["dir"].mkdir(parents=True, exist_ok=True)
+        with atomic_path(paths["t1w"]) as out:
+            ants.image_write(tpl, str(out))
+        with atomic_path(paths["mask"]) as out:
+            ants.image_write(mask.astype("uint8"), str(out))
+    record = {
+        "Name": "mmfusion study-specific T1w template",
+        "GeneratedBy": {"Name": "mmfusion", "Version": __version__},
+        "subjects": [r.key for r in chosen],
+        "n_subjects": len(chosen),
+        "seed": ctx.seed,
+        "iterations": cfg["template_iterations"],
+        "resolution_mm": cfg["registration_resolution"],
+        "n4": cfg["n4"],
+        "preset": cfg["preset"],
+        "registration_params": params,
+        "config_hash": config_hash(ctx.config, ["spatial"]),
+        "template_hash": image_hash(ants.image_read(str(paths["t1w"]))),
+        "inputs": {str(r.t1w): ctx.provenance.inputs.get(str(Path(r.t1w).resolve()), "") for r in chosen},
+        "mask": "MNI152 2009 brain mask (nilearn) registered to the template and thresholded at 0.5",
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    write_json(paths["provenance"], record)
+    ctx.provenance.extra["template"] = {"path": str(paths["t1w"]), "hash": record["template_hash"]}
+    ctx.logger.info("template written: %s (%.0f s)", paths["t1w"], record["wall_s"])
+    return paths["dir"]
+
+
+def describe(info: TemplateInfo) -> str:
+    return json.dumps(info.as_dict())
