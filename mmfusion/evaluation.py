@@ -116,3 +116,121 @@ def image_metrics(real: np.ndarray, rec: np.ndarray, background: np.ndarray, pai
         "normdiff": norm_diff(real, rec, background),
         "cnr": cnr_norm_diff(real, rec, pairs, roi_shape),
     }
+
+
+# ------------------------------------------------------------------ summaries, figures
+def summarize_across_folds(table):
+    """Median and MAD across folds of the per-fold medians of each metric.
+
+    ``table``: DataFrame with columns metric, fold, modality, variant, value (one row per
+    held-out subject). Returns columns metric, modality, variant, n_folds,
+    median_across_folds, mad_across_folds (unscaled median absolute deviation).
+    """
+    import pandas as pd
+    from scipy.stats import median_abs_deviation
+
+    per_fold = table.groupby(["metric", "modality", "variant", "fold"])["value"].median().reset_index()
+    rows = []
+    for (metric, modality, variant), part in per_fold.groupby(["metric", "modality", "variant"]):
+        values = part["value"].dropna().to_numpy()
+        rows.append({"metric": metric, "modality": modality, "variant": variant, "n_folds": len(values),
+                     "median_across_folds": float(np.median(values)) if len(values) else float("nan"),
+                     "mad_across_folds": float(median_abs_deviation(values)) if len(values) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def _save_figure(fig, path):
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from mmfusion.atomic import atomic_path
+
+    with atomic_path(Path(path), suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_cv_boxplots(table, summary, metric: str, path):
+    """Per-fold box plots of one metric: a panel per modality, a box per fold and variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modalities = sorted(table["modality"].unique())
+    variants = sorted(table["variant"].unique(), reverse=True)
+    folds = sorted(table["fold"].unique())
+    fig, axes = plt.subplots(1, len(modalities), figsize=(max(4, 0.6 * len(folds) * len(variants)) * len(modalities), 3.5),
+                             squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green"]
+    width = 0.8 / len(variants)
+    for ax, m in zip(axes[0], modalities):
+        for v_i, variant in enumerate(variants):
+            data = [table[(table.modality == m) & (table.variant == variant) & (table.fold == f)]["value"].dropna()
+                    for f in folds]
+            pos = [f + (v_i - (len(variants) - 1) / 2) * width for f in folds]
+            box = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, manage_ticks=False)
+            for patch in box["boxes"]:
+                patch.set_facecolor(colors[v_i % len(colors)])
+            row = summary[(summary.metric == metric) & (summary.modality == m) & (summary.variant == variant)]
+            label = variant
+            if len(row):
+                label += f": median {row.median_across_folds.iloc[0]:.3g}, MAD {row.mad_across_folds.iloc[0]:.2g}"
+            ax.plot([], [], color=colors[v_i % len(colors)], lw=6, label=label)
+        ax.set_xticks(folds)
+        ax.set_xlabel("fold")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} - {m}")
+        ax.legend(fontsize=7, loc="best")
+    return _save_figure(fig, path)
+
+
+def plot_training_curves(histories: dict, path):
+    """Loss per epoch of every model (solid: training, dashed: validation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list] = {}
+    for label, hist in histories.items():
+        groups.setdefault(label.split("/")[-1], []).append((label, hist))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5), squeeze=False)
+    for ax, (name, items) in zip(axes[0], sorted(groups.items())):
+        for label, hist in items:
+            epochs = [r["epoch"] for r in hist]
+            line, = ax.plot(epochs, [r.get("loss", np.nan) for r in hist], label=label.split("/")[0])
+            if any("val_loss" in r for r in hist):
+                ax.plot(epochs, [r.get("val_loss", np.nan) for r in hist], ls="--", color=line.get_color())
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("BCE summed over modalities")
+        ax.set_title(f"{name} (dashed: validation)")
+        ax.legend(fontsize=6)
+    return _save_figure(fig, path)
+
+
+def plot_reconstructions(panels, path):
+    """Real vs reconstructed mid slices. ``panels``: [(key, modality, real, rec)], (X, Y, Z) each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [("real axial", 0, 2), ("rec axial", 1, 2), ("real coronal", 0, 1), ("rec coronal", 1, 1),
+            ("real sagittal", 0, 0), ("rec sagittal", 1, 0)]
+    fig, axes = plt.subplots(len(panels), len(cols), figsize=(2 * len(cols), 2 * len(panels)), squeeze=False)
+    for r, (key, m, real, rec) in enumerate(panels):
+        for c, (title, which, axis) in enumerate(cols):
+            vol = (real, rec)[which]
+            sl = np.take(vol, vol.shape[axis] // 2, axis=axis)
+            ax = axes[r, c]
+            ax.imshow(np.rot90(sl), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{key}\n{m}", fontsize=7)
+    return _save_figure(fig, path)

@@ -1,0 +1,214 @@
+"""Shards -> validated subject list -> streaming ``tf.data`` pipeline.
+
+Nothing here holds more than the volumes of the batches in flight: the pipeline maps
+subject indices to volumes read from their shards in parallel threads, normalizes
+them with the fitted :class:`~mmfusion.normalization.PopulationNormalizer` and
+prefetches. Volumes are read chunk by chunk with ``read_direct_chunk`` and inflated
+with :mod:`zlib`, which releases the GIL, so parallel reads really run in parallel
+(h5py's own decompression runs under its global lock).
+
+The order of training subjects in every epoch is a pure function of ``(seed, epoch)``
+(:func:`epoch_orders`), so a resumed run sees exactly the batches an uninterrupted one
+would, with no RNG state to save.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from mmfusion.errors import InputDataError, MissingInputError, UsageError
+from mmfusion.normalization import PopulationNormalizer, VolumeStats
+from mmfusion.runlog import get_logger, progress
+from mmfusion.shards import read_attrs
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard's attributes (no image data). ``shape`` in voxels, ``affine`` (4, 4) mm."""
+
+    path: Path
+    subject: str
+    session: str
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    config_hash: str
+    modalities: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+
+def _listing(paths: Sequence, limit: int = 20) -> str:
+    names = [Path(p).name for p in paths]
+    return " ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def discover_shards(shard_dir: Path, participant_labels: Sequence[str] = ()) -> list[Path]:
+    """Shards ``shard_dir/sub-*.h5``, sorted, restricted to ``participant_labels`` if given."""
+    paths = sorted(Path(shard_dir).glob("sub-*.h5"))
+    if participant_labels:
+        wanted = set(participant_labels)
+        paths = [p for p in paths if p.stem[4:].split("_ses-")[0] in wanted]
+    if not paths:
+        raise MissingInputError(f"{shard_dir}: no shards (sub-*.h5) found; run the participant level first")
+    return paths
+
+
+def scan_shards(paths: Sequence[Path], modalities: Sequence[str], allow_missing: bool = False) -> list[ShardInfo]:
+    """Read every shard's attributes and check they can be analysed together.
+
+    Raises MissingInputError listing the shards that lack a requested modality (with
+    ``allow_missing`` they are skipped with a warning), InputDataError naming the
+    shards whose grid (shape/affine) or config_hash differ from the majority.
+    """
+    infos = []
+    for path in paths:
+        attrs = read_attrs(path)
+        infos.append(ShardInfo(Path(path), str(attrs["subject"]), str(attrs.get("session", "")),
+                               tuple(int(s) for s in attrs["shape"]), np.asarray(attrs["affine"], float),
+                               str(attrs.get("config_hash", "")), tuple(attrs["modalities"])))
+    lacking = {i.path: [m for m in modalities if m not in i.modalities] for i in infos}
+    lacking = {p: ms for p, ms in lacking.items() if ms}
+    if lacking:
+        detail = "; ".join(f"{p.name} lacks {','.join(ms)}" for p, ms in list(lacking.items())[:20])
+        if not allow_missing:
+            raise MissingInputError(
+                f"{len(lacking)} shard(s) lack requested modalities ({detail}); rerun the participant level "
+                "with those inputs, choose other --modalities, or pass --allow-missing to skip them")
+        log.warning("--allow-missing: skipping %d shard(s): %s", len(lacking), detail)
+        infos = [i for i in infos if i.path not in lacking]
+        if not infos:
+            raise MissingInputError(f"no shard has all of the modalities {list(modalities)}")
+    _refuse_minority(infos, lambda i: (i.shape, tuple(np.round(i.affine, 4).ravel())), "grid (shape/affine)",
+                     lambda i: f"shape {i.shape}")
+    _refuse_minority(infos, lambda i: i.config_hash, "config_hash", lambda i: f"config_hash {i.config_hash!r}")
+    return infos
+
+
+def _refuse_minority(infos: list[ShardInfo], key, what: str, describe) -> None:
+    groups: dict = defaultdict(list)
+    for info in infos:
+        groups[key(info)].append(info)
+    if len(groups) <= 1:
+        return
+    ordered = sorted(groups.values(), key=len, reverse=True)
+    odd = [i for group in ordered[1:] for i in group]
+    raise InputDataError(
+        f"shards differ in {what}: {_listing([i.path for i in odd])} differ from the other "
+        f"{len(ordered[0])} shard(s) ({describe(ordered[0][0])} vs {describe(odd[0])}); "
+        "rerun the participant level for them with the same config/template, or move them out of shards/")
+
+
+def check_grid(infos: Sequence[ShardInfo], input_shape: Sequence[int]) -> None:
+    """Refuse (UsageError) if the shards' grid differs from ``model.input_shape``."""
+    shape = infos[0].shape
+    if tuple(shape) != tuple(input_shape):
+        raise UsageError(
+            f"{infos[0].path.parent}: shards are on a {list(shape)} grid but model.input_shape is "
+            f"{list(input_shape)}; set model.input_shape: {list(shape)} in --config (and model.levels "
+            "so that every dimension stays divisible by 2**levels)")
+
+
+def check_folds(infos: Sequence[ShardInfo], folds: int) -> None:
+    """Refuse (UsageError) if there are fewer distinct subjects than CV folds."""
+    n = len({i.subject for i in infos})
+    if folds < 2:
+        raise UsageError(f"training.cv_folds is {folds}; cross-validation needs at least 2 folds")
+    if n < folds:
+        raise UsageError(f"{n} subject(s) but training.cv_folds is {folds}; set training.cv_folds <= {n} "
+                         "in --config or add subjects")
+
+
+def read_volume(path: str | Path, modality: str) -> np.ndarray:
+    """One float32 (X, Y, Z) volume from a shard, inflating z-slab chunks outside h5py's lock."""
+    with h5py.File(path, "r") as h5:
+        dset = h5[modality]
+        x, y, z = dset.shape
+        plain_gzip = (dset.chunks == (x, y, 1) and dset.compression == "gzip" and not dset.shuffle
+                      and not dset.fletcher32 and dset.scaleoffset is None and dset.dtype == np.float32)
+        if not plain_gzip:
+            return dset[...].astype(np.float32)
+        raw = [dset.id.read_direct_chunk((0, 0, k)) for k in range(z)]
+    out = np.empty((z, x, y), np.float32)
+    for k, (filter_mask, blob) in enumerate(raw):
+        data = blob if filter_mask & 1 else zlib.decompress(blob)
+        out[k] = np.frombuffer(data, np.float32).reshape(x, y, 1)[:, :, 0]
+    return np.ascontiguousarray(out.transpose(1, 2, 0))
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """The shard's template brain mask, bool (X, Y, Z)."""
+    with h5py.File(path, "r") as h5:
+        return h5["mask"][...].astype(bool)
+
+
+def scan_volume_stats(infos: Sequence[ShardInfo], modalities: Sequence[str]) -> dict[tuple[str, str], VolumeStats]:
+    """Pass 0 over all shards: count/min/max per volume; refuse shards holding NaN/Inf."""
+    stats, bad = {}, {}
+    for info in progress(infos, "checking shards", logger=log):
+        for m in modalities:
+            s = VolumeStats.of(read_volume(info.path, m))
+            stats[(str(info.path), m)] = s
+            if s.nonfinite:
+                bad.setdefault(info.path.name, []).append(f"{m}: {s.nonfinite} NaN/Inf")
+    if bad:
+        detail = "; ".join(f"{name} ({', '.join(v)})" for name, v in bad.items())
+        raise InputDataError(f"non-finite voxels in {len(bad)} shard(s): {detail}; rerun the participant level for them")
+    return stats
+
+
+def epoch_orders(n_items: int, epochs: int, seed: int) -> np.ndarray:
+    """(epochs, n_items) int64: the shuffled subject order of each epoch, from (seed, epoch)."""
+    return np.stack([np.random.default_rng([int(seed), e]).permutation(n_items) for e in range(epochs)])
+
+
+def load_subject(path: str | Path, modalities: Sequence[str], normalizer: PopulationNormalizer) -> dict[str, np.ndarray]:
+    """Normalized volumes of one subject: {modality: float32 (X, Y, Z) in [0, 1]}."""
+    return {m: normalizer.transform(read_volume(path, m), m) for m in modalities}
+
+
+def make_dataset(paths: Sequence[Path], modalities: Sequence[str], normalizer: PopulationNormalizer,
+                 shape: Sequence[int], batch_size: int = 1, orders: np.ndarray | None = None,
+                 parallel: int | None = None, prefetch: int | None = None):
+    """A streaming ``tf.data.Dataset`` of ``({'in_<m>': x}, {'rec_<m>': x})`` batches.
+
+    ``x`` is float32 (batch, X, Y, Z, 1) in [0, 1]. ``orders`` (epochs, n) lists the
+    subject indices of each epoch (a batch never spans two epochs; the last batch of
+    an epoch may be smaller); ``None`` = one pass in the given order (evaluation).
+    ``parallel``/``prefetch`` default to ``tf.data.AUTOTUNE``. Output order is
+    deterministic.
+    """
+    import tensorflow as tf
+
+    auto = tf.data.AUTOTUNE
+    paths = [str(p) for p in paths]
+    if orders is None:
+        orders = np.arange(len(paths))[None, :]
+    modalities = list(modalities)
+
+    def load(indices: np.ndarray):
+        vols = [np.stack([normalizer.transform(read_volume(paths[i], m), m) for i in indices])[..., None]
+                for m in modalities]
+        return tuple(vols)
+
+    def load_batch(indices):
+        vols = tf.numpy_function(load, [indices], [tf.float32] * len(modalities), stateful=False)
+        for v in vols:
+            v.set_shape([None, *shape, 1])
+        inputs = {f"in_{m}": v for m, v in zip(modalities, vols)}
+        targets = {f"rec_{m}": v for m, v in zip(modalities, vols)}
+        return inputs, targets
+
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(orders, np.int64))
+    ds = ds.flat_map(lambda row: tf.data.Dataset.from_tensor_slices(row).batch(batch_size))
+    ds = ds.map(load_batch, num_parallel_calls=parallel or auto, deterministic=True)
+    return ds.prefetch(prefetch or auto)

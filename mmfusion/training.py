@@ -1,0 +1,560 @@
+"""Group-level learning: normalization, k-fold CV, final model, embeddings, reconstructions.
+
+Entry point: :func:`run_learning` (called by :mod:`mmfusion.group`). Outputs, all under
+``output_dir/group``::
+
+    cv/folds.tsv                  subject, session, fold (held-out fold of each shard)
+    cv/metrics_{mse,normdiff,cnr}.tsv   subject, session, fold, modality, variant, value
+    cv/summary.tsv                metric, modality, variant, median and MAD across folds
+    cv/training_curves.tsv        model, epoch, loss, val_loss, per-modality losses
+    figures/cv_<metric>.png, figures/training_curves.png, figures/reconstructions.png
+    model/final.keras, final.weights.h5, normalization.json, model.json
+    checkpoints/<fold-01|final>/<variant>/{state.json, variables.npz, best.npz}
+    embeddings.tsv                participant_id, session, emb_0000 .. emb_<D-1>
+    embeddings.h5                 participant_id (n,), session (n,), embedding (n, D) float32
+    reconstructions/<key>_desc-{real,rec}_<modality>.nii.gz  (normalized [0, 1] scale)
+
+Variants: ``with_skips`` is the configured model (U-Net skips on). ``embedding_only``
+is a SEPARATE model trained without skips on the same fold, data order and
+normalization (``evaluation.embedding_only: true``): a decoder trained with skips and
+fed zeros instead at inference is out of its training distribution and would
+understate what the embedding carries, so a skip-free model is the fair measure.
+If ``model.skip_connections`` is false the configured model is itself embedding-only
+and is reported once, as ``embedding_only``.
+
+Determinism and resume: each model gets its own seed derived from ``--seed`` and its
+label (``fold-01/with_skips``), set with ``keras.utils.set_random_seed`` right before it
+is built, with ``tf.config.experimental.enable_op_determinism()``; the subject order of
+every epoch is a function of (seed, epoch) (:func:`mmfusion.data.epoch_orders`). After
+every epoch all model variables (weights, BatchNorm statistics, dropout seed states)
+and all optimizer variables are saved; ``--resume`` restores them and continues, so on
+CPU the final weights equal those of an uninterrupted run. A fold whose metrics were
+written is not redone. Checkpoints from another config/seed/subject set are refused.
+For tests, the environment variable ``MMFUSION_KILL_AFTER_EPOCHS=N`` makes the process
+SIGKILL itself right after the N-th epoch checkpoint of this process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mmfusion import data as shard_data
+from mmfusion import evaluation
+from mmfusion.atomic import atomic_path, write_json, write_text
+from mmfusion.config import config_hash
+from mmfusion.errors import StaleOutputError
+from mmfusion.normalization import PopulationNormalizer
+from mmfusion.runlog import get_logger, progress
+
+log = get_logger(__name__)
+KILL_ENV = "MMFUSION_KILL_AFTER_EPOCHS"
+_epochs_this_process = 0
+
+
+# ----------------------------------------------------------------------------- setup
+def model_seed(seed: int, label: str) -> int:
+    """A per-model seed from the run seed and the model's label (order-independent)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(label.encode())) % (2**31 - 1)
+
+
+def set_determinism(seed: int) -> None:
+    """Seed Python, NumPy, TensorFlow and Keras; make TF ops deterministic."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
+
+
+def distribution_strategy():
+    """MirroredStrategy over all GPUs when there are several, else the default strategy."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1:
+        log.info("training on %d GPUs with MirroredStrategy", len(gpus))
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _set_precision(mixed: bool) -> None:
+    import keras
+    import tensorflow as tf
+
+    if mixed and not tf.config.list_physical_devices("GPU"):
+        log.warning("training.mixed_precision ignored: no GPU")
+        mixed = False
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+
+
+# ----------------------------------------------------------------------- checkpoints
+def _variables_to_arrays(variables) -> dict[str, np.ndarray]:
+    return {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
+
+
+def _assign(variables, arrays) -> None:
+    keys = sorted(arrays.files if hasattr(arrays, "files") else arrays)
+    if len(keys) != len(variables):
+        raise StaleOutputError(f"checkpoint holds {len(keys)} variables, model has {len(variables)}; "
+                               "rerun without --resume")
+    for var, key in zip(variables, keys):
+        var.assign(arrays[key])
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def _all_variables(model) -> list:
+    return list(model.variables) + list(model.optimizer.variables)
+
+
+@dataclass
+class FitResult:
+    """A trained model and its per-epoch history (list of {'epoch', 'loss', ...})."""
+
+    model: object
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    complete: bool = True
+
+
+class _Checkpointer:
+    """Per-epoch checkpoint, early stopping and logging for one model (a Keras callback)."""
+
+    def __init__(self, ckpt_dir: Path, label: str, run_hash: str, epochs: int, patience: int,
+                 monitor: str, history: list[dict], best: float, wait: int, stop_after: int | None):
+        import keras
+
+        outer = self
+
+        class _Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                outer.started = time.monotonic()
+
+            def on_epoch_end(self, epoch, logs=None):
+                outer.epoch_end(self.model, epoch, logs or {})
+
+        self.callback = _Callback()
+        self.dir, self.label, self.run_hash = ckpt_dir, label, run_hash
+        self.epochs, self.patience, self.monitor = epochs, patience, monitor
+        self.history, self.best, self.wait = history, best, wait
+        self.stop_after, self.trained, self.stopped_early = stop_after, 0, False
+        self.started = time.monotonic()
+
+    def epoch_end(self, model, epoch: int, logs: dict) -> None:
+        global _epochs_this_process
+        record = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+        self.history.append(record)
+        value = record.get(self.monitor, float("nan"))
+        if value < self.best:
+            self.best, self.wait = value, 0
+            if self.patience:
+                _save_npz(self.dir / "best.npz", _variables_to_arrays(model.variables))
+        else:
+            self.wait += 1
+        if self.patience and self.wait >= self.patience:
+            self.stopped_early = True
+            model.stop_training = True
+        _save_npz(self.dir / "variables.npz", _variables_to_arrays(_all_variables(model)))
+        self.write_state(done=False)
+        losses = " ".join(f"{k}={v:.5g}" for k, v in record.items() if k != "epoch")
+        log.info("%s epoch %d/%d: %s (%.1f s)", self.label, epoch + 1, self.epochs, losses,
+                 time.monotonic() - self.started)
+        self.trained += 1
+        _epochs_this_process += 1
+        kill_after = os.environ.get(KILL_ENV)
+        if kill_after and _epochs_this_process >= int(kill_after):
+            log.warning("%s=%s: killing this process after the checkpoint (test hook)", KILL_ENV, kill_after)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.stop_after is not None and self.trained >= self.stop_after:
+            model.stop_training = True
+
+    def write_state(self, done: bool) -> None:
+        write_json(self.dir / "state.json", {
+            "label": self.label, "run_hash": self.run_hash, "epoch": len(self.history),
+            "history": self.history, "best": self.best, "wait": self.wait,
+            "stopped_early": self.stopped_early, "done": done,
+        })
+
+
+def _read_state(ckpt_dir: Path, run_hash: str, resume: bool) -> dict | None:
+    path = ckpt_dir / "state.json"
+    if not resume or not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("run_hash") != run_hash:
+        raise StaleOutputError(
+            f"{path}: checkpoint made with another config, seed, modalities or subject set; "
+            "rerun without --resume to start over")
+    return state
+
+
+# -------------------------------------------------------------------------- fitting
+@dataclass
+class TrainingData:
+    """What a model is trained on: shard paths, modalities and the fitted normalizer."""
+
+    train: list[Path]
+    val: list[Path]
+    modalities: list[str]
+    normalizer: PopulationNormalizer
+    shape: tuple[int, int, int]
+
+
+def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: dict, ckpt_dir: Path,
+                    seed: int, label: str, run_hash: str, resume: bool = False,
+                    stop_after_epochs: int | None = None) -> FitResult:
+    """Train (or resume) one autoencoder, checkpointing every epoch into ``ckpt_dir``.
+
+    ``build()`` returns an uncompiled Keras model with inputs ``in_<m>`` and outputs
+    ``rec_<m>``; it is compiled here (BCE summed over modalities, Adam) inside the
+    distribution strategy. ``seed`` seeds weights, dropout and the data order.
+    ``stop_after_epochs`` stops after that many epochs in this call (checkpoint kept,
+    ``complete=False``), as an interrupted run would. Early stopping
+    (``early_stopping_patience`` > 0) monitors ``val_loss`` (``loss`` without a
+    validation set) and restores the best weights.
+    """
+    from mmfusion.model.autoencoder import compile_autoencoder
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    epochs, patience = int(train_cfg["epochs"]), int(train_cfg["early_stopping_patience"])
+    state = _read_state(ckpt_dir, run_hash, resume)
+    set_determinism(seed)
+    _set_precision(bool(train_cfg.get("mixed_precision", False)))
+    strategy = distribution_strategy()
+    with strategy.scope():
+        model = build()
+        compile_autoencoder(model, float(train_cfg["learning_rate"]))
+        model.optimizer.build(model.trainable_variables)
+        if state is not None:
+            with np.load(ckpt_dir / "variables.npz") as arrays:
+                _assign(_all_variables(model), arrays)
+    _set_precision(False)
+    history = list(state["history"]) if state else []
+    if state and (state["done"] or state.get("stopped_early")):
+        log.info("%s: already trained (%d epochs), loaded from %s", label, state["epoch"], ckpt_dir)
+        return FitResult(model, history, bool(state.get("stopped_early")))
+    start = len(history)
+    if start:
+        log.info("%s: resuming at epoch %d/%d from %s", label, start + 1, epochs, ckpt_dir)
+    monitor = "val_loss" if data.val else "loss"
+    ckpt = _Checkpointer(ckpt_dir, label, run_hash, epochs, patience, monitor, history,
+                         float(state["best"]) if state else float("inf"),
+                         int(state["wait"]) if state else 0, stop_after_epochs)
+    batch = int(train_cfg["batch_size"])
+    n_batches = -(-len(data.train) // batch)
+    orders = shard_data.epoch_orders(len(data.train), epochs, seed)[start:]
+    if len(orders):
+        train_ds = shard_data.make_dataset(data.train, data.modalities, data.normalizer, data.shape, batch, orders)
+        val_ds = (shard_data.make_dataset(data.val, data.modalities, data.normalizer, data.shape, batch)
+                  if data.val else None)
+        model.fit(train_ds, epochs=epochs, initial_epoch=start, steps_per_epoch=n_batches,
+                  validation_data=val_ds, callbacks=[ckpt.callback], verbose=0)
+    complete = len(history) >= epochs or ckpt.stopped_early
+    if ckpt.stopped_early:
+        log.info("%s: early stopping after epoch %d; restoring the best weights", label, len(history))
+        with np.load(ckpt_dir / "best.npz") as arrays:
+            _assign(model.variables, arrays)
+    ckpt.write_state(done=complete)
+    return FitResult(model, history, ckpt.stopped_early, complete)
+
+
+# ------------------------------------------------------------------------ evaluation
+def reconstruct(model, volumes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``model`` on one subject's normalized volumes {m: (X, Y, Z)} -> {m: (X, Y, Z)}."""
+    inputs = {f"in_{m}": v[None, ..., None] for m, v in volumes.items()}
+    out = model.predict_on_batch(inputs)
+    return {m: np.asarray(out[f"rec_{m}"], np.float32)[0, ..., 0] for m in volumes}
+
+
+def evaluate_subject(models: dict[str, object], info: shard_data.ShardInfo, modalities: Sequence[str],
+                     normalizer: PopulationNormalizer, eval_cfg: dict, seed: int, fold: int) -> list[dict]:
+    """Metric rows for one held-out subject: one per (variant, modality, metric)."""
+    real = shard_data.load_subject(info.path, modalities, normalizer)
+    mask = shard_data.read_mask(info.path) if eval_cfg["background"] == "mask" else None
+    roi = tuple(eval_cfg["roi_shape"])
+    thr = float(eval_cfg["background_threshold"])
+    rows = []
+    for variant, model in models.items():
+        rec = reconstruct(model, real)
+        for m in modalities:
+            bg_pairs = evaluation.background_mask(real[m], real[m], mask, eval_cfg["background"], thr)
+            pairs = evaluation.sample_roi_pairs(bg_pairs, roi, int(eval_cfg["cnr_pairs"]), seed, f"{info.key}_{m}")
+            bg = evaluation.background_mask(real[m], rec[m], mask, eval_cfg["background"], thr)
+            for metric, value in evaluation.image_metrics(real[m], rec[m], bg, pairs, roi).items():
+                rows.append({"metric": metric, "subject": f"sub-{info.subject}", "session": info.session,
+                             "fold": fold, "modality": m, "variant": variant, "value": value})
+    return rows
+
+
+def make_folds(infos: Sequence[shard_data.ShardInfo], k: int, seed: int) -> list[np.ndarray]:
+    """Fold number (1..k) of every shard; all sessions of a subject share a fold (KFold, seeded)."""
+    from sklearn.model_selection import KFold
+
+    subjects = sorted({i.subject for i in infos})
+    fold_of = {}
+    for f, (_, held) in enumerate(KFold(k, shuffle=True, random_state=seed).split(subjects), start=1):
+        fold_of.update({subjects[j]: f for j in held})
+    return np.array([fold_of[i.subject] for i in infos])
+
+
+# ---------------------------------------------------------------------- orchestration
+@dataclass
+class Learner:
+    """Shared state of one group-level learning run (paths, config, hashes)."""
+
+    group_dir: Path
+    infos: list[shard_data.ShardInfo]
+    modalities: list[str]
+    config: dict
+    seed: int
+    resume: bool
+    stats: dict
+    builder: Callable | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.infos[0].shape
+
+    @property
+    def variants(self) -> dict[str, bool]:
+        """{variant name: skip_connections} of the models trained per fold."""
+        skips = bool(self.config["model"]["skip_connections"])
+        if not skips:
+            return {"embedding_only": False}
+        return {"with_skips": True, **({"embedding_only": False} if self.config["evaluation"]["embedding_only"] else {})}
+
+    def run_hash(self, label: str, paths: Sequence[Path]) -> str:
+        cfg = {s: self.config[s] for s in ("model", "training", "normalization")}
+        blob = {"cfg": cfg, "modalities": self.modalities, "seed": self.seed, "label": label,
+                "subjects": [Path(p).stem for p in paths]}
+        return config_hash({"run": blob})
+
+    def build(self, skips: bool) -> Callable[[], object]:
+        if self.builder is not None:
+            return lambda: self.builder(self.config["model"], self.modalities, skips)
+        from mmfusion.model.autoencoder import build_autoencoder
+
+        return lambda: build_autoencoder(self.config["model"], self.modalities, skip_connections=skips)
+
+    def fit_normalizer(self, paths: Sequence[Path]) -> PopulationNormalizer:
+        norm = PopulationNormalizer.from_config(self.config["normalization"])
+        return norm.fit(paths, self.modalities, shard_data.read_volume, self.stats)
+
+    def train(self, label: str, skips: bool, data: TrainingData) -> FitResult:
+        seed = model_seed(self.seed, label)
+        result = fit_autoencoder(self.build(skips), data, self.config["training"],
+                                 self.group_dir / "checkpoints" / label, seed, label,
+                                 self.run_hash(label, data.train), self.resume)
+        return result
+
+
+def _fold_rows_path(learner: Learner, fold: int) -> Path:
+    return learner.group_dir / "checkpoints" / f"fold-{fold:02d}" / "metrics.json"
+
+
+def run_fold(learner: Learner, fold: int, folds: np.ndarray) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Train the fold's models and evaluate its held-out subjects; returns (rows, histories)."""
+    train = [i.path for i, f in zip(learner.infos, folds) if f != fold]
+    held = [i for i, f in zip(learner.infos, folds) if f == fold]
+    done = _fold_rows_path(learner, fold)
+    run_hash = learner.run_hash(f"fold-{fold:02d}", train)
+    if learner.resume and done.is_file():
+        saved = json.loads(done.read_text())
+        if saved.get("run_hash") == run_hash:
+            log.info("fold %d: already evaluated, skipped (--resume)", fold)
+            return saved["rows"], saved["histories"]
+    norm = learner.fit_normalizer(train)
+    norm.save(done.parent / "normalization.json")
+    data = TrainingData(train, [i.path for i in held], learner.modalities, norm, learner.shape)
+    models, histories = {}, {}
+    for variant, skips in learner.variants.items():
+        label = f"fold-{fold:02d}/{variant}"
+        result = learner.train(label, skips, data)
+        models[variant], histories[label] = result.model, result.history
+    rows = []
+    for info in progress(held, f"fold {fold}: evaluating", logger=log):
+        rows += evaluate_subject(models, info, learner.modalities, norm, learner.config["evaluation"],
+                                 learner.seed, fold)
+    write_json(done, {"run_hash": run_hash, "rows": rows, "histories": histories})
+    return rows, histories
+
+
+def run_cross_validation(learner: Learner) -> dict[str, Path]:
+    """k-fold CV: a model per fold and variant, metrics TSVs, summary and figures."""
+    import pandas as pd
+
+    k = int(learner.config["training"]["cv_folds"])
+    shard_data.check_folds(learner.infos, k)
+    folds = make_folds(learner.infos, k, learner.seed)
+    cv_dir = learner.group_dir / "cv"
+    _write_tsv(cv_dir / "folds.tsv", pd.DataFrame({
+        "subject": [f"sub-{i.subject}" for i in learner.infos], "session": [i.session for i in learner.infos],
+        "fold": folds}))
+    rows, histories = [], {}
+    for fold in range(1, k + 1):
+        fold_rows, fold_hist = run_fold(learner, fold, folds)
+        rows += fold_rows
+        histories.update(fold_hist)
+    table = pd.DataFrame(rows)
+    out = {}
+    for metric in evaluation.METRICS:
+        part = table[table.metric == metric].drop(columns="metric")
+        out[f"metrics_{metric}"] = _write_tsv(cv_dir / f"metrics_{metric}.tsv", part)
+    summary = evaluation.summarize_across_folds(table)
+    out["summary"] = _write_tsv(cv_dir / "summary.tsv", summary)
+    fig_dir = learner.group_dir / "figures"
+    for metric in evaluation.METRICS:
+        out[f"figure_{metric}"] = evaluation.plot_cv_boxplots(table[table.metric == metric], summary, metric,
+                                                              fig_dir / f"cv_{metric}.png")
+    out["histories"] = histories
+    return out
+
+
+def _write_tsv(path: Path, frame) -> Path:
+    write_text(path, frame.to_csv(sep="\t", index=False, float_format="%.8g", na_rep="n/a"))
+    return path
+
+
+# ------------------------------------------------------------------- final model etc.
+def train_final(learner: Learner) -> tuple[object, PopulationNormalizer, FitResult, dict[str, Path]]:
+    """The final model on all subjects; saved with its normalization under group/model."""
+    paths = [i.path for i in learner.infos]
+    norm = learner.fit_normalizer(paths)
+    data = TrainingData(paths, [], learner.modalities, norm, learner.shape)
+    skips = bool(learner.config["model"]["skip_connections"])
+    result = learner.train("final", skips, data)
+    model_dir = learner.group_dir / "model"
+    out = {"model_path": model_dir / "final.keras", "weights_path": model_dir / "final.weights.h5",
+           "normalization": model_dir / "normalization.json"}
+    with atomic_path(out["model_path"], suffix=".keras") as tmp:
+        result.model.save(tmp)
+    with atomic_path(out["weights_path"], suffix=".weights.h5") as tmp:
+        result.model.save_weights(tmp)
+    norm.save(out["normalization"])
+    write_json(model_dir / "model.json", {
+        "modalities": learner.modalities, "input_shape": list(learner.shape), "model": learner.config["model"],
+        "training": learner.config["training"], "seed": learner.seed, "trained_on": [i.key for i in learner.infos],
+        "epochs_trained": len(result.history), "stopped_early": result.stopped_early,
+    })
+    return result.model, norm, result, out
+
+
+def load_final_model(model_dir: Path):
+    """(model, normalizer, modalities) from ``group/model`` (rebuilt, then weights loaded)."""
+    from mmfusion.model.autoencoder import build_autoencoder
+
+    meta = json.loads((Path(model_dir) / "model.json").read_text())
+    model = build_autoencoder(meta["model"], meta["modalities"])
+    model.load_weights(Path(model_dir) / "final.weights.h5")
+    return model, PopulationNormalizer.load(Path(model_dir) / "normalization.json"), meta["modalities"]
+
+
+def write_embeddings(learner: Learner, model, norm: PopulationNormalizer) -> dict[str, Path]:
+    """Embeddings of every shard -> group/embeddings.tsv and group/embeddings.h5."""
+    import h5py
+    import pandas as pd
+
+    from mmfusion.model.autoencoder import embedding_model
+
+    encoder = embedding_model(model)
+    vectors = []
+    for info in progress(learner.infos, "embeddings", logger=log):
+        vols = shard_data.load_subject(info.path, learner.modalities, norm)
+        vectors.append(np.asarray(encoder.predict_on_batch({f"in_{m}": v[None, ..., None] for m, v in vols.items()}),
+                                  np.float32)[0])
+    emb = np.stack(vectors)
+    ids = [f"sub-{i.subject}" for i in learner.infos]
+    sessions = [i.session for i in learner.infos]
+    frame = pd.DataFrame(emb, columns=[f"emb_{j:04d}" for j in range(emb.shape[1])])
+    frame.insert(0, "session", sessions)
+    frame.insert(0, "participant_id", ids)
+    tsv = _write_tsv(learner.group_dir / "embeddings.tsv", frame)
+    h5_path = learner.group_dir / "embeddings.h5"
+    with atomic_path(h5_path, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as h5:
+            h5.create_dataset("participant_id", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
+            h5.create_dataset("session", data=np.array(sessions, dtype=object), dtype=h5py.string_dtype())
+            h5.create_dataset("embedding", data=emb)
+            h5.attrs["modalities"] = json.dumps(learner.modalities)
+            h5.attrs["seed"] = learner.seed
+    log.info("embeddings: %d subjects x %d values -> %s", *emb.shape, tsv)
+    return {"embeddings_tsv": tsv, "embeddings_h5": h5_path}
+
+
+def write_reconstructions(learner: Learner, model, norm: PopulationNormalizer) -> list[Path]:
+    """NIfTIs (normalized real and reconstructed) of the first few subjects + a figure."""
+    import nibabel as nib
+
+    n = int(learner.config["training"]["n_reconstructions"])
+    out_dir = learner.group_dir / "reconstructions"
+    written, panels = [], []
+    for info in learner.infos[:n]:
+        real = shard_data.load_subject(info.path, learner.modalities, norm)
+        rec = reconstruct(model, real)
+        for m in learner.modalities:
+            for desc, vol in (("real", real[m]), ("rec", rec[m])):
+                path = out_dir / f"{info.key}_desc-{desc}_{m}.nii.gz"
+                with atomic_path(path) as tmp:
+                    nib.save(nib.Nifti1Image(vol, info.affine), tmp)
+                written.append(path)
+            panels.append((info.key, m, real[m], rec[m]))
+    if panels:
+        evaluation.plot_reconstructions(panels, learner.group_dir / "figures" / "reconstructions.png")
+    return written
+
+
+def run_learning(ctx) -> dict:
+    """The learning half of the group level (see the module docstring for the outputs).
+
+    ``ctx`` is a :class:`mmfusion.context.RunContext`. Returns {'embeddings_tsv',
+    'embeddings_h5', 'model_path', 'normalization', 'metrics_mse', 'metrics_normdiff',
+    'metrics_cnr', 'summary', 'figure_*', 'training_curves', 'reconstructions'}.
+    """
+    return learn(ctx.output_dir / "shards", ctx.group_dir, list(ctx.modalities), ctx.config, int(ctx.seed),
+                 resume=bool(ctx.resume), allow_missing=bool(ctx.allow_missing),
+                 participant_labels=list(ctx.participant_labels))
+
+
+def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict, seed: int, resume: bool = False,
+          allow_missing: bool = False, participant_labels: Sequence[str] = (), builder: Callable | None = None) -> dict:
+    """:func:`run_learning` without a RunContext (``builder`` replaces build_autoencoder in tests)."""
+    import shutil
+
+    paths = shard_data.discover_shards(shard_dir, participant_labels)
+    infos = shard_data.scan_shards(paths, modalities, allow_missing)
+    shard_data.check_grid(infos, config["model"]["input_shape"])
+    shard_data.check_folds(infos, int(config["training"]["cv_folds"]))
+    log.info("learning on %d shard(s) of %d subject(s), modalities %s, grid %s", len(infos),
+             len({i.subject for i in infos}), modalities, infos[0].shape)
+    if not resume and (group_dir / "checkpoints").exists():
+        log.info("no --resume: discarding old checkpoints in %s", group_dir / "checkpoints")
+        shutil.rmtree(group_dir / "checkpoints")
+    stats = shard_data.scan_volume_stats(infos, modalities)
+    learner = Learner(Path(group_dir), infos, modalities, config, seed, resume, stats, builder)
+    out = run_cross_validation(learner)
+    model, norm, final, paths_out = train_final(learner)
+    out.update(paths_out)
+    histories = {**out.pop("histories"), "final": final.history}
+    out["training_curves"] = _write_tsv(group_dir / "cv" / "training_curves.tsv", _curves_frame(histories))
+    out["figure_training_curves"] = evaluation.plot_training_curves(histories, group_dir / "figures" / "training_curves.png")
+    out.update(write_embeddings(learner, model, norm))
+    out["reconstructions"] = write_reconstructions(learner, model, norm)
+    return out
+
+
+def _curves_frame(histories: dict[str, list[dict]]):
+    import pandas as pd
+
+    rows = [{"model": label, **record} for label, hist in histories.items() for record in hist]
+    return pd.DataFrame(rows)
