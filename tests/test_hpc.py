@@ -63,6 +63,26 @@ def test_pins_are_the_versions_the_tests_ran_with():
         assert installed == version, f"Dockerfile pins {name}=={version}, tests run with {installed}"
 
 
+def test_every_third_party_module_the_package_imports_is_in_the_images():
+    import ast
+
+    stdlib = set(sys.stdlib_module_names)
+    modules = set()
+    for path in (REPO / "mmfusion").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = sorted(modules - stdlib - {"mmfusion"})
+    assert "tensorflow" in third_party and "ants" in third_party
+    dists = importlib.metadata.packages_distributions()
+    pins = _pins(REPO / "Dockerfile")
+    for module in third_party:
+        names = {canonicalize_name(d) for d in dists.get(module, [])}
+        assert names & set(pins), f"mmfusion imports {module} ({sorted(names)}), not pinned in the images"
+
+
 def test_images_carry_the_version_file_as_oci_label():
     version = (REPO / "version").read_text().strip()
     dockerfile = (REPO / "Dockerfile").read_text()
