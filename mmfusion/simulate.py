@@ -253,48 +253,62 @@ class Region:
                 "sigma_mm": self.sigma_mm, "effect": round(self.effect, 4)}
 
 
-def _pick_centers(rng, candidates_mm: np.ndarray, n: int, min_dist: float, avoid=()) -> list:
-    """Greedy random picks from (N, 3) mm candidates, pairwise >= ``min_dist`` apart."""
-    chosen = [np.asarray(a) for a in avoid]
-    picked = []
-    dist = min_dist
+def _pick_centers(rng, candidates_mm: np.ndarray, n: int, min_dist: float) -> list:
+    """Greedy random picks from (N, 3) mm candidates, pairwise >= ``min_dist`` apart.
+
+    When the brain is too crowded the separation is relaxed step by step.
+    """
+    if len(candidates_mm) < n:
+        raise UsageError(f"cannot place {n} planted regions in the template at this voxel size; "
+                         "use fewer strata or a smaller --voxel-size")
     order = rng.permutation(len(candidates_mm))
-    while len(picked) < n:
+    dist = min_dist
+    while True:
+        picked: list = []
         for i in order:
             c = candidates_mm[i]
-            if all(np.linalg.norm(c - o) >= dist for o in chosen):
-                chosen.append(c)
+            if all(np.linalg.norm(c - o) >= dist for o in picked):
                 picked.append(c)
                 if len(picked) == n:
-                    break
-        dist *= 0.85  # too crowded: relax the separation and continue
-    return picked
+                    return picked
+        dist *= 0.85  # too crowded: relax the separation and start again
 
 
 def plan_regions(rng, grid: TemplateGrid, n_strata: int) -> list[Region]:
-    """Choose each stratum's planted JAC, FA and NDI regions (distinct between strata)."""
+    """Choose each stratum's planted JAC, FA and NDI regions (distinct between strata).
+
+    JAC regions sit in tissue at least one sigma inside the brain; FA/NDI regions in
+    deep white matter (>= 6 mm from its edge) so a few mm of deformation does not move
+    them across a tissue boundary.
+    """
     from scipy import ndimage
 
     depth_mm = ndimage.distance_transform_edt(grid.mask) * grid.voxel_size
+    wm_depth_mm = ndimage.distance_transform_edt(grid.wm > 0.5) * grid.voxel_size
     step = max(1, int(round(4.0 / grid.voxel_size)))  # thin the candidate list (4 mm)
     sub = (slice(None, None, step),) * 3
 
-    def candidates(cond):
-        idx = np.argwhere(cond[sub]) * step
+    def candidates(*conditions):
+        """Voxels meeting the first condition that has enough of them, in MNI mm."""
+        for cond in conditions:
+            idx = np.argwhere(cond[sub]) * step
+            if len(idx) >= 4 * n_strata * JAC_REGIONS_PER_STRATUM:
+                break
         return grid.world(idx)
 
     tissue = grid.gm + grid.wm
-    jac_cand = candidates((depth_mm >= JAC_SIGMA_MM) & (tissue > 0.5))
-    wm_cand = candidates((depth_mm >= MAP_SIGMA_MM) & (grid.wm > 0.6))
+    jac_cand = candidates((depth_mm >= JAC_SIGMA_MM) & (tissue > 0.5), grid.mask)
+    wm_cand = candidates(wm_depth_mm >= 6.0, wm_depth_mm >= 3.0, grid.wm > 0.5, grid.mask)
     regions = []
     jac_centers = _pick_centers(rng, jac_cand, n_strata * JAC_REGIONS_PER_STRATUM, 3 * JAC_SIGMA_MM)
     for i, c in enumerate(jac_centers):
         effect = rng.choice([-1.0, 1.0]) * rng.uniform(*JAC_EFFECT_RANGE)
-        regions.append(Region("jac", i // JAC_REGIONS_PER_STRATUM + 1, tuple(c), JAC_SIGMA_MM, float(effect)))
+        regions.append(Region("jac", i // JAC_REGIONS_PER_STRATUM + 1, tuple(float(x) for x in c),
+                              JAC_SIGMA_MM, float(effect)))
     for kind in ("fa", "ndi"):
         for k, c in enumerate(_pick_centers(rng, wm_cand, n_strata, 3 * MAP_SIGMA_MM)):
             effect = rng.choice([-1.0, 1.0]) * rng.uniform(*MAP_EFFECT_RANGE)
-            regions.append(Region(kind, k + 1, tuple(c), MAP_SIGMA_MM, float(effect)))
+            regions.append(Region(kind, k + 1, tuple(float(x) for x in c), MAP_SIGMA_MM, float(effect)))
     return regions
 
 

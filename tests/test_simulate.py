@@ -1,0 +1,303 @@
+"""Tests of ``mmfusion simulate``: valid BIDS, planted truth really in the data, determinism."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage, stats
+
+from mmfusion import simulate as sim
+from mmfusion.errors import OutputError
+
+VOXEL = 3.0  # mm: coarse for speed
+N_SUBJECTS, N_STRATA, SEED = 12, 3, 7
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sim") / "bids"
+    return sim.simulate_dataset(out, n_subjects=N_SUBJECTS, n_strata=N_STRATA, voxel_size=VOXEL, seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def small_sessions(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("simses") / "bids"
+    return sim.simulate_dataset(out, n_subjects=3, n_strata=2, voxel_size=5.0, seed=3, sessions=2)
+
+
+def _truth(root: Path):
+    truth = root / "sourcedata" / "ground_truth"
+    planted = json.loads((truth / "planted.json").read_text())
+    strata = pd.read_csv(truth / "strata.tsv", sep="\t")
+    return truth, planted, strata
+
+
+def _validate(path: Path) -> list[dict]:
+    """Run the official validator offline; return its issues (fails on a crash)."""
+    exe = shutil.which("bids-validator-deno")
+    assert exe, "bids-validator-deno must be installed for these tests"
+    proc = subprocess.run([exe, str(path), "--format", "json"], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip(), proc.stderr
+    return json.loads(proc.stdout)["issues"]["issues"]
+
+
+# ------------------------------------------------------------------------- layout
+def test_layout_and_bids_names(dataset):
+    labels = [f"{i:02d}" for i in range(1, N_SUBJECTS + 1)]
+    participants = pd.read_csv(dataset / "participants.tsv", sep="\t")
+    assert participants["participant_id"].tolist() == [f"sub-{lab}" for lab in labels]
+    assert {"age", "sex", "handedness", "bmi"} <= set(participants.columns)
+    assert set(participants["sex"]) <= {"M", "F"} and set(participants["handedness"]) <= {"R", "L", "A"}
+    desc = json.loads((dataset / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "raw" and desc["BIDSVersion"] in ("1.9.0", "1.10.0") and desc["Name"]
+    deriv = dataset / "derivatives" / "qsirecon"
+    ddesc = json.loads((deriv / "dataset_description.json").read_text())
+    assert ddesc["DatasetType"] == "derivative" and ddesc["GeneratedBy"][0]["Name"]
+    assert not list(dataset.glob("sub-*/ses-*")), "sessions=1 must not create a ses- level"
+    for lab in labels:
+        t1 = nib.load(dataset / f"sub-{lab}" / "anat" / f"sub-{lab}_T1w.nii.gz")
+        for name in ("model-tensor_param-fa", "model-noddi_param-icvf"):
+            img = nib.load(deriv / f"sub-{lab}" / "dwi" / f"sub-{lab}_space-T1w_{name}_dwimap.nii.gz")
+            assert img.shape == t1.shape and np.allclose(img.affine, t1.affine)
+            data = np.asarray(img.dataobj)
+            assert data.dtype == np.float32 and 0 <= data.min() and data.max() <= 1 and data.max() > 0.3
+    tables = sorted(p.stem for p in (dataset / "phenotype").glob("*.tsv"))
+    assert len(tables) >= 2 and all((dataset / "phenotype" / f"{t}.json").is_file() for t in tables)
+    n_cols = sum(pd.read_csv(dataset / "phenotype" / f"{t}.tsv", sep="\t").shape[1] - 1 for t in tables)
+    assert 15 <= n_cols <= 25
+    text = "".join((dataset / "phenotype" / f"{t}.tsv").read_text() for t in tables)
+    assert "n/a" in text and "nan" not in text.lower().replace("n/a", "")
+
+
+def test_sessions_layout(small_sessions):
+    for ses in ("1", "2"):
+        assert (small_sessions / "sub-01" / f"ses-{ses}" / "anat" / f"sub-01_ses-{ses}_T1w.nii.gz").is_file()
+        assert (small_sessions / "derivatives" / "qsirecon" / "sub-03" / f"ses-{ses}" / "dwi"
+                / f"sub-03_ses-{ses}_space-T1w_model-noddi_param-icvf_dwimap.nii.gz").is_file()
+    a = nib.load(small_sessions / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T1w.nii.gz")
+    b = nib.load(small_sessions / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_T1w.nii.gz")
+    assert not np.allclose(a.affine, b.affine), "each session has its own scanner position"
+
+
+def test_header_transform_is_small_rigid(dataset):
+    truth, planted, _ = _truth(dataset)
+    template = nib.load(truth / "template_T1w.nii.gz")
+    t1 = nib.load(dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    assert t1.shape == template.shape and t1.get_data_dtype() == np.int16
+    world = t1.affine @ np.linalg.inv(template.affine)
+    rot = world[:3, :3]
+    assert np.allclose(rot @ rot.T, np.eye(3), atol=1e-5) and np.isclose(np.linalg.det(rot), 1, atol=1e-5)
+    angle = np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1)))
+    assert 0 < angle <= 3 * np.sqrt(3) and 0 < np.abs(world[:3, 3]).max() <= 3
+    assert np.allclose(world, planted["subjects"]["sub-01"]["sessions"]["none"]["header_rigid_matrix"], atol=1e-5)
+
+
+# ---------------------------------------------------------------------- validator
+def test_official_validator_no_errors(dataset, small_sessions):
+    for root in (dataset, small_sessions):
+        issues = _validate(root)
+        errors = [i for i in issues if i["severity"] == "error"]
+        assert not errors, errors[:3]
+        # derivative dataset on its own (its .bidsignore covers the BEP016 dwimap names)
+        issues = _validate(root / "derivatives" / "qsirecon")
+        assert not [i for i in issues if i["severity"] == "error"]
+
+
+# ---------------------------------------------------------------- imaging truth
+def _sphere_mean(image: np.ndarray, center_vox, radius_vox: float) -> float:
+    idx = np.indices(image.shape)
+    dist2 = sum((idx[a] - center_vox[a]) ** 2 for a in range(3))
+    return float(image[dist2 <= radius_vox**2].mean())
+
+
+def test_true_logjac_separates_strata_in_planted_regions_only(dataset):
+    truth, planted, strata = _truth(dataset)
+    mask = nib.load(truth / "template_mask.nii.gz").get_fdata() > 0.5
+    logjacs = np.stack([nib.load(truth / planted["deformation"]["true_logjac"][pid]).get_fdata()
+                        for pid in strata["participant_id"]])
+    assert logjacs.shape[1:] == mask.shape
+    labels = strata["stratum"].to_numpy()
+    assert sorted(np.unique(labels)) == list(range(1, N_STRATA + 1))
+    sds = [lj[mask].std() for lj in logjacs]
+    assert 0.07 < np.median(sds) < 0.2
+    jac_regions = [r for r in planted["regions"] if r["kind"] == "jac"]
+    assert len(jac_regions) >= N_STRATA and {r["stratum"] for r in jac_regions} == set(range(1, N_STRATA + 1))
+    for r in jac_regions:
+        radius = 0.5 * r["sigma_mm"] / VOXEL
+        means = np.array([_sphere_mean(lj, r["center_voxel_template_grid"], radius) for lj in logjacs])
+        diff = means[labels == r["stratum"]].mean() - means[labels != r["stratum"]].mean()
+        assert np.sign(diff) == np.sign(r["effect"]) and abs(diff) > 0.4 * abs(r["effect"]), (r, diff)
+    # far from every planted region, the strata do not differ
+    centers = np.array([r["center_voxel_template_grid"] for r in jac_regions])
+    idx = np.argwhere(mask)
+    far = np.min(np.linalg.norm(idx[:, None, :] - centers[None], axis=2), axis=1) * VOXEL >= 4 * 12.0
+    assert far.sum() > 500
+    far_means = np.array([lj[tuple(idx[far].T)].mean() for lj in logjacs])
+    for k in range(1, N_STRATA + 1):
+        assert abs(far_means[labels == k].mean() - far_means[labels != k].mean()) < 0.03
+    disp = [s["max_displacement_mm"] for s in planted["subjects"].values()]
+    assert 2.0 < np.median(disp) < 6.0
+
+
+def test_fa_ndi_planted_regional_changes(dataset):
+    truth, planted, strata = _truth(dataset)
+    labels = strata["stratum"].to_numpy()
+    deriv = dataset / "derivatives" / "qsirecon"
+    names = {"fa": "model-tensor_param-fa", "ndi": "model-noddi_param-icvf"}
+    for kind, name in names.items():
+        maps = np.stack([nib.load(deriv / pid / "dwi" / f"{pid}_space-T1w_{name}_dwimap.nii.gz").get_fdata()
+                         for pid in strata["participant_id"]])
+        for r in (r for r in planted["regions"] if r["kind"] == kind):
+            means = np.array([_sphere_mean(m, r["center_voxel_template_grid"], 4.0 / VOXEL + 0.5) for m in maps])
+            ratio = means[labels == r["stratum"]].mean() / means[labels != r["stratum"]].mean()
+            assert np.sign(ratio - 1) == np.sign(r["effect"]) and abs(ratio - 1) > 0.4 * abs(r["effect"]), (r, ratio)
+
+
+def test_warp_convention_matches_truth():
+    """S = T o phi enlarges a blob where log det D psi > 0, and S o psi gives back T."""
+    grid = sim.load_template_grid(VOXEL)
+    cgrid = sim.control_grid(VOXEL)
+    center = (0.0, -20.0, 10.0)
+    region = sim.Region("jac", 1, center, 12.0, 0.25)
+    velocity = sim.stratum_velocity([region], 1, grid, cgrid)
+    psi, phi = sim.exp_velocity(velocity, cgrid.spacing), sim.exp_velocity(-velocity, cgrid.spacing)
+    logjac = sim.log_jacobian(psi, cgrid)
+    cvox = (np.array(center) - grid.affine[:3, 3]) / VOXEL
+    assert 0.15 < logjac[tuple(np.round(cvox).astype(int))] < 0.35
+    blob = (np.sqrt(((np.indices(grid.shape) - cvox[:, None, None, None]) ** 2).sum(0)) * VOXEL <= 8).astype(np.float32)
+    index = np.indices(grid.shape, dtype=np.float32)
+    warped = ndimage.map_coordinates(blob, index + sim.upsample(phi, cgrid) / VOXEL, order=1)
+    predicted = float((np.exp(logjac) * blob).sum())
+    assert warped.sum() > blob.sum() * 1.1
+    assert abs(warped.sum() - predicted) < 0.05 * predicted
+    # finite differences of the upsampled map agree with the analytic log-Jacobian
+    disp = sim.upsample(psi, cgrid)
+    jac = np.stack([np.stack(np.gradient(disp[c], VOXEL)) for c in range(3)]) + np.eye(3)[:, :, None, None, None]
+    fd = np.log(np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1))))
+    assert np.abs(fd - logjac)[grid.mask].max() < 0.02
+    # round trip with a large random deformation: T(phi(psi(x))) ~ T(x), while T(phi(phi(x))) is not
+    velocity = velocity + sim.individual_velocity(np.random.default_rng(0), cgrid)
+    psi, phi = sim.exp_velocity(velocity, cgrid.spacing), sim.exp_velocity(-velocity, cgrid.spacing)
+    to_phi, to_psi = index + sim.upsample(phi, cgrid) / VOXEL, index + sim.upsample(psi, cgrid) / VOXEL
+    subject = ndimage.map_coordinates(grid.t1, to_phi, order=3)
+    err_back = np.abs(ndimage.map_coordinates(subject, to_psi, order=3) - grid.t1)[grid.mask].mean()
+    err_twice = np.abs(ndimage.map_coordinates(subject, to_phi, order=3) - grid.t1)[grid.mask].mean()
+    err_none = np.abs(subject - grid.t1)[grid.mask].mean()
+    assert err_back < 0.5 * err_none < err_twice
+
+
+def test_clean_options_give_clean_images(tmp_path):
+    out = sim.simulate_dataset(tmp_path / "clean", n_subjects=2, n_strata=2, voxel_size=6.0, seed=1,
+                               bias_field=False, noise=False, random_affine=False)
+    truth = out / "sourcedata" / "ground_truth"
+    template = nib.load(truth / "template_T1w.nii.gz")
+    mask = nib.load(truth / "template_mask.nii.gz").get_fdata() > 0.5
+    t1 = nib.load(out / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    assert np.allclose(t1.affine, template.affine)
+    data, tdata = t1.get_fdata(), template.get_fdata()
+    far = ndimage.distance_transform_edt(tdata < 1) > 4  # far outside the head
+    assert np.all(data[far] == 0)
+    assert np.corrcoef(data[mask], tdata[mask])[0, 1] > 0.8
+
+
+# --------------------------------------------------------------------- phenotypes
+def _kw(values, labels) -> float:
+    values = np.asarray(values, float)
+    ok = ~np.isnan(values)
+    return stats.kruskal(*[values[ok & (labels == k)] for k in np.unique(labels)]).pvalue
+
+
+def test_planted_phenotypes_differ_noise_does_not():
+    rng = np.random.default_rng(11)
+    labels = rng.permutation(np.arange(240) % 3 + 1)
+    sample = sim.simulate_phenotypes(labels, np.random.default_rng(5))
+    factors = sample.planted["latent_factors"]
+    planted = [f["name"] for f in factors if f["depends_on_stratum"]]
+    assert len(planted) == 2
+    for f in factors:
+        p = _kw(sample.latent[f["name"]], labels)
+        assert (p < 1e-6) if f["depends_on_stratum"] else (p > 1e-3), (f, p)
+    table_of = {v["name"]: v["table"] for v in sample.planted["variables"]}
+    p_signal = [_kw(sample.tables[table_of[v["name"]]][v["name"]], labels)
+                for v in sample.planted["variables"] if v["depends_on_stratum"]]
+    p_noise = [_kw(sample.tables[table_of[v["name"]]][v["name"]], labels)
+               for v in sample.planted["variables"] if not v["depends_on_stratum"]]
+    assert len(p_signal) >= 4 and np.median(p_signal) < 1e-4
+    assert len(p_noise) >= 8 and np.mean(p_noise) > 0.2
+    demo = sample.planted["demographics"]
+    assert sum(demo[k]["depends_on_stratum"] for k in ("age", "bmi")) == 1
+    for k in ("age", "bmi"):
+        p = _kw(sample.participants[k], labels)
+        assert (p < 1e-4) if demo[k]["depends_on_stratum"] else (p > 1e-3)
+    cells = sum(df.size for df in sample.tables.values())
+    missing = sum(int(df.isna().sum().sum()) for df in sample.tables.values())
+    assert 0.005 * cells <= missing <= 0.03 * cells
+
+
+def test_null_phenotypes_nothing_differs(tmp_path):
+    rng = np.random.default_rng(12)
+    labels = rng.permutation(np.arange(240) % 3 + 1)
+    sample = sim.simulate_phenotypes(labels, np.random.default_rng(6), null=True)
+    assert not any(f["depends_on_stratum"] for f in sample.planted["latent_factors"])
+    assert not any(v["depends_on_stratum"] for v in sample.planted["variables"])
+    pvals = [_kw(df[c], labels) for df in sample.tables.values() for c in df.columns]
+    pvals += [_kw(sample.latent[c], labels) for c in sample.latent.columns]
+    pvals += [_kw(sample.participants[c], labels) for c in ("age", "bmi")]
+    assert min(pvals) > 1e-3 and np.mean(pvals) > 0.3
+    out = sim.simulate_dataset(tmp_path / "null", n_subjects=4, n_strata=2, voxel_size=8.0, seed=2,
+                               null_phenotypes=True)
+    planted = json.loads((out / "sourcedata" / "ground_truth" / "planted.json").read_text())
+    assert planted["null_phenotypes"] is True
+    assert not any(f["depends_on_stratum"] for f in planted["latent_factors"])
+    assert not any(v["depends_on_stratum"] for v in planted["demographics"].values())
+
+
+# -------------------------------------------------------------- determinism & CLI
+def _all_content(root: Path) -> dict:
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(root))
+        out[rel] = np.asarray(nib.load(path).dataobj) if rel.endswith(".nii.gz") else path.read_bytes()
+    return out
+
+
+def test_same_seed_gives_identical_files(tmp_path, small_sessions):
+    again = sim.simulate_dataset(tmp_path / "again", n_subjects=3, n_strata=2, voxel_size=5.0, seed=3, sessions=2)
+    first, second = _all_content(small_sessions), _all_content(again)
+    assert first.keys() == second.keys()
+    for rel in first:
+        if rel.endswith(".nii.gz"):
+            assert first[rel].dtype == second[rel].dtype and np.array_equal(first[rel], second[rel]), rel
+        else:
+            assert first[rel] == second[rel], rel
+    other = sim.simulate_dataset(tmp_path / "other", n_subjects=3, n_strata=2, voxel_size=5.0, seed=4, sessions=2)
+    t1 = "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
+    assert not np.array_equal(first[t1], _all_content(other)[t1])
+
+
+def test_cli_refuses_non_empty_out_dir(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    argv = [str(out), "--n-subjects", "2", "--n-strata", "2", "--voxel-size", "8", "--seed", "1"]
+    assert sim.main(argv) == 73
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not empty" in err[0] and "--overwrite" in err[0]
+    assert (out / "keep.txt").is_file()
+    with pytest.raises(OutputError):
+        sim.simulate_dataset(out, n_subjects=2, n_strata=2, voxel_size=8.0)
+    assert sim.main(argv + ["--overwrite", "--no-noise", "--no-bias-field", "--no-affine"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "sub-02" / "anat" / "sub-02_T1w.nii.gz").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+
+
+def test_cli_bad_option_is_usage_error(tmp_path):
+    assert sim.main([str(tmp_path / "x"), "--n-strata", "5", "--n-subjects", "3"]) == 64
+    assert sim.main([str(tmp_path / "x"), "--voxel-size", "abc"]) == 64
+    assert not (tmp_path / "x").exists()
