@@ -484,7 +484,10 @@ def test_slurm_group_refuses_missing_subjects_without_allow_missing(slurm_run):
     (group,) = slurm_run["first"][slurm_run["ids"]["group_job_id"]]
     assert group["JobState"] == "FAILED" and group["ExitCode"] != "0:0"
     text = _log(slurm_run["out"], f"mmfusion-group-{slurm_run['ids']['group_job_id']}.out")
-    assert "sub-04" in text and "--allow-missing" in text
+    refusal = [line for line in text.splitlines() if line.startswith("mmfusion: error:")]
+    assert refusal, text[-3000:]
+    assert "sub-04" in refusal[-1] and "--allow-missing" in refusal[-1]
+    assert "sub-01" not in refusal[-1]
 
 
 def test_slurm_group_runs_on_the_others_with_allow_missing(slurm_run):
