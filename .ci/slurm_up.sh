@@ -51,8 +51,8 @@ install_packages() {
     command -v apt-get >/dev/null || die "slurm-wlm/munge missing and no apt-get to install them"
     log "installing slurm-wlm and munge with apt-get"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+    apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+    apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
 }
 
 record_pid() {  # record_pid NAME PIDFILE : remember that this call started NAME
