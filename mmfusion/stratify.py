@@ -468,6 +468,7 @@ def write_outputs(result: GridResult, ids: pd.DataFrame, out_dir: Path) -> dict[
     paths = {"labels": out_dir / "labels.tsv", "grid": out_dir / "ap_grid.tsv",
              "heatmap": out_dir / "ap_grid.png", "selection": out_dir / "ap_selection.json"}
     lab = ids[["participant_id", "session"]].copy()
+    lab["session"] = lab["session"].replace("", "n/a")
     lab["cluster"] = result.labels
     with atomic_path(paths["labels"]) as tmp:
         lab.to_csv(tmp, sep="\t", index=False, na_rep="n/a")

@@ -1,0 +1,289 @@
+"""The group-level HTML report: one self-contained file, read top to bottom.
+
+:func:`write_report` gathers whatever group outputs exist under ``output_dir`` and writes
+``output_dir/mmfusion_report.html``. Figures are embedded as base64 PNG and styles are
+inline, so the file can be mailed or archived alone (no network, no side files). A
+section whose inputs are absent says "not run" instead of failing. Sections:
+
+1. Inputs and provenance (``group/analysis_summary.json``, newest
+   ``logs/*_provenance.json``); 2. cohort summary (``group/phenotypes/summary.json``);
+3. CV reconstruction metrics (``group/cv/metrics_*.tsv``: median and MAD of every numeric
+   column, per modality when there is a ``modality`` column); 4. figures of the model part
+   (``group/figures/*.png``: CV box plots, example reconstructions); 5. the AP grid and the
+   chosen clustering (``group/strata/``); 6. cluster sizes; 7. ground truth (simulated
+   data: ARI, confusion table, planted factors; ``group/ground_truth/``); 8. factor
+   loadings (``group/phenotypes/``); 9. statistics (``group/stats/kruskal_wallis.tsv``);
+   10. cluster profiles, distributions and permutation nulls; 11. caveats.
+
+Rendering check (documented, not a test, as it needs a browser): ::
+
+    apt-get install -y chromium
+    chromium --headless --no-sandbox --disable-gpu --screenshot=/tmp/report.png \\
+        --window-size=1280,4000 file:///path/to/output_dir/mmfusion_report.html
+
+The unit tests check the cheap part: the file parses, every ``<img>`` is an inline PNG,
+nothing is fetched from outside.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmfusion import __version__
+from mmfusion.atomic import write_text
+from mmfusion.runlog import get_logger
+
+log = get_logger(__name__)
+
+REPORT_NAME = "mmfusion_report.html"
+NOT_RUN = "not run"
+
+STYLE = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+     padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:2em}
+table{border-collapse:collapse;margin:0.6em 0;font-size:0.88em}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left}
+.notrun{color:#a33;font-style:italic}.muted{color:#666;font-size:0.9em}
+img{max-width:100%;border:1px solid #ddd;margin:0.4em 0}
+code{background:#f4f4f4;padding:0 3px}
+"""
+
+
+# --------------------------------------------------------------------------- helpers
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(df: pd.DataFrame, index: bool = False, digits: int = 4) -> str:
+    def fmt(v):
+        if isinstance(v, (float, np.floating)):
+            return "n/a" if np.isnan(v) else f"{v:.{digits}g}"
+        return v
+    return df.map(fmt).to_html(index=index, border=0, escape=True, na_rep="n/a")
+
+
+def _read_tsv(path: Path) -> pd.DataFrame | None:
+    try:
+        return pd.read_csv(path, sep="\t")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _not_run(why: str) -> str:
+    return f'<p class="notrun">{NOT_RUN}: {_esc(why)}</p>'
+
+
+def _kv(pairs: list[tuple[str, object]]) -> str:
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs)
+    return f"<table>{rows}</table>"
+
+
+# -------------------------------------------------------------------------- sections
+def _section_provenance(out: Path, summary: dict | None) -> str:
+    parts = []
+    provs = sorted((out / "logs").glob("*_provenance.json"), key=lambda p: p.stat().st_mtime)
+    prov = _read_json(provs[-1]) if provs else None
+    if prov:
+        libs = prov.get("libraries", {})
+        parts.append(_kv([("run id", prov.get("run_id")), ("command line", " ".join(map(str, prov.get("command_line", [])))),
+                          ("config hash", prov.get("config_hash")), ("seed", prov.get("seed")),
+                          ("libraries", ", ".join(f"{k} {v}" for k, v in libs.items()))]))
+    else:
+        parts.append('<p class="muted">No provenance file in logs/ (the CLI writes one per run).</p>')
+    if summary:
+        inputs = summary.get("inputs", {})
+        rows = [("embeddings", f"{inputs.get('embeddings')} (sha256 {str(inputs.get('embeddings_sha256'))[:16]}...)")]
+        rows += [(f"phenotypes: {Path(k).name}", f"{k} (sha256 {v[:16]}...)") for k, v in inputs.get("phenotypes", {}).items()]
+        parts.append(_kv(rows))
+    return "".join(parts)
+
+
+def _section_cohort(out: Path, summary: dict | None) -> str:
+    if not summary:
+        return _not_run("no group/analysis_summary.json (the analysis did not run)")
+    pheno = _read_json(out / "group" / "phenotypes" / "summary.json") or {}
+    counts = pheno.get("subject_counts", {})
+    rows = [("subject-sessions with an embedding", summary.get("n_embeddings")),
+            ("embedding dimension", summary.get("embedding_dim"))]
+    if counts:
+        rows += [("participants with phenotypes", counts.get("phenotypes")),
+                 ("participants with both (analysed)", counts.get("both")),
+                 ("embedding but no phenotypes", len(counts.get("only_embeddings", []))),
+                 ("phenotypes but no embedding", len(counts.get("only_phenotypes", [])))]
+    if pheno:
+        rows += [("phenotype variables used", len(pheno.get("variables_used", []))),
+                 ("missing values", f"{pheno.get('missing_policy')}: "
+                  + (f"{pheno.get('cells_imputed', 0)} cell(s) imputed with the variable's median"
+                     if pheno.get("missing_policy") == "median"
+                     else f"{len(pheno.get('subjects_dropped_missing', []))} subject(s) removed (listwise)")),
+                 ("subjects in the statistics", pheno.get("subjects_used"))]
+        dropped = pheno.get("variables_dropped", {})
+        if dropped:
+            rows.append(("variables dropped", "; ".join(f"{k} ({v})" for k, v in dropped.items())))
+    else:
+        rows.append(("phenotypes", (summary.get("phenotypes") or {}).get("status", NOT_RUN)))
+    return _kv(rows)
+
+
+def _section_cv(out: Path) -> str:
+    files = sorted((out / "group" / "cv").glob("metrics_*.tsv"))
+    if not files:
+        return _not_run("no group/cv/metrics_*.tsv (cross-validation of the autoencoder)")
+    parts = []
+    for f in files:
+        df = _read_tsv(f)
+        if df is None or df.empty:
+            parts.append(_not_run(f"{f.name} is empty or unreadable"))
+            continue
+        num = df.select_dtypes("number").drop(columns=[c for c in ("fold",) if c in df.columns], errors="ignore")
+        keys = ["modality"] if "modality" in df.columns else []
+        grouped = df.groupby(keys)[list(num.columns)] if keys else None
+        med = grouped.median() if keys else num.median().to_frame().T
+        mad = (grouped.agg(lambda s: float(np.median(np.abs(s - s.median())))) if keys
+               else num.apply(lambda s: float(np.median(np.abs(s - s.median())))).to_frame().T)
+        table = med.round(6).astype(str) + " &plusmn; " + mad.round(6).astype(str)
+        parts.append(f"<h3>{_esc(f.name)}</h3><p class='muted'>median &plusmn; MAD over "
+                     f"{len(df)} row(s)</p>" + table.to_html(border=0, escape=False, index=bool(keys)))
+    return "".join(parts)
+
+
+def _section_figures(out: Path) -> str:
+    figs = sorted((out / "group" / "figures").glob("*.png"))
+    if not figs:
+        return _not_run("no group/figures/*.png (CV box plots, example reconstructions)")
+    return "".join(f"<h3>{_esc(p.stem)}</h3>{_img(p, p.stem)}" for p in figs)
+
+
+def _section_strata(out: Path) -> str:
+    d = out / "group" / "strata"
+    sel = _read_json(d / "ap_selection.json")
+    if not sel:
+        return _not_run("no group/strata/ap_selection.json (the AP grid search)")
+    best, counts = sel["best"], sel["counts"]
+    parts = [_kv([("grid points", counts["grid_points"]), ("not converged (skipped)", counts["not_converged"]),
+                  ("1 or n clusters (skipped)", counts["one_or_n_clusters"]), ("valid", counts["valid"]),
+                  ("chosen damping", f"{best['damping']:.3f}"), ("chosen preference", f"{best['preference']:.6g}"),
+                  ("clusters", best["n_clusters"]), ("silhouette", f"{best['silhouette']:.4f}"),
+                  ("iterations", best.get("n_iter"))])]
+    if (d / "ap_grid.png").is_file():
+        parts.append(_img(d / "ap_grid.png", "AP grid silhouette"))
+    sizes = pd.DataFrame({"cluster": range(len(sel["cluster_sizes"])), "subjects": sel["cluster_sizes"]})
+    parts.append("<h3>Cluster sizes</h3>" + _table(sizes))
+    return "".join(parts)
+
+
+def _section_truth(out: Path) -> str:
+    d = out / "group" / "ground_truth"
+    comp = _read_json(d / "comparison.json")
+    if not comp:
+        return _not_run("no ground truth (only simulated datasets have sourcedata/ground_truth/)")
+    parts = [_kv([("subjects compared", comp.get("n_subjects_compared")),
+                  ("adjusted Rand index", f"{comp.get('adjusted_rand_index', float('nan')):.3f}"),
+                  ("planted strata", comp.get("n_planted_strata")), ("clusters found", comp.get("n_clusters")),
+                  ("planted latent factors", ", ".join(comp.get("planted_latent_factors", [])) or "none"),
+                  ("planted demographics", ", ".join(comp.get("planted_demographics", [])) or "none")])]
+    conf = _read_tsv(d / "confusion.tsv")
+    if conf is not None:
+        parts.append("<h3>Confusion (planted strata x clusters)</h3>" + _table(conf))
+    match = _read_tsv(d / "factor_match.tsv")
+    if match is not None:
+        parts.append("<h3>Estimated factors vs planted latent factors</h3>" + _table(match))
+    return "".join(parts)
+
+
+def _section_factors(out: Path) -> str:
+    d = out / "group" / "phenotypes"
+    factors = _read_tsv(d / "factors.tsv")
+    if factors is None:
+        return _not_run("no group/phenotypes/factors.tsv (no phenotypes, or the analysis stopped)")
+    total = factors["explained_variance_ratio"].sum()
+    parts = [f"<p>{len(factors)} factor(s) with eigenvalue &gt; threshold, explaining "
+             f"{100 * total:.1f}% of the variance after varimax rotation.</p>", _table(factors)]
+    if (d / "loadings.png").is_file():
+        parts.append(_img(d / "loadings.png", "factor loadings"))
+    return "".join(parts)
+
+
+def _section_stats(out: Path) -> str:
+    d = out / "group" / "stats"
+    table = _read_tsv(d / "kruskal_wallis.tsv")
+    if table is None:
+        return _not_run("no group/stats/kruskal_wallis.tsv")
+    cols = [c for c in ["factor", "H", "p", "q", "significant", "perm_p", "perm_q", "perm_significant"] if c in table]
+    n_perm = ""
+    summ = _read_json(out / "group" / "analysis_summary.json") or {}
+    if summ.get("stats"):
+        n_perm = f" with M = {summ['stats']['n_permutations']} permutations"
+    return (f"<p>Kruskal-Wallis across clusters per factor; q: Benjamini-Hochberg across factors; "
+            f"perm_p: permutation test{_esc(n_perm)}, p = (1 + #H_perm &ge; H_obs)/(1 + M).</p>"
+            + _table(table[cols]))
+
+
+def _section_profiles(out: Path) -> str:
+    d = out / "group" / "stats"
+    prof = _read_tsv(d / "profiles.tsv")
+    if prof is None:
+        return _not_run("no group/stats/profiles.tsv")
+    parts = ["<p>Quantile of each cluster's median factor score within the whole population "
+             "(0.5 = the population median).</p>", _table(prof)]
+    for name, alt in [("profiles.png", "log quantile heat map"), ("distributions.png", "factor scores per cluster"),
+                      ("permutation_null.png", "permutation null distributions")]:
+        if (d / name).is_file():
+            parts.append(_img(d / name, alt))
+    return "".join(parts)
+
+
+def _section_caveats(summary: dict | None) -> str:
+    from mmfusion.analysis import CAVEATS
+    caveats = (summary or {}).get("caveats") or CAVEATS
+    return "<ul>" + "".join(f"<li>{_esc(c)}</li>" for c in dict.fromkeys(caveats)) + "</ul>"
+
+
+# ------------------------------------------------------------------------------ main
+def write_report(output_dir: Path, title: str = "mmfusion group report") -> Path:
+    """Write ``output_dir/mmfusion_report.html`` from the group outputs; return its path."""
+    out = Path(output_dir)
+    summary = _read_json(out / "group" / "analysis_summary.json")
+    sections = [
+        ("Inputs and provenance", _section_provenance(out, summary)),
+        ("Cohort", _section_cohort(out, summary)),
+        ("Cross-validated reconstruction metrics", _section_cv(out)),
+        ("Model figures and example reconstructions", _section_figures(out)),
+        ("Affinity propagation grid and the chosen clustering", _section_strata(out)),
+        ("Comparison with the planted ground truth", _section_truth(out)),
+        ("Phenotype factors (PCA + varimax)", _section_factors(out)),
+        ("Between-cluster statistics", _section_stats(out)),
+        ("Cluster profiles", _section_profiles(out)),
+        ("Caveats", _section_caveats(summary)),
+    ]
+    stamp = _dt.datetime.now().isoformat(timespec="seconds")
+    toc = "".join(f'<li><a href="#s{i}">{_esc(t)}</a></li>' for i, (t, _) in enumerate(sections))
+    body = "".join(f'<h2 id="s{i}">{i + 1}. {_esc(t)}</h2>{c}' for i, (t, c) in enumerate(sections))
+    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+           f"<style>{STYLE}</style></head><body><h1>{_esc(title)}</h1>"
+           f"<p class='muted'>mmfusion {_esc(__version__)}, written {_esc(stamp)} from {_esc(out)}</p>"
+           f"<ol>{toc}</ol>{body}</body></html>\n")
+    path = out / REPORT_NAME
+    write_text(path, doc)
+    log.info("report written: %s", path)
+    return path

@@ -1,0 +1,118 @@
+"""AP grid search: labels bit-identical to scikit-learn, silhouette, selection, failures."""
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.datasets import make_blobs
+from sklearn.metrics import silhouette_score
+
+from mmfusion import stratify as st
+from mmfusion.config import default_config
+from mmfusion.errors import InputDataError
+
+
+def _blobs(n=60, d=8, centers=4, std=2.0, seed=1):
+    X, y = make_blobs(n, d, centers=centers, cluster_std=std, random_state=seed)
+    return X, y
+
+
+def _grid(X, n_d=3, n_p=5, perc=(1.0, 50.0)):
+    S = st.similarity_matrix(X)
+    dd, pp = np.meshgrid(st.damping_grid(n_d, 0.5), st.preference_grid(S, n_p, perc), indexing="ij")
+    return S, dd.ravel(), pp.ravel()
+
+
+def test_labels_identical_to_sklearn_including_non_converged():
+    X, _ = _blobs(n=70, std=4.0)
+    S, dd, pp = _grid(X, n_d=3, n_p=5)
+    dd, pp = np.append(dd, 0.95), np.append(pp, pp[0])
+    Sn, zd = st.noised_similarity(S, seed=3)
+    labels, n_iter, conv = st.ap_fits(Sn, zd, dd, pp, max_iter=40, convergence_iter=15, n_threads=2)
+    n_clusters = set()
+    for k in range(dd.size):
+        ref, ref_conv, ref_iter = st.sklearn_reference_labels(X, dd[k], pp[k], 3, 40, 15)
+        assert conv[k] == ref_conv, k
+        assert n_iter[k] == ref_iter, k
+        if ref_conv:
+            np.testing.assert_array_equal(labels[k], ref)
+            n_clusters.add(int(ref.max()) + 1)
+        else:
+            assert (labels[k] == -1).all()
+    assert conv.sum() >= 5 and (~conv).sum() >= 1      # both kinds of fit were exercised
+    assert len(n_clusters) >= 2                          # and several partitions
+
+
+def test_numpy_fallback_gives_the_same_labels():
+    X, _ = _blobs(n=40, seed=5)
+    S, dd, pp = _grid(X, n_d=2, n_p=3)
+    Sn, zd = st.noised_similarity(S, seed=0)
+    a = st.ap_fits(Sn, zd, dd, pp, 200, 15, 2, use_numba=True)
+    b = st.ap_fits(Sn, zd, dd, pp, 200, 15, 2, use_numba=False)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_batched_silhouette_equals_sklearn_with_singletons():
+    X, _ = _blobs(n=30, seed=2)
+    D = st.distance_matrix(st.similarity_matrix(X))
+    rng = np.random.default_rng(0)
+    labels = np.stack([rng.integers(0, k, 30) for k in (2, 3, 7)])
+    labels[2, 0] = 7                                      # a singleton cluster
+    labels[2] = np.unique(labels[2], return_inverse=True)[1]
+    got = st.silhouette_scores(D, labels)
+    want = [silhouette_score(D, lab, metric="precomputed") for lab in labels]
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert np.isnan(st.silhouette_scores(D, np.zeros((1, 30), int))[0])
+
+
+def test_damping_grid_excludes_one():
+    g = st.damping_grid(10, 0.5)
+    assert g.size == 10 and g[0] == 0.5 and g[-1] < 1.0
+    np.testing.assert_allclose(np.diff(g), 0.05)
+
+
+def test_grid_search_recovers_blobs_and_writes_outputs(tmp_path):
+    X, y = _blobs(n=60, centers=3, std=1.0, d=6)
+    cfg = dict(default_config()["stratify"], damping_n=2, preference_n=8)
+    res = st.grid_search(X, cfg, seed=0)
+    assert len(res.grid) == 16
+    best = res.grid.loc[res.best["grid_index"]]
+    assert best["silhouette"] == res.grid["silhouette"].max()
+    from sklearn.metrics import adjusted_rand_score
+    assert adjusted_rand_score(y, res.labels) == 1.0
+    ids = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(60)], "session": [""] * 60})
+    paths = st.write_outputs(res, ids, tmp_path)
+    lab = pd.read_csv(paths["labels"], sep="\t", keep_default_na=False)
+    assert list(lab.columns) == ["participant_id", "session", "cluster"]
+    assert lab["session"].eq("n/a").all()
+    grid = pd.read_csv(paths["grid"], sep="\t")
+    assert {"damping", "preference", "n_clusters", "silhouette", "converged"} <= set(grid.columns)
+    assert paths["heatmap"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_grid_point_failing_gives_a_clear_error():
+    X, _ = _blobs(n=40, std=5.0)
+    cfg = dict(default_config()["stratify"], damping_n=2, preference_n=3, max_iter=3)
+    with pytest.raises(InputDataError) as err:
+        st.grid_search(X, cfg, seed=0, source="emb.tsv")
+    msg = str(err.value)
+    assert "emb.tsv" in msg and "did not converge" in msg and "damping_min" in msg and "\n" not in msg
+
+
+def test_identical_embeddings_are_refused():
+    with pytest.raises(st.ClusteringError, match="identical"):
+        st.grid_search(np.ones((10, 4)), default_config()["stratify"], source="emb.tsv")
+
+
+def test_single_cluster_everywhere_is_reported():
+    # one blob, preference = the lowest similarity: every fit converges to one cluster
+    X, _ = make_blobs(30, 8, centers=1, cluster_std=1.0, random_state=1)
+    cfg = dict(default_config()["stratify"], damping_n=3, preference_n=3, preference_percentiles=[0.0, 0.0])
+    with pytest.raises(st.ClusteringError, match="9 gave 1 or n clusters"):
+        st.grid_search(X, cfg, source="emb.tsv")
+
+
+def test_tie_breaking_is_deterministic():
+    grid = pd.DataFrame({"damping": [0.6, 0.5, 0.5, 0.5], "preference": [-1.0, -2.0, -1.0, -3.0],
+                         "n_clusters": [3, 3, 3, 4], "silhouette": [0.5, 0.5, 0.5, 0.5],
+                         "valid": [True, True, True, True]})
+    assert st.select_best(grid) == 1
