@@ -1,0 +1,110 @@
+"""Forward+backward time of separable 3D convolutions at every shape of the paper model.
+
+For each (grid, channels) where the paper model runs a ``sep conv`` (mid-flow blocks:
+encoder C = filters[i], decoder C = 2*filters[i] after the skip concat) this prints,
+measured side by side in one process (batch 1, float32, kernel 5x6x5, 'same', C->C):
+
+* ``auto``/``fold``/``sliced``/``split``: :class:`mmfusion.model.layers.SeparableConv3D`
+  with each implementation (``auto`` = what the layer picks, ``fold`` = "dense",
+  depthwise and pointwise folded into one conv3d kernel);
+* ``grp+pw``: ``keras.layers.Conv3D(C, groups=C)`` + pointwise ``Conv3D(C, 1)``;
+* ``dense``: ``keras.layers.Conv3D(C)`` (C-fold more FLOPs than the depthwise part);
+
+and the ratios ``grp+pw / auto`` and ``dense / auto`` (> 1 means ours is faster).
+
+Usage: ``OMP_NUM_THREADS=2 python bench/bench_layers.py [--threads 2] [--repeats 3]
+[--skip-grouped-above VOXELS]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--grouped-repeats", type=int, default=1,
+                   help="repeats for the (slow) grouped conv at the two largest grids")
+    p.add_argument("--levels", type=int, default=5)
+    p.add_argument("--base", type=str, default="128,128,96")
+    p.add_argument("--filters", type=str, default="2,4,8,16,32")
+    return p.parse_args()
+
+
+def main():
+    args = _parse()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    from mmfusion.model.layers import SeparableConv3D, choose_implementation
+
+    base = tuple(int(v) for v in args.base.split(","))
+    filters = [int(v) for v in args.filters.split(",")]
+    kernel = (5, 6, 5)
+    cases = []
+    for level in range(args.levels):
+        grid = tuple(d // 2**level for d in base)
+        for channels in (filters[level], 2 * filters[level]):
+            cases.append((grid, channels))
+
+    def timer(layer, x, repeats):
+        layer(x)  # build
+
+        @tf.function
+        def step(inp):
+            with tf.GradientTape() as tape:
+                tape.watch(inp)
+                loss = tf.reduce_sum(layer(inp))
+            return tape.gradient(loss, [inp] + layer.trainable_weights)
+
+        step(x)  # trace + warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = step(x)
+            _ = [o.numpy() for o in out[:1]]
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    device = "GPU" if tf.config.list_logical_devices("GPU") else f"CPU ({args.threads} threads)"
+    print(f"# forward+backward seconds, batch 1, float32, kernel {kernel}, device {device}")
+    head = f"{'grid':>13} {'C':>3} {'pick':>7} {'auto':>8} {'fold':>8} {'sliced':>8} {'split':>8} {'grp+pw':>8} {'dense':>8} {'grp/auto':>9} {'dense/auto':>10}"
+    print(head)
+    print("-" * len(head))
+    rng = np.random.default_rng(0)
+    for grid, channels in cases:
+        x = tf.constant(rng.random((1,) + grid + (channels,), dtype=np.float32))
+        voxels = grid[0] * grid[1] * grid[2]
+        rep = args.repeats
+        grp_rep = args.grouped_repeats if voxels >= 64 * 64 * 48 else rep
+        res = {}
+        res["auto"] = timer(SeparableConv3D(channels, kernel), x, rep)
+        res["fold"] = timer(SeparableConv3D(channels, kernel, implementation="dense"), x, rep)
+        res["sliced"] = timer(SeparableConv3D(channels, kernel, implementation="sliced"), x, rep)
+        res["split"] = timer(SeparableConv3D(channels, kernel, implementation="split"), x, rep)
+        grouped = keras.Sequential([
+            keras.layers.Conv3D(channels, kernel, padding="same", groups=channels),
+            keras.layers.Conv3D(channels, 1),
+        ])
+        res["grp"] = timer(grouped, x, grp_rep)
+        res["dense"] = timer(keras.layers.Conv3D(channels, kernel, padding="same"), x, rep)
+        pick = choose_implementation(x.shape, kernel, 1, channels)
+        print(
+            f"{'x'.join(map(str, grid)):>13} {channels:>3} {pick:>7} {res['auto']:8.3f} {res['fold']:8.3f} {res['sliced']:8.3f} "
+            f"{res['split']:8.3f} {res['grp']:8.3f} {res['dense']:8.3f} "
+            f"{res['grp'] / res['auto']:9.1f} {res['dense'] / res['auto']:10.2f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The multimodal fusion autoencoder (SPEC.md section 3).
+
+Shapes for the default config (``mmfusion/defaults/model.yaml``: input 128x128x96,
+5 levels, filters 2,4,8,16,32, kernel 5x6x5, embedding_filters 32), M modalities::
+
+    in_<m>        (B, 128, 128, 96, 1)   values in [0, 1], one input per modality
+    encoder <m>   level i (grid G_i = input / 2**i, f_i = filters[i]):
+                  conv(f_i) -> mid-flow -> down conv(f_i)  [skip_i = (B, *G_i, f_i)]
+                  -> code (B, 4, 4, 3, 32) = 1536 values per modality
+    fusion        concat codes (B, 4, 4, 3, 32*M) -> Conv3D(embedding_filters,
+                  kernel 4x4x3, 'same') -> BN -> ELU: layer ``embedding``
+                  (B, 4, 4, 3, 32) = 1536 values
+    decoder <m>   level i = L-1 .. 0: up conv(f_i) (B, *G_i, f_i)
+                  [-> concat skip_i: (B, *G_i, 2*f_i)] -> mid-flow -> conv(f_i)
+                  -> Conv3D(1, 1x1x1, sigmoid, float32): ``rec_<m>`` (B, 128, 128, 96, 1)
+
+Inputs and outputs are dicts keyed by ``in_<m>`` / ``rec_<m>``: feed
+``{"in_T1w": x1, "in_FA": x2}`` and targets ``{"rec_T1w": x1, "rec_FA": x2}``.
+The skip feature ``skip_i`` is the ``down conv`` block's conv output before pooling.
+Fusion has no Dropout (the embedding is the subject's representation).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import keras
+
+from mmfusion.errors import ConfigError
+from mmfusion.model.blocks import (
+    BlockSettings,
+    conv_block,
+    down_conv_block,
+    mid_flow_block,
+    up_conv_block,
+)
+from mmfusion.runlog import get_logger
+
+LOG = get_logger(__name__)
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _ints(value: Any, key: str) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    ):
+        raise ConfigError(f"config model.{key}: must be a list of positive integers, got {value!r}")
+    return [int(v) for v in value]
+
+
+def validate_model_config(model_cfg: dict, modalities: list[str]) -> dict:
+    """Check ``config['model']`` and the modality names; return a normalized copy.
+
+    Raises :class:`~mmfusion.errors.ConfigError` (one line naming the key and the fix)
+    when: input_shape is not 3 positive ints divisible by ``2**levels``;
+    ``len(filters) != levels``; kernel_size is not 3 positive ints; embedding_filters
+    < 1; dropout outside [0, 1); l2 < 0; no modalities, duplicated or invalid names.
+    """
+    required = ("input_shape", "levels", "filters", "kernel_size", "embedding_filters",
+                "skip_connections", "separable", "dropout", "l2")
+    missing = [k for k in required if k not in model_cfg]
+    if missing:
+        raise ConfigError(f"config model: missing keys {missing}; see mmfusion/defaults/model.yaml")
+    cfg = dict(model_cfg)
+    shape = _ints(cfg["input_shape"], "input_shape")
+    kernel = _ints(cfg["kernel_size"], "kernel_size")
+    filters = _ints(cfg["filters"], "filters")
+    levels = cfg["levels"]
+    if len(shape) != 3 or len(kernel) != 3:
+        raise ConfigError("config model.input_shape and model.kernel_size must have 3 values each")
+    if not isinstance(levels, int) or levels < 1:
+        raise ConfigError(f"config model.levels: must be an integer >= 1, got {levels!r}")
+    if len(filters) != levels:
+        raise ConfigError(
+            f"config model.filters: needs one value per level (levels={levels}), got {filters}"
+        )
+    step = 2**levels
+    if any(d % step for d in shape):
+        raise ConfigError(
+            f"config model.input_shape {shape}: every dimension must be divisible by "
+            f"2**levels = {step}; change input_shape or levels"
+        )
+    if not isinstance(cfg["embedding_filters"], int) or cfg["embedding_filters"] < 1:
+        raise ConfigError("config model.embedding_filters: must be an integer >= 1")
+    if not 0 <= float(cfg["dropout"]) < 1:
+        raise ConfigError(f"config model.dropout: must be in [0, 1), got {cfg['dropout']!r}")
+    if float(cfg["l2"]) < 0:
+        raise ConfigError(f"config model.l2: must be >= 0, got {cfg['l2']!r}")
+    if not modalities:
+        raise ConfigError("no modalities given: the autoencoder needs at least one")
+    if len(set(modalities)) != len(modalities):
+        raise ConfigError(f"modalities {modalities}: each modality may appear only once")
+    bad = [m for m in modalities if not isinstance(m, str) or not _NAME_OK.match(m)]
+    if bad:
+        raise ConfigError(f"modality names {bad}: use letters, digits, '_', '-', '.' only")
+    cfg.update(input_shape=shape, kernel_size=kernel, filters=filters, levels=levels)
+    return cfg
+
+
+def _encoder(x, mod: str, cfg: dict, settings: BlockSettings):
+    """Returns (code (B, *G_L, f_{L-1}), [skip_0 .. skip_{L-1}])."""
+    skips = []
+    for level, filters in enumerate(cfg["filters"]):
+        name = f"enc_{mod}_l{level}"
+        x = conv_block(x, filters, settings, f"{name}_conv")
+        x = mid_flow_block(x, settings, f"{name}_mid")
+        skip, x = down_conv_block(x, filters, settings, f"{name}_down")
+        skips.append(skip)
+    return x, skips
+
+
+def _decoder(embedding, skips, mod: str, cfg: dict, settings: BlockSettings, skip_on: bool):
+    """Returns the reconstruction (B, *input_shape, 1), sigmoid, float32."""
+    x = embedding
+    for level in reversed(range(cfg["levels"])):
+        filters = cfg["filters"][level]
+        name = f"dec_{mod}_l{level}"
+        x = up_conv_block(x, filters, settings, f"{name}_up")
+        if skip_on:
+            x = keras.layers.Concatenate(name=f"{name}_skip")([x, skips[level]])
+        x = mid_flow_block(x, settings, f"{name}_mid")
+        x = conv_block(x, filters, settings, f"{name}_conv")
+    return keras.layers.Conv3D(
+        1, 1, activation="sigmoid", dtype="float32", name=f"rec_{mod}"
+    )(x)
+
+
+def build_autoencoder(
+    model_cfg: dict, modalities: list[str], skip_connections: bool | None = None
+) -> keras.Model:
+    """Build the (uncompiled) multimodal autoencoder.
+
+    Args:
+        model_cfg: ``config['model']`` (keys of ``mmfusion/defaults/model.yaml``).
+        modalities: modality names, e.g. ``["JAC", "NDI"]`` (1..M).
+        skip_connections: overrides ``model_cfg['skip_connections']`` when not None.
+
+    Returns:
+        ``keras.Model`` named ``mmfusion_autoencoder``; inputs dict ``in_<m>``
+        ``(B, *input_shape, 1)``, outputs dict ``rec_<m>`` (same shape, sigmoid,
+        float32); layer ``embedding`` outputs ``(B, *input_shape/2**levels,
+        embedding_filters)``. Honors the global Keras dtype policy (mixed precision).
+    """
+    cfg = validate_model_config(model_cfg, modalities)
+    skip_on = cfg["skip_connections"] if skip_connections is None else skip_connections
+    settings = BlockSettings(
+        kernel_size=tuple(cfg["kernel_size"]),
+        dropout=float(cfg["dropout"]),
+        l2=float(cfg["l2"]),
+        separable=bool(cfg["separable"]),
+        implementation=str(cfg.get("depthwise_implementation", "auto")),
+    )
+    inputs, codes, all_skips = {}, [], {}
+    for mod in modalities:
+        inp = keras.Input(shape=tuple(cfg["input_shape"]) + (1,), name=f"in_{mod}")
+        inputs[f"in_{mod}"] = inp
+        code, all_skips[mod] = _encoder(inp, mod, cfg, settings)
+        codes.append(code)
+    fused = codes[0] if len(codes) == 1 else keras.layers.Concatenate(name="fusion_concat")(codes)
+    bottom = tuple(int(d) for d in fused.shape[1:4])
+    x = keras.layers.Conv3D(
+        cfg["embedding_filters"], bottom, padding="same",
+        kernel_regularizer=settings.regularizer(), name="fusion_conv",
+    )(fused)
+    x = keras.layers.BatchNormalization(name="fusion_bn")(x)
+    embedding = keras.layers.Activation("elu", name="embedding")(x)
+    outputs = {
+        f"rec_{mod}": _decoder(embedding, all_skips[mod], mod, cfg, settings, bool(skip_on))
+        for mod in modalities
+    }
+    model = keras.Model(inputs=inputs, outputs=outputs, name="mmfusion_autoencoder")
+    LOG.debug("built autoencoder: %d modalities, %d parameters, skips=%s, separable=%s",
+              len(modalities), model.count_params(), skip_on, settings.separable)
+    return model
+
+
+def embedding_model(model: keras.Model) -> keras.Model:
+    """Same inputs as ``model``; output the flattened joint embedding (B, prod(bottom)*E).
+
+    (B, 1536) for the default config.
+    """
+    flat = keras.layers.Flatten(name="embedding_flat")(model.get_layer("embedding").output)
+    return keras.Model(inputs=model.input, outputs=flat, name="mmfusion_embedding")
+
+
+def compile_autoencoder(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
+    """Compile with Adam(learning_rate) and binary cross-entropy summed over modalities.
+
+    Each ``rec_<m>`` output gets ``BinaryCrossentropy`` (mean over voxels and batch);
+    Keras adds the per-output losses (weight 1 each) plus the L2 penalties.
+    With a mixed-precision policy, wrap the optimizer yourself in
+    ``keras.optimizers.LossScaleOptimizer`` (Keras does it automatically in ``fit``
+    for ``mixed_float16``).
+    """
+    names = list(model.output) if isinstance(model.output, dict) else model.output_names
+    losses = {name: keras.losses.BinaryCrossentropy() for name in names}
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=losses)
+    return model

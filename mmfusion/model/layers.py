@@ -1,0 +1,373 @@
+"""Fast depthwise and depthwise-separable 3D convolutions (Keras 3 layers).
+
+Keras 3 has no ``SeparableConv3D`` and ``Conv3D(groups=C)`` on the TensorFlow backend
+runs through XLA on CPU, ~36x slower than a dense ``Conv3D`` with C times the FLOPs
+(SPEC.md section 3). This module computes the depthwise 3D convolution in one of
+four mathematically identical ways, all reading the SAME weights
+(``depthwise_kernel`` ``(kd, kh, kw, C, depth_multiplier)``; SeparableConv3D adds
+``pointwise_kernel`` ``(1, 1, 1, C*m, filters)``), so the choice never changes a saved
+model:
+
+``"dense"``
+    One dense conv3d: DepthwiseConv3D uses the block-diagonal kernel
+    ``(kd, kh, kw, C, C*m)``; SeparableConv3D folds depthwise and pointwise into one
+    ``(kd, kh, kw, C, filters)`` kernel (exact: both are linear). Costs the FLOPs of a
+    dense ``Conv3D`` but runs on oneDNN/cuDNN's best kernels: fastest on CPU for the
+    channel counts of the paper model up to C = 32.
+``"sliced"``
+    Sum over the kernel's first-axis taps of 2D depthwise convolutions: the input is
+    padded along the first spatial axis, and for tap ``k`` the slice
+    ``x[:, k:k+D]`` is reshaped to ``(B*D, H, W, C)`` and convolved with
+    ``kernel[k]`` (``depthwise_conv2d``). ``kd`` native depthwise ops, no wasted
+    FLOPs; wins when channels are many (C = 64 here).
+``"split"``
+    One conv3d (1 input channel, ``depth_multiplier`` filters) per channel, outputs
+    concatenated (the reference code's approach).
+``"grouped"``
+    conv3d with ``groups = C`` (what ``keras.layers.Conv3D(groups=C)`` does).
+    Very slow on CPU (XLA); provided for GPUs (cuDNN grouped conv) and as a reference.
+
+``implementation="auto"`` (default) picks per call from the static input shape with
+:func:`choose_implementation`, a heuristic fitted to measurements on a 2-core CPU
+(``bench/bench_layers.py``; numbers in its docstring). Pass an explicit
+``implementation=`` to override.
+
+Only stride 1 is supported (the paper uses stride 1 everywhere); padding is
+``"same"`` (TensorFlow convention: for an even kernel the extra pad goes after) or
+``"valid"``.
+"""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+IMPLEMENTATIONS = ("auto", "dense", "sliced", "split", "grouped")
+
+
+def _triple(value, name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 3:
+        raise ValueError(f"{name} must be an int or 3 ints, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+DENSE_MAX_FLOP_FACTOR = 32.0
+"""Use the dense path while it costs fewer than this many times the separable FLOPs."""
+
+
+def dense_flop_factor(kernel_size, channels: int, depth_multiplier: int = 1,
+                      filters: int | None = None) -> float:
+    """FLOPs of the dense path / FLOPs of the depthwise(-separable) path, per voxel.
+
+    Depthwise only (``filters=None``): block-diagonal ``K*C*C*m`` vs ``K*C*m`` = C.
+    Separable: folded ``K*C*F`` vs ``K*C*m + C*m*F`` (K = kd*kh*kw).
+    """
+    taps = 1
+    for k in kernel_size:
+        taps *= int(k)
+    if filters is None:
+        return float(channels)
+    return taps * channels * filters / (taps * channels * depth_multiplier
+                                        + channels * depth_multiplier * filters)
+
+
+def choose_implementation(input_shape, kernel_size, depth_multiplier: int = 1,
+                          filters: int | None = None, device: str = "cpu") -> str:
+    """Pick the fastest depthwise implementation for a layer call (heuristic).
+
+    Args:
+        input_shape: ``(batch, d1, d2, d3, C)``; batch may be ``None``.
+        kernel_size: ``(kd, kh, kw)`` voxels.
+        depth_multiplier: ``m``.
+        filters: pointwise filters of a SeparableConv3D; ``None`` for DepthwiseConv3D.
+        device: ``"cpu"`` or ``"gpu"``.
+
+    Returns:
+        ``"dense"`` when :func:`dense_flop_factor` < :data:`DENSE_MAX_FLOP_FACTOR`,
+        else ``"sliced"``. Why: on a 2-core AVX-512 CPU (TF 2.21, oneDNN) a dense
+        conv3d runs 50-100x more FLOP/s than ``depthwise_conv2d`` at these channel
+        counts, so the dense path wins up to C = 32 (factor 26: 1.3-3x faster) and
+        loses at C = 64 (factor 45: sliced 1.25x faster); ``bench/bench_layers.py``.
+        The same rule is used on GPU (cuDNN dense conv3d is similarly efficient) but
+        was NOT measured here: rerun the bench on a GPU and override with
+        ``implementation=`` if another path wins. The grid size does not enter.
+    """
+    channels = int(input_shape[-1])
+    factor = dense_flop_factor(kernel_size, channels, depth_multiplier, filters)
+    return "dense" if factor < DENSE_MAX_FLOP_FACTOR else "sliced"
+
+
+def _on_gpu() -> bool:
+    try:
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    except Exception:  # pragma: no cover - non-TF backend
+        return False
+
+
+def _same_pad(size: int) -> tuple[int, int]:
+    before = (size - 1) // 2
+    return before, size - 1 - before
+
+
+def _depthwise_sliced(x, kernel, padding: str):
+    """Depthwise 3D conv as a sum over first-axis taps of depthwise 2D convs.
+
+    x: (B, D, H, W, C); kernel: (kd, kh, kw, C, m) -> (B, D', H', W', C*m).
+    """
+    kd = int(kernel.shape[0])
+    if padding == "same":
+        x = ops.pad(x, [(0, 0), _same_pad(kd), (0, 0), (0, 0), (0, 0)])
+    shape = ops.shape(x)
+    batch, depth_padded, height, width, channels = (shape[i] for i in range(5))
+    depth_out = depth_padded - kd + 1
+    total = None
+    for tap in range(kd):
+        sl = x[:, tap : tap + depth_out]
+        sl = ops.reshape(sl, (batch * depth_out, height, width, channels))
+        y = ops.depthwise_conv(sl, kernel[tap], strides=1, padding=padding)
+        total = y if total is None else total + y
+    out_shape = ops.shape(total)
+    return ops.reshape(total, (batch, depth_out, out_shape[1], out_shape[2], out_shape[3]))
+
+
+def _block_diagonal(kernel):
+    """(kd, kh, kw, C, m) depthwise kernel -> (kd, kh, kw, C, C*m) dense kernel."""
+    kd, kh, kw, channels, mult = (int(s) for s in kernel.shape)
+    eye = ops.cast(ops.eye(channels), kernel.dtype)
+    dense = kernel[:, :, :, :, None, :] * eye[:, :, None]
+    return ops.reshape(dense, (kd, kh, kw, channels, channels * mult))
+
+
+def _depthwise_dense(x, kernel, padding: str):
+    """Depthwise 3D conv as one dense conv3d with a block-diagonal kernel."""
+    return ops.conv(x, _block_diagonal(kernel), strides=1, padding=padding)
+
+
+def _depthwise_split(x, kernel, padding: str):
+    """Depthwise 3D conv as one dense conv3d per input channel, concatenated."""
+    channels = int(kernel.shape[3])
+    outs = [
+        ops.conv(x[..., c : c + 1], kernel[:, :, :, c : c + 1, :], strides=1, padding=padding)
+        for c in range(channels)
+    ]
+    return outs[0] if channels == 1 else ops.concatenate(outs, axis=-1)
+
+
+def _depthwise_grouped(x, kernel, padding: str):
+    """Depthwise 3D conv as a grouped conv3d (groups = C), like Conv3D(groups=C)."""
+    kd, kh, kw, channels, mult = (int(s) for s in kernel.shape)
+    grouped = ops.reshape(kernel, (kd, kh, kw, 1, channels * mult))
+    return ops.conv(x, grouped, strides=1, padding=padding)
+
+
+_FUNCS = {"dense": _depthwise_dense, "sliced": _depthwise_sliced, "split": _depthwise_split, "grouped": _depthwise_grouped}
+
+
+def depthwise_conv3d(x, kernel, padding: str = "same", implementation: str = "auto"):
+    """Functional depthwise 3D convolution, stride 1.
+
+    Args:
+        x: ``(B, d1, d2, d3, C)`` tensor (channels last).
+        kernel: ``(kd, kh, kw, C, m)``; output channel ``c*m + j`` is input channel
+            ``c`` convolved with ``kernel[..., c, j]`` (TensorFlow's convention).
+        padding: ``"same"`` or ``"valid"``.
+        implementation: one of :data:`IMPLEMENTATIONS`.
+
+    Returns:
+        ``(B, d1', d2', d3', C*m)`` tensor.
+    """
+    if implementation == "auto":
+        implementation = choose_implementation(
+            x.shape, kernel.shape[:3], int(kernel.shape[4]), None, "gpu" if _on_gpu() else "cpu"
+        )
+    return _FUNCS[implementation](x, kernel, padding)
+
+
+class _DepthwiseBase(keras.layers.Layer):
+    """Shared argument handling and the depthwise kernel of the two layers."""
+
+    def __init__(
+        self,
+        kernel_size,
+        depth_multiplier: int = 1,
+        padding: str = "same",
+        use_bias: bool = True,
+        depthwise_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        depthwise_regularizer=None,
+        bias_regularizer=None,
+        implementation: str = "auto",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.kernel_size = _triple(kernel_size, "kernel_size")
+        self.depth_multiplier = int(depth_multiplier)
+        padding = padding.lower()
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        self.padding = padding
+        self.use_bias = bool(use_bias)
+        self.implementation = implementation
+        self.depthwise_initializer = keras.initializers.get(depthwise_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.depthwise_regularizer = keras.regularizers.get(depthwise_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.input_spec = keras.layers.InputSpec(ndim=5)
+
+    def _build_depthwise(self, input_shape) -> int:
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("the channel dimension of the input must be known")
+        self.depthwise_kernel = self.add_weight(
+            name="depthwise_kernel",
+            shape=self.kernel_size + (int(channels), self.depth_multiplier),
+            initializer=self.depthwise_initializer,
+            regularizer=self.depthwise_regularizer,
+        )
+        return int(channels)
+
+    def _resolve(self, input_shape, filters=None) -> str:
+        if self.implementation != "auto":
+            return self.implementation
+        return choose_implementation(
+            input_shape, self.kernel_size, self.depth_multiplier, filters,
+            "gpu" if _on_gpu() else "cpu",
+        )
+
+    def _depthwise(self, inputs, implementation: str):
+        kernel = ops.cast(self.depthwise_kernel, self.compute_dtype)
+        return depthwise_conv3d(inputs, kernel, self.padding, implementation)
+
+    def _out_spatial(self, input_shape):
+        if self.padding == "same":
+            return tuple(input_shape[1:4])
+        return tuple(
+            None if d is None else d - k + 1 for d, k in zip(input_shape[1:4], self.kernel_size)
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            kernel_size=self.kernel_size,
+            depth_multiplier=self.depth_multiplier,
+            padding=self.padding,
+            use_bias=self.use_bias,
+            depthwise_initializer=keras.initializers.serialize(self.depthwise_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer),
+            depthwise_regularizer=keras.regularizers.serialize(self.depthwise_regularizer),
+            bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
+            implementation=self.implementation,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="mmfusion")
+class DepthwiseConv3D(_DepthwiseBase):
+    """Depthwise 3D convolution: each input channel convolved with its own kernel(s).
+
+    Input ``(B, d1, d2, d3, C)`` -> output ``(B, d1', d2', d3', C*depth_multiplier)``
+    (``d' = d`` with ``padding="same"``). Weights: ``depthwise_kernel``
+    ``(kd, kh, kw, C, depth_multiplier)`` and ``bias`` ``(C*depth_multiplier,)``.
+    Equal to a dense ``Conv3D`` whose kernel is block-diagonal in (in, out) channels.
+    ``implementation``: see the module docstring.
+    """
+
+    def build(self, input_shape):
+        channels = self._build_depthwise(input_shape)
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(channels * self.depth_multiplier,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+            )
+
+    def call(self, inputs):
+        out = self._depthwise(inputs, self._resolve(inputs.shape))
+        if self.use_bias:
+            out = out + ops.cast(self.bias, self.compute_dtype)
+        return out
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],) + self._out_spatial(input_shape) + (
+            input_shape[-1] * self.depth_multiplier,
+        )
+
+
+@keras.saving.register_keras_serializable(package="mmfusion")
+class SeparableConv3D(_DepthwiseBase):
+    """Depthwise-separable 3D convolution: depthwise ``kernel_size`` then pointwise 1x1x1.
+
+    Input ``(B, d1, d2, d3, C)`` -> output ``(B, d1', d2', d3', filters)``.
+    Weights: ``depthwise_kernel`` ``(kd, kh, kw, C, depth_multiplier)``,
+    ``pointwise_kernel`` ``(1, 1, 1, C*depth_multiplier, filters)`` (Keras
+    ``SeparableConv2D`` layout) and ``bias`` ``(filters,)``. Parameters:
+    ``kd*kh*kw*C*m + C*m*filters (+ filters)`` instead of ``kd*kh*kw*C*filters``.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        pointwise_initializer="glorot_uniform",
+        pointwise_regularizer=None,
+        **kwargs,
+    ):
+        super().__init__(kernel_size, **kwargs)
+        self.filters = int(filters)
+        self.pointwise_initializer = keras.initializers.get(pointwise_initializer)
+        self.pointwise_regularizer = keras.regularizers.get(pointwise_regularizer)
+
+    def build(self, input_shape):
+        channels = self._build_depthwise(input_shape)
+        self.pointwise_kernel = self.add_weight(
+            name="pointwise_kernel",
+            shape=(1, 1, 1, channels * self.depth_multiplier, self.filters),
+            initializer=self.pointwise_initializer,
+            regularizer=self.pointwise_regularizer,
+        )
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self.filters,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+            )
+
+    def call(self, inputs):
+        implementation = self._resolve(inputs.shape, self.filters)
+        pointwise = ops.cast(self.pointwise_kernel, self.compute_dtype)
+        pointwise = ops.reshape(pointwise, pointwise.shape[3:])  # (C*m, filters)
+        if implementation == "dense":
+            # fold depthwise and pointwise into one (kd, kh, kw, C, filters) kernel
+            depthwise = ops.cast(self.depthwise_kernel, self.compute_dtype)
+            channels = int(depthwise.shape[3])
+            folded = ops.einsum(
+                "dhwcj,cjf->dhwcf",
+                depthwise,
+                ops.reshape(pointwise, (channels, self.depth_multiplier, self.filters)),
+            )
+            out = ops.conv(inputs, folded, strides=1, padding=self.padding)
+        else:
+            out = ops.matmul(self._depthwise(inputs, implementation), pointwise)
+        if self.use_bias:
+            out = out + ops.cast(self.bias, self.compute_dtype)
+        return out
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],) + self._out_spatial(input_shape) + (self.filters,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            filters=self.filters,
+            pointwise_initializer=keras.initializers.serialize(self.pointwise_initializer),
+            pointwise_regularizer=keras.regularizers.serialize(self.pointwise_regularizer),
+        )
+        return config
