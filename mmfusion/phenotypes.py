@@ -269,7 +269,7 @@ def factor_analysis(data: pd.DataFrame, eigenvalue_threshold: float = 1.0) -> Fa
     k = max(k, 1)
     loadings = eigvec[:, :k] * np.sqrt(eigval[:k])
     if k > 1:
-        loadings, _ = rotate_factors(loadings, "varimax")
+        loadings, _ = rotate_factors(loadings, "varimax", tol=1e-10, max_tries=5000)
     ss = (loadings ** 2).sum(axis=0)
     order = np.argsort(-ss, kind="stable")
     loadings, ss = loadings[:, order], ss[order]
