@@ -139,6 +139,7 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue) ->
     tpl = ants.image_read(str(row["template"]))
     mask = ants.image_read(str(row["mask"]))
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     moving = ants.image_read(str(row["t1w"]))
     if n4:
         moving = n4_correct(moving)
@@ -147,6 +148,8 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue) ->
         res = reg.register_to_template(tpl, moving, params, tmp)
         logjac = reg.log_jacobian(tpl, res)
         wall = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         grid = output_grid(tpl, 2.5, (128, 128, 96))
         rec = to_grid(logjac, grid).numpy()
         true = to_grid(ants.image_read(str(row["truth"])), grid).numpy()
@@ -159,7 +162,7 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue) ->
         "subject": row["subject"], "preset": preset, "n4": n4,
         "r": float(np.corrcoef(x, y)[0, 1]), "slope": slope, "mae": float(np.abs(x - y).mean()),
         "t1_r": float(np.corrcoef(warped[m], tplg[m])[0, 1]),
-        "wall_s": wall, "n4_s": t_n4, "stages_s": res.timings_s,
+        "wall_s": wall, "cpu_s": cpu, "n4_s": t_n4, "stages_s": res.timings_s,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
     })
 
@@ -192,15 +195,15 @@ def main(argv=None) -> int:
             p.join()
             results.append(out)
             print(f"{preset:10s} sub-{out['subject']} r={out['r']:.3f} slope={out['slope']:.3f} "
-                  f"mae={out['mae']:.4f} t1_r={out['t1_r']:.3f} wall={out['wall_s']:.0f}s "
+                  f"mae={out['mae']:.4f} t1_r={out['t1_r']:.3f} wall={out['wall_s']:.0f}s cpu={out['cpu_s']:.0f}s "
                   f"peak={out['peak_rss_gb']:.2f}GB stages={ {k: round(v) for k, v in out['stages_s'].items()} }",
                   flush=True)
-    print("\npreset      n  median_r  median_slope  median_mae  median_t1_r  median_wall_s  max_peak_GB")
+    print("\npreset      n  median_r  median_slope  median_mae  median_t1_r  median_wall_s  median_cpu_s  max_peak_GB")
     for preset in args.presets.split(","):
         rs = [r for r in results if r["preset"] == preset]
         med = lambda k: float(np.median([r[k] for r in rs]))  # noqa: E731
         print(f"{preset:10s} {len(rs):2d}  {med('r'):.3f}     {med('slope'):.3f}         {med('mae'):.4f}      "
-              f"{med('t1_r'):.3f}        {med('wall_s'):.0f}            {max(r['peak_rss_gb'] for r in rs):.2f}")
+              f"{med('t1_r'):.3f}        {med('wall_s'):.0f}            {med('cpu_s'):.0f}           {max(r['peak_rss_gb'] for r in rs):.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -26,8 +26,9 @@ from pathlib import Path
 from mmfusion import __version__
 from mmfusion.atomic import write_json, write_text_once
 
+# bids-validator-deno matches these like .gitignore, but a trailing '/' stops a folder matching
 BIDSIGNORE = [
-    "shards/", "template/", "logs/", "work/", "group/", "figures/", "sub-*.html",
+    "shards", "template", "logs", "work", "group", "figures", "sub-*.html",
     "*_desc-logjac_jacobian.*", "*_mdp.*", "*_xfm.*",
 ]
 
@@ -48,6 +49,16 @@ MODALITY_DESCRIPTIONS = {
     "ndi": "neurite density index (NODDI ICVF) warped from T1w space with the T1w transforms",
     "mask": "template brain mask on the output grid",
 }
+
+
+README = """# mmfusion spatial normalization derivatives
+
+Per subject (and session): the N4-corrected T1w, the log Jacobian determinant of the
+nonlinear T1w->template warp, FA and NDI, all on one grid in template space, plus the
+template brain mask, the forward transforms, a QC figure and an HTML page
+(`sub-<label>.html`). `shards/` holds one HDF5 file per subject, the input of the group
+level. See the mmfusion documentation (docs/registration.md).
+"""
 
 
 def entities_prefix(subject: str, session: str = "") -> str:
@@ -102,6 +113,11 @@ def write_sidecar(nifti: Path, modality: str, sources: list[str], template: dict
         "TemplateHash": template["hash"],
         "GeneratedBy": {"Name": "mmfusion", "Version": __version__},
     }
+    if "res" in nifti.name:
+        res = nifti.name.split("_res-")[1].split("_")[0]
+        meta["Resolution"] = {res: f"{res.replace('p', '.')} mm isotropic grid in template space"}
+    if modality == "t1":
+        meta["SkullStripped"] = False
     if modality == "jac":
         meta["JacobianKind"] = "log"
     if modality == "mask":
@@ -131,6 +147,7 @@ def init_output_dir(output_dir: Path, bids_dir: Path | None) -> None:
     output_dir = Path(output_dir)
     write_text_once(output_dir / "dataset_description.json", json.dumps(dataset_description(bids_dir), indent=2) + "\n")
     write_text_once(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+    write_text_once(output_dir / "README.md", README)
 
 
 def bids_uri(path: Path, root: Path | None, dataset: str = "raw") -> str:

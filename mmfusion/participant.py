@@ -19,7 +19,7 @@ import numpy as np
 from mmfusion import __version__, derivatives, qc
 from mmfusion.atomic import atomic_path
 from mmfusion.config import config_hash
-from mmfusion.errors import StaleOutputError
+from mmfusion.errors import MissingInputError, StaleOutputError
 from mmfusion.images import load_subject_inputs
 from mmfusion.provenance import sha256_file
 from mmfusion.runlog import get_logger, progress
@@ -43,6 +43,12 @@ def run_participant_level(ctx) -> list[Path]:
     cfg = ctx.config["spatial"]
     reg.set_ants_threads(ctx.omp_nthreads, cfg.get("random_seed", ctx.seed))
     params = reg.resolve_preset(cfg["preset"], cfg.get("registration_overrides"))
+    for record in ctx.records:  # fail fast, before any subject is processed
+        if record.t1w is None:
+            raise MissingInputError(
+                f"{record.key}: no T1w image found (expected {record.key.split('_')[0]}/"
+                f"{'ses-' + record.session + '/' if record.session else ''}anat/{record.key}_T1w.nii.gz); "
+                "add it or leave the subject out of --participant-label")
     derivatives.init_output_dir(ctx.output_dir, ctx.bids_dir)
     template = resolve_template(ctx, params)
     ctx.logger.info("template: %s (space-%s, hash %s); preset %s",

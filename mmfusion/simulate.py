@@ -47,7 +47,7 @@ log = get_logger(__name__)
 
 BIDS_VERSION = "1.10.0"
 CONTROL_SPACING_MM = 4.0  # spacing of the velocity-field control grid
-SQUARING_STEPS = 5
+SQUARING_STEPS = 4
 T1_SCALE = 1000.0  # template intensities in [0, 1] -> arbitrary scanner units
 
 # Individual (non-stratum) deformation: a large-scale part (displacement) and a
@@ -373,11 +373,11 @@ def diffusion_templates(rng, grid: TemplateGrid, cgrid: ControlGrid) -> dict[str
     """
     from scipy import ndimage
 
-    tex = ndimage.gaussian_filter(rng.standard_normal(cgrid.shape), 1.0)
+    tex = ndimage.gaussian_filter(rng.standard_normal(cgrid.shape), 6.0 / cgrid.spacing)
     tex = separable_apply(tex, cgrid.up)
     tex = (tex - tex[grid.mask].mean()) / tex[grid.mask].std()
     csf = np.clip(grid.mask - grid.gm - grid.wm, 0, 1)
-    fa = 0.12 * grid.gm + np.clip(0.45 + 0.12 * tex, 0.2, 0.85) * grid.wm + 0.03 * csf
+    fa = 0.12 * grid.gm + np.clip(0.45 + 0.10 * tex, 0.2, 0.85) * grid.wm + 0.03 * csf
     ndi = 0.35 * grid.gm + np.clip(0.60 + 0.05 * tex, 0.4, 0.8) * grid.wm + 0.03 * csf
     return {"fa": (fa * grid.mask).astype(np.float32), "ndi": (ndi * grid.mask).astype(np.float32)}
 

@@ -339,6 +339,7 @@ def ap_fits(Sn, z_diag, dampings, preferences, max_iter=1000, convergence_iter=1
         use_numba = HAVE_NUMBA
     if use_numba:
         numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+        numba.set_parallel_chunksize(1)   # fits differ in length: hand them out one by one
         _ap_batch_numba(np.ascontiguousarray(Sn), sdiags, dampings, int(max_iter),
                         int(convergence_iter), E, n_iter, converged)
     else:

@@ -259,7 +259,8 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
         val_ds = (shard_data.make_dataset(data.val, data.modalities, data.normalizer, data.shape, batch)
                   if data.val else None)
         model.fit(train_ds, epochs=epochs, initial_epoch=start, steps_per_epoch=n_batches,
-                  validation_data=val_ds, callbacks=[ckpt.callback], verbose=0)
+                  validation_data=val_ds, validation_steps=-(-len(data.val) // batch) if data.val else None,
+                  callbacks=[ckpt.callback], shuffle=False, verbose=0)
     complete = len(history) >= epochs or ckpt.stopped_early
     if ckpt.stopped_early:
         log.info("%s: early stopping after epoch %d; restoring the best weights", label, len(history))

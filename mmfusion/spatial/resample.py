@@ -20,9 +20,14 @@ def image_centre(img: ants.ANTsImage) -> np.ndarray:
 
 
 def output_grid(template: ants.ANTsImage, voxel_size: float, shape) -> ants.ANTsImage:
-    """A zero float image: ``shape`` voxels of ``voxel_size`` mm, centred on ``template``."""
+    """A zero float image: ``shape`` voxels of ``voxel_size`` mm, centred on ``template``.
+
+    Axis-aligned: the direction is ``template``'s rounded to the nearest signed
+    permutation, so an oblique template (e.g. built from tilted T1w) still gives a grid
+    whose affine is diagonal.
+    """
     shape = tuple(int(s) for s in shape)
-    direction = np.asarray(template.direction)
+    direction = np.round(np.asarray(template.direction, dtype=float))
     half = (np.asarray(shape, float) - 1.0) / 2.0
     origin = image_centre(template) - direction @ (np.full(3, float(voxel_size)) * half)
     return ants.make_image(shape, voxval=0.0, spacing=(float(voxel_size),) * 3,

@@ -141,7 +141,9 @@ def select_template_subjects(records, n: int | None, seed: int):
 
 def _initial_template(images: list[ants.ANTsImage], params: dict, workdir: Path) -> ants.ANTsImage:
     """Average of all images affinely aligned (similarity) to the first one."""
-    ref = images[0]
+    from mmfusion.spatial.resample import output_grid
+    first = images[0]
+    ref = ants.resample_image_to_target(first, output_grid(first, float(min(first.spacing)), first.shape))
     acc = ref.clone()
     for k, img in enumerate(images[1:], start=1):
         out = ants.registration(ref, img, type_of_transform="Similarity", outprefix=str(workdir / f"init{k}_"),
