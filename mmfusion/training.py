@@ -35,6 +35,7 @@ SIGKILL itself right after the N-th epoch checkpoint of this process.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -74,8 +75,12 @@ def set_determinism(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+@functools.lru_cache(maxsize=1)
 def distribution_strategy():
-    """MirroredStrategy over all GPUs when there are several, else the default strategy."""
+    """MirroredStrategy over all GPUs when there are several, else the default strategy.
+
+    One per process (models cached across folds must live in the same strategy).
+    """
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -213,7 +218,8 @@ class TrainingData:
 
 def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: dict, ckpt_dir: Path,
                     seed: int, label: str, run_hash: str, resume: bool = False,
-                    stop_after_epochs: int | None = None) -> FitResult:
+                    stop_after_epochs: int | None = None, cache: dict | None = None,
+                    cache_key: str = "model") -> FitResult:
     """Train (or resume) one autoencoder, checkpointing every epoch into ``ckpt_dir``.
 
     ``build()`` returns an uncompiled Keras model with inputs ``in_<m>`` and outputs
@@ -223,6 +229,11 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
     ``complete=False``), as an interrupted run would. Early stopping
     (``early_stopping_patience`` > 0) monitors ``val_loss`` (``loss`` without a
     validation set) and restores the best weights.
+
+    ``cache`` (a dict kept by the caller) reuses one compiled model per ``cache_key``
+    across calls: the freshly built model's initial variables are copied into it, so
+    results equal a fresh model's while Keras traces the train step only once (the
+    trace of the full model costs minutes; it would otherwise recur per fold).
     """
     from mmfusion.model.autoencoder import compile_autoencoder
 
@@ -236,6 +247,12 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
         model = build()
         compile_autoencoder(model, float(train_cfg["learning_rate"]))
         model.optimizer.build(model.trainable_variables)
+        if cache is not None:
+            cached = cache.setdefault(cache_key, model)
+            if cached is not model:
+                for dst, src in zip(_all_variables(cached), _all_variables(model)):
+                    dst.assign(src)
+                model = cached
         if state is not None:
             with np.load(ckpt_dir / "variables.npz") as arrays:
                 _assign(_all_variables(model), arrays)
@@ -274,7 +291,7 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
 def reconstruct(model, volumes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run ``model`` on one subject's normalized volumes {m: (X, Y, Z)} -> {m: (X, Y, Z)}."""
     inputs = {f"in_{m}": v[None, ..., None] for m, v in volumes.items()}
-    out = model.predict_on_batch(inputs)
+    out = model(inputs, training=False)  # eager: no predict-function trace per model
     return {m: np.asarray(out[f"rec_{m}"], np.float32)[0, ..., 0] for m in volumes}
 
 
@@ -322,6 +339,7 @@ class Learner:
     resume: bool
     stats: dict
     builder: Callable | None = None
+    cache: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -356,7 +374,8 @@ class Learner:
         seed = model_seed(self.seed, label)
         result = fit_autoencoder(self.build(skips), data, self.config["training"],
                                  self.group_dir / "checkpoints" / label, seed, label,
-                                 self.run_hash(label, data.train), self.resume)
+                                 self.run_hash(label, data.train), self.resume,
+                                 cache=self.cache, cache_key=f"skips={skips}")
         return result
 
 
@@ -472,7 +491,7 @@ def write_embeddings(learner: Learner, model, norm: PopulationNormalizer) -> dic
     vectors = []
     for info in progress(learner.infos, "embeddings", logger=log):
         vols = shard_data.load_subject(info.path, learner.modalities, norm)
-        vectors.append(np.asarray(encoder.predict_on_batch({f"in_{m}": v[None, ..., None] for m, v in vols.items()}),
+        vectors.append(np.asarray(encoder({f"in_{m}": v[None, ..., None] for m, v in vols.items()}, training=False),
                                   np.float32)[0])
     emb = np.stack(vectors)
     ids = [f"sub-{i.subject}" for i in learner.infos]
