@@ -415,6 +415,30 @@ def slurm_cluster(tmp_path_factory):
         assert down.returncode == 0, down.stderr
 
 
+def test_slurm_cancelled_task_is_recorded_with_143(slurm_cluster, tmp_path):
+    """scancel (as at a time limit) reaches the run through participant.sbatch's trap."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "run.py").write_text("import time\nprint('started', flush=True)\ntime.sleep(120)\n")
+    bids, out = _tiny_bids(tmp_path / "bids", labels=("01",)), tmp_path / "out"
+    env = {**os.environ, "MMFUSION_HOME": str(home), "MMFUSION_PYTHON": sys.executable}
+    env.pop("MMFUSION_CONTAINER", None)
+    proc = _submit([bids, out, "--no-group", "--participant-cpus", "1", "--participant-mem", "100M"], env)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split("=")[1].strip()
+    slurm_cluster.append(job)
+    log = out / "logs" / "slurm" / f"mmfusion-participant-{job}-0.out"
+    deadline = time.monotonic() + 60
+    while not (log.is_file() and "started" in log.read_text()):
+        assert time.monotonic() < deadline, f"task {job}_0 never started"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    (record,) = _wait_for([job], deadline=time.monotonic() + 60)[job]
+    assert record["JobState"] == "CANCELLED" and record["ExitCode"] == "143:0"
+    rows = _status_rows(out / "logs" / "slurm" / "participant_status.tsv")
+    assert [(r["participant_label"], r["exit_code"]) for r in rows] == [("01", "143")]
+
+
 @pytest.fixture(scope="module")
 def slurm_run(slurm_cluster, tmp_path_factory):
     """simulate 4 subjects -> break sub-04 -> submit.sh (no --allow-missing) -> wait."""
