@@ -13,6 +13,7 @@ would, with no RNG state to save.
 """
 from __future__ import annotations
 
+import threading
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from mmfusion.runlog import get_logger, progress
 from mmfusion.shards import read_attrs
 
 log = get_logger(__name__)
+# HDF5 calls from tf.data's threads are serialized here (read_direct_chunk from several
+# threads failed with "no VOL object wrap context"); only the inflating runs in parallel.
+_H5_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ def check_folds(infos: Sequence[ShardInfo], folds: int) -> None:
 
 def read_volume(path: str | Path, modality: str) -> np.ndarray:
     """One float32 (X, Y, Z) volume from a shard, inflating z-slab chunks outside h5py's lock."""
-    with h5py.File(path, "r") as h5:
+    with _H5_LOCK, h5py.File(path, "r") as h5:
         dset = h5[modality]
         x, y, z = dset.shape
         plain_gzip = (dset.chunks == (x, y, 1) and dset.compression == "gzip" and not dset.shuffle
@@ -147,7 +151,7 @@ def read_volume(path: str | Path, modality: str) -> np.ndarray:
 
 def read_mask(path: str | Path) -> np.ndarray:
     """The shard's template brain mask, bool (X, Y, Z)."""
-    with h5py.File(path, "r") as h5:
+    with _H5_LOCK, h5py.File(path, "r") as h5:
         return h5["mask"][...].astype(bool)
 
 
