@@ -308,25 +308,34 @@ if HAVE_NUMBA:
 def final_labels(Sn: np.ndarray, sdiag: np.ndarray, E: np.ndarray) -> np.ndarray:
     """scikit-learn's exemplar refinement and labelling from the exemplar mask E (n,).
 
-    Returns labels (n,) int in 0..K-1, or all -1 when there is no exemplar.
+    Same operations as scikit-learn on S = Sn with ``sdiag`` on its diagonal, without
+    building S: only the needed columns/blocks are gathered and their diagonal entries
+    patched. Returns labels (n,) int in 0..K-1, or all -1 when there is no exemplar.
     """
     I = np.flatnonzero(E)
     K = I.size
     if K == 0:
         return np.full(Sn.shape[0], -1)
-    S = Sn.copy()
-    S.flat[:: S.shape[0] + 1] = sdiag
-    c = np.argmax(S[:, I], axis=1)
+    c = np.argmax(_columns(Sn, sdiag, I), axis=1)
     c[I] = np.arange(K)
     for k in range(K):
         ii = np.asarray(c == k).nonzero()[0]
-        j = np.argmax(np.sum(S[ii[:, np.newaxis], ii], axis=0))
+        block = Sn[ii[:, np.newaxis], ii]
+        block[np.arange(ii.size), np.arange(ii.size)] = sdiag[ii]
+        j = np.argmax(np.sum(block, axis=0))
         I[k] = ii[j]
-    c = np.argmax(S[:, I], axis=1)
+    c = np.argmax(_columns(Sn, sdiag, I), axis=1)
     c[I] = np.arange(K)
     labels = I[c]
     centers = np.unique(labels)
     return np.searchsorted(centers, labels)
+
+
+def _columns(Sn: np.ndarray, sdiag: np.ndarray, I: np.ndarray) -> np.ndarray:
+    """S[:, I] (n, K) with S's diagonal entries (rows I) set from sdiag."""
+    cols = Sn[:, I]
+    cols[I, np.arange(I.size)] = sdiag[I]
+    return cols
 
 
 def ap_fits(Sn, z_diag, dampings, preferences, max_iter=1000, convergence_iter=15,
