@@ -761,13 +761,24 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
     return out_dir
 
 
+def subject_deformation(rng, stratum: int, regions, grid: TemplateGrid, cgrid: ControlGrid,
+                        inverse: bool = True):
+    """One subject's maps on the control grid: ``(psi, phi, weight)``.
+
+    ``psi = exp(v)``, ``phi = exp(-v)`` (None unless ``inverse``): (3, Xc, Yc, Zc)
+    displacements in mm, with ``v`` = individual part + ``weight`` x the stratum's
+    pattern (weight ~ N(1, 0.15)).
+    """
+    weight = float(1.0 + STRATUM_WEIGHT_SD * rng.standard_normal())
+    velocity = individual_velocity(rng, cgrid) + weight * stratum_velocity(regions, stratum, grid, cgrid)
+    phi = exp_velocity(-velocity, cgrid.spacing) if inverse else None
+    return exp_velocity(velocity, cgrid.spacing), phi, weight
+
+
 def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, regions,
                       stratum_maps, t1_coeffs, opts) -> dict:
     """Deform, render and write one subject (all sessions); return its truth record."""
-    weight = float(1.0 + STRATUM_WEIGHT_SD * rng.standard_normal())
-    velocity = individual_velocity(rng, cgrid) + weight * stratum_velocity(regions, stratum, grid, cgrid)
-    psi = exp_velocity(velocity, cgrid.spacing)
-    phi = exp_velocity(-velocity, cgrid.spacing)
+    psi, phi, weight = subject_deformation(rng, stratum, regions, grid, cgrid)
     logjac = log_jacobian(psi, cgrid)
     coords = np.indices(grid.shape, dtype=np.float32) + upsample(phi, cgrid) / grid.voxel_size
     maps = {m: v * float(1.0 + 0.03 * rng.standard_normal()) for m, v in stratum_maps[stratum].items()}
