@@ -27,7 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "slurm" / "submit.sh"
 PARTICIPANT = REPO / "slurm" / "participant.sbatch"
 GROUP = REPO / "slurm" / "group.sbatch"
-TINY_CONFIG = REPO / "tests" / "data" / "tiny_config.yaml"
+TINY_CONFIG = Path(os.environ.get("MMFUSION_TINY_CONFIG", REPO / "tests" / "data" / "tiny_config.yaml"))
+N_SUBJECTS = 5  # the last one is broken on purpose; the group level then has 4 (AP needs > 3)
+BROKEN = f"{N_SUBJECTS:02d}"
 PIN = re.compile(r'"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^"]+)"')
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
             "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -441,7 +443,7 @@ def test_slurm_cancelled_task_is_recorded_with_143(slurm_cluster, tmp_path):
 
 @pytest.fixture(scope="module")
 def slurm_run(slurm_cluster, tmp_path_factory):
-    """simulate 4 subjects -> break sub-04 -> submit.sh (no --allow-missing) -> wait."""
+    """simulate 5 subjects -> break sub-05 -> submit.sh (no --allow-missing) -> wait -> group again."""
     assert TINY_CONFIG.is_file(), f"{TINY_CONFIG} missing (the tiny config of the end-to-end tests)"
     start = time.monotonic()
     root = tmp_path_factory.mktemp("slurm-run")
@@ -449,11 +451,11 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMFUSION_GROUP_GRES": "",
            "MMFUSION_PYTHON": sys.executable}
     env.pop("MMFUSION_CONTAINER", None)
-    sim = subprocess.run([sys.executable, str(REPO / "run.py"), "simulate", str(bids), "--n-subjects", "4",
+    sim = subprocess.run([sys.executable, str(REPO / "run.py"), "simulate", str(bids), "--n-subjects", str(N_SUBJECTS),
                           "--voxel-size", "4", "--seed", "3"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert sim.returncode == 0, sim.stderr
-    broken = bids / "sub-04" / "anat" / "sub-04_T1w.nii.gz"
+    broken = bids / f"sub-{BROKEN}" / "anat" / f"sub-{BROKEN}_T1w.nii.gz"
     broken.write_bytes(gzip.compress(b"this is not a NIfTI image"))
     common = ["--config", TINY_CONFIG, "--participant-cpus", "1", "--participant-mem", "2G",
               "--participant-time", "00:10:00", "--group-cpus", "2", "--group-mem", "4G",
@@ -462,7 +464,7 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     ids = dict(line.split("=") for line in proc.stdout.split())
     slurm_cluster.extend(ids.values())
-    first = _wait_for([ids["participant_job_id"], ids["group_job_id"]], deadline=start + 170)
+    first = _wait_for([ids["participant_job_id"], ids["group_job_id"]], deadline=start + 210)
     # Second pass: only the group level, now with --allow-missing.
     proc2 = _submit([bids, out, *common, "--no-participant", "--allow-missing", "--",
                      "--skip-bids-validation"], env)
@@ -470,7 +472,7 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     ids2 = dict(line.split("=") for line in proc2.stdout.split())
     assert set(ids2) == {"group_job_id"}
     slurm_cluster.extend(ids2.values())
-    second = _wait_for([ids2["group_job_id"]], deadline=start + 230)
+    second = _wait_for([ids2["group_job_id"]], deadline=start + 360)
     lines = [f"submit.sh -> {proc.stdout.split()}", *_summary(first),
              f"submit.sh --no-participant --allow-missing -> {proc2.stdout.split()}", *_summary(second),
              f"total {time.monotonic() - start:.0f} s"]
@@ -487,21 +489,26 @@ def _log(out: Path, pattern: str) -> str:
 
 def test_slurm_array_runs_one_task_per_subject_and_records_exit_codes(slurm_run):
     tasks = slurm_run["first"][slurm_run["ids"]["participant_job_id"]]
-    by_task = {r["ArrayTaskId"]: r for r in tasks}
-    assert sorted(by_task) == ["0", "1", "2", "3"]
-    assert [by_task[t]["JobState"] for t in "012"] == ["COMPLETED"] * 3
-    assert by_task["3"]["JobState"] == "FAILED" and by_task["3"]["ExitCode"] != "0:0"
+    by_task = {int(r["ArrayTaskId"]): r for r in tasks}
+    good = [f"{i:02d}" for i in range(1, N_SUBJECTS)]
+    assert sorted(by_task) == list(range(N_SUBJECTS))
+    assert [by_task[t]["JobState"] for t in range(N_SUBJECTS - 1)] == ["COMPLETED"] * len(good)
+    last = by_task[N_SUBJECTS - 1]
+    assert last["JobState"] == "FAILED" and last["ExitCode"] != "0:0"
     rows = _status_rows(slurm_run["out"] / "logs" / "slurm" / "participant_status.tsv")
-    assert sorted(r["participant_label"] for r in rows) == ["01", "02", "03", "04"]
     codes = {r["participant_label"]: r["exit_code"] for r in rows}
-    assert codes["01"] == codes["02"] == codes["03"] == "0"
-    assert codes["04"] not in ("0", "")
-    assert by_task["3"]["ExitCode"] == f"{codes['04']}:0"
+    assert sorted(codes) == [*good, BROKEN] and len(rows) == N_SUBJECTS
+    assert all(codes[label] == "0" for label in good)
+    assert codes[BROKEN] not in ("0", "")
+    assert last["ExitCode"] == f"{codes[BROKEN]}:0"
     assert all(float(r["wall_time_s"]) > 0 for r in rows)
-    for task in "0123":
-        _log(slurm_run["out"], f"mmfusion-participant-{slurm_run['ids']['participant_job_id']}-{task}.out")
-    shards = sorted(p.name for p in (slurm_run["out"]).rglob("sub-0*.h5"))
-    assert [s[:6] for s in shards] == ["sub-01", "sub-02", "sub-03"]
+    job = slurm_run["ids"]["participant_job_id"]
+    for task in range(N_SUBJECTS):
+        _log(slurm_run["out"], f"mmfusion-participant-{job}-{task}.out")
+    broken_log = _log(slurm_run["out"], f"mmfusion-participant-{job}-{N_SUBJECTS - 1}.out")
+    assert f"sub-{BROKEN}_T1w.nii.gz" in broken_log  # the failure names the file
+    shards = sorted(p.name[:6] for p in (slurm_run["out"] / "shards").glob("sub-*.h5"))
+    assert shards == [f"sub-{label}" for label in good]
 
 
 def test_slurm_group_refuses_missing_subjects_without_allow_missing(slurm_run):
@@ -510,7 +517,7 @@ def test_slurm_group_refuses_missing_subjects_without_allow_missing(slurm_run):
     text = _log(slurm_run["out"], f"mmfusion-group-{slurm_run['ids']['group_job_id']}.out")
     refusal = [line for line in text.splitlines() if line.startswith("mmfusion: error:")]
     assert refusal, text[-3000:]
-    assert "sub-04" in refusal[-1] and "--allow-missing" in refusal[-1]
+    assert f"sub-{BROKEN}" in refusal[-1] and "--allow-missing" in refusal[-1]
     assert "sub-01" not in refusal[-1]
 
 
@@ -519,5 +526,7 @@ def test_slurm_group_runs_on_the_others_with_allow_missing(slurm_run):
     text = _log(slurm_run["out"], f"mmfusion-group-{slurm_run['ids2']['group_job_id']}.out")
     assert group["JobState"] == "COMPLETED", text[-3000:]
     assert group["ExitCode"] == "0:0"
-    produced = [p for p in (slurm_run["out"] / "group").rglob("*") if p.is_file()]
-    assert produced, "the group level wrote nothing under out/group"
+    embeddings = slurm_run["out"] / "group" / "embeddings.tsv"
+    with embeddings.open() as handle:
+        ids = [row["participant_id"] for row in csv.DictReader(handle, delimiter="\t")]
+    assert ids == [f"sub-{i:02d}" for i in range(1, N_SUBJECTS)]
