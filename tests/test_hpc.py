@@ -103,6 +103,14 @@ def test_dockerfile_is_a_bids_app_with_help_default_and_non_root_user():
     assert users and users[-1].split(":")[0] not in ("root", "0")
 
 
+def test_both_images_set_the_same_environment():
+    docker = dict(re.findall(r"^\s+(?:ENV )?([A-Z_]+)=(\S+?)(?: \\)?$", (REPO / "Dockerfile").read_text(), re.M))
+    apptainer = dict(re.findall(r"^\s+export ([A-Z_]+)=(\S+)$",
+                                (REPO / "Singularity.def").read_text().split("%environment")[1].split("\n%")[0], re.M))
+    assert {"MPLCONFIGDIR", "NUMBA_CACHE_DIR", "PYTHONUNBUFFERED"} <= set(apptainer)
+    assert apptainer == {k: v for k, v in docker.items() if k in apptainer}
+
+
 def test_dockerfile_copies_only_what_dockerignore_lets_through():
     allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.startswith("!")}
