@@ -370,6 +370,26 @@ def test_group_job_sets_the_distribution_strategy_and_gpu_flags(tmp_path, fake_b
     assert "APPTAINERENV_MMFUSION_TF_PORT_BASE=21234" in call
 
 
+def test_group_job_on_several_nodes_runs_one_worker_per_node_with_its_own_rank(tmp_path, fake_bin):
+    env, log = fake_bin
+    srun = Path(env["PATH"].split(":")[0]) / "srun"
+    srun.write_text(f'#!/bin/bash\necho "srun $*" >> {log}\nwhile [[ $1 == --* ]]; do shift; done\n'
+                    'SLURM_PROCID=1 exec "$@"\n')
+    srun.chmod(0o755)
+    bids, out = _tiny_bids(tmp_path / "bids"), tmp_path / "out"
+    sif = tmp_path / "x.sif"
+    sif.write_bytes(b"")
+    env.update(MMFUSION_CONTAINER=str(sif), MMFUSION_APPTAINER="apptainer", SLURM_JOB_NUM_NODES="2",
+               SLURM_GPUS_ON_NODE="4", SLURM_PROCID="0", SLURM_JOB_ID="7")
+    proc = _run_task(GROUP, [bids, out], env)
+    assert proc.returncode == 0, proc.stderr
+    call = log.read_text()
+    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c" in call
+    assert "APPTAINERENV_SLURM_PROCID=1" in call  # the task's rank, not the batch step's 0
+    assert "APPTAINERENV_MMFUSION_TF_STRATEGY=multiworker" in call
+    assert "APPTAINERENV_MMFUSION_NUM_GPUS=4" in call and " --nv " in call
+
+
 # ---------------------------------------------------------------------------------------
 # A real single-node SLURM: participant array + dependent group job
 # ---------------------------------------------------------------------------------------
