@@ -117,10 +117,12 @@ def builtin_dataset(out: Path, n_subjects: int, voxel: float, seed: int) -> list
 
 def simulate_rows(out: Path, n_subjects: int, voxel: float, seed: int) -> list[dict]:
     from mmfusion.simulate import simulate_dataset  # noqa: F401 (lands with issue 'simulate')
-    simulate_dataset(out, n_subjects=n_subjects, voxel_size=voxel, seed=seed, bias_field=True, noise=True)
+    if not (out / "dataset_description.json").is_file():
+        simulate_dataset(out, n_subjects=n_subjects, n_strata=2, voxel_size=voxel, seed=seed,
+                         bias_field=True, noise=True, random_affine=True)
     gt = out / "sourcedata" / "ground_truth"
     rows = []
-    for sub in sorted(p.name for p in out.glob("sub-*") if p.is_dir()):
+    for sub in sorted(p.name for p in out.glob("sub-*") if p.is_dir())[:n_subjects]:
         truth = sorted(gt.glob(f"{sub}*log*jac*.nii*")) or sorted(gt.glob(f"{sub}/*log*jac*.nii*"))
         rows.append({"subject": sub[4:], "t1w": next((out / sub).rglob("*_T1w.nii.gz")), "truth": truth[0],
                      "template": gt / "template_T1w.nii.gz", "mask": gt / "template_mask.nii.gz"})
@@ -178,12 +180,15 @@ def main(argv=None) -> int:
     ap.add_argument("--source", choices=["builtin", "simulate"], default="builtin")
     ap.add_argument("--data", type=Path, default=None, help="reuse/keep data here")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated subject labels to run (default: all)")
     args = ap.parse_args(argv)
     data = args.data or Path(tempfile.mkdtemp(prefix="benchreg_data_"))
     t0 = time.perf_counter()
     rows = (simulate_rows if args.source == "simulate" else builtin_dataset)(
         data, args.n_subjects, args.voxel, args.seed)
     print(f"data: {len(rows)} subjects at {args.voxel} mm ({args.source}), {time.perf_counter() - t0:.0f}s", flush=True)
+    if args.only:
+        rows = [r for r in rows if r["subject"] in args.only.split(",")]
     results = []
     ctx = mp.get_context("spawn")
     for preset in args.presets.split(","):
