@@ -73,21 +73,28 @@ def test_separable_mid_flow_has_20x_fewer_parameters():
     assert whole_sep < whole_dense / 3  # conv/up/down blocks stay dense (SPEC)
 
 
-@pytest.mark.parametrize("small,modalities", [(SMALL, ["T1w"]), (TINY, ["JAC", "NDI", "FA"])])
-def test_small_model_trains_and_outputs_probabilities(small, modalities):
+def _np(tensors):
+    return {k: np.asarray(v) for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("small,modalities,eager", [
+    (SMALL, ["T1w"], False),            # graph mode (tf.function), the real training path
+    (TINY, ["JAC", "NDI", "FA"], True),  # eager: no tracing, keeps the suite fast
+])
+def test_small_model_trains_and_outputs_probabilities(small, modalities, eager):
     model = compile_autoencoder(build_autoencoder(_cfg(**small), modalities), 1e-3)
+    model.run_eagerly = eager
     x = _inputs(model, batch=2)
     y = {name.replace("in_", "rec_"): v for name, v in x.items()}
-    before = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
-    history = model.fit(x, y, epochs=3, batch_size=2, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
-    assert model.evaluate(x, y, verbose=0, return_dict=True)["loss"] < before
-    out = model.predict(x, verbose=0)
+    history = model.fit(x, y, epochs=4, batch_size=2, verbose=0)
+    losses = history.history["loss"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    out = _np(model(x, training=False))
     assert set(out) == {f"rec_{m}" for m in modalities}
     for rec in out.values():
         assert rec.shape == (2, *small["input_shape"], 1) and rec.dtype == np.float32
         assert rec.min() >= 0 and rec.max() <= 1
-    emb = embedding_model(model).predict(x, verbose=0)
+    emb = np.asarray(embedding_model(model)(x, training=False))
     bottom = [d // 2 ** small["levels"] for d in small["input_shape"]]
     assert emb.shape == (2, int(np.prod(bottom)) * small["embedding_filters"])
 
@@ -96,7 +103,8 @@ def test_loss_is_bce_summed_over_modalities():
     model = compile_autoencoder(build_autoencoder(_cfg(**SMALL, l2=0.0), ["A", "B"]))
     x = _inputs(model, seed=1)
     y = {"rec_A": x["in_A"], "rec_B": x["in_B"]}
-    pred = model.predict(x, verbose=0)
+    model.run_eagerly = True
+    pred = _np(model(x, training=False))
     bce = keras.losses.BinaryCrossentropy()
     expected = sum(float(bce(y[k], pred[k])) for k in y)
     loss = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
@@ -140,15 +148,15 @@ def test_modality_errors():
 def test_save_load_round_trip(tmp_path):
     model = build_autoencoder(_cfg(**SMALL), ["JAC", "NDI"])
     x = _inputs(model, seed=2)
-    before = model.predict(x, verbose=0)
+    before = _np(model(x))
     path = tmp_path / "ae.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
-    after = loaded.predict(x, verbose=0)
+    after = _np(loaded(x))
     for key in before:
         np.testing.assert_allclose(after[key], before[key], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(embedding_model(loaded).predict(x, verbose=0),
-                               embedding_model(model).predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(embedding_model(loaded)(x)),
+                               np.asarray(embedding_model(model)(x)), rtol=1e-5, atol=1e-6)
 
 
 def test_mixed_bfloat16_trains_with_float32_outputs():
@@ -158,7 +166,8 @@ def test_mixed_bfloat16_trains_with_float32_outputs():
         sep = [layer for layer in model.layers if isinstance(layer, SeparableConv3D)][0]
         assert sep.compute_dtype == "bfloat16" and sep.variable_dtype == "float32"
         x = _inputs(model, seed=3)
-        out = model.predict(x, verbose=0)["rec_A"]
+        model.run_eagerly = True
+        out = np.asarray(model(x)["rec_A"])
         assert out.dtype == np.float32 and np.isfinite(out).all()
         history = model.fit(x, {"rec_A": x["in_A"]}, epochs=1, verbose=0)
         assert np.isfinite(history.history["loss"]).all()
