@@ -144,3 +144,21 @@ def test_mixed_precision_policy(impl):
     assert out.dtype == tf.bfloat16
     assert layer.depthwise_kernel.dtype == "float32"
     np.testing.assert_allclose(out.numpy().astype(np.float32), ref(x).numpy(), rtol=0.05, atol=0.05)
+
+
+def test_sliced_custom_gradient_per_tap_filter_path_for_many_channels():
+    channels = L.FILTER_GRAD_DENSE_MAX_CHANNELS + 2  # beyond the dense filter-gradient path
+    x = _data((1, 6, 7, 5, channels), seed=5)
+    kernel = tf.constant(np.random.default_rng(6).standard_normal((3, 4, 3, channels, 1)), tf.float32)
+    dense_kernel = tf.constant(_block_diag(kernel.numpy()))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, kernel, dense_kernel])
+        ours = L.depthwise_conv3d(x, kernel, "same", "sliced")
+        ref = tf.nn.conv3d(x, dense_kernel, [1] * 5, "SAME")
+        loss_ours, loss_ref = tf.reduce_sum(ours ** 2), tf.reduce_sum(ref ** 2)
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tape.gradient(loss_ours, x).numpy(),
+                               tape.gradient(loss_ref, x).numpy(), rtol=1e-5, atol=1e-4)
+    g_dense = tape.gradient(loss_ref, dense_kernel).numpy()
+    g_ref = np.stack([g_dense[..., c, c] for c in range(channels)], axis=3)[..., None]
+    np.testing.assert_allclose(tape.gradient(loss_ours, kernel).numpy(), g_ref, rtol=1e-4, atol=1e-3)

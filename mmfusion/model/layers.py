@@ -113,25 +113,93 @@ def _same_pad(size: int) -> tuple[int, int]:
     return before, size - 1 - before
 
 
+def _sliced_valid(x_padded, kernel):
+    """Valid depthwise 3D correlation of a padded input, as kd depthwise 2D convs.
+
+    x_padded: (B, D+kd-1, H+kh-1, W+kw-1, C) -> (B, D, H, W, C*m).
+    """
+    import tensorflow as tf
+
+    kd = int(kernel.shape[0])
+    shape = tf.shape(x_padded)
+    batch, depth_out = shape[0], shape[1] - kd + 1
+    height, width, channels = shape[2], shape[3], shape[4]
+    total = None
+    for tap in range(kd):
+        sl = tf.reshape(x_padded[:, tap : tap + depth_out], (batch * depth_out, height, width, channels))
+        y = tf.nn.depthwise_conv2d(sl, kernel[tap], strides=[1, 1, 1, 1], padding="VALID")
+        total = y if total is None else total + y
+    out = tf.shape(total)
+    return tf.reshape(total, (batch, depth_out, out[1], out[2], out[3]))
+
+
+#: Up to this many channels the depthwise kernel's gradient is taken from oneDNN's dense
+#: conv3d filter gradient (all C x C pairs, diagonal kept): faster than TF's
+#: DepthwiseConv2dNativeBackpropFilter at C <= 16 on CPU (bench/bench_layers.py).
+FILTER_GRAD_DENSE_MAX_CHANNELS = 16
+
+
 def _depthwise_sliced(x, kernel, padding: str):
     """Depthwise 3D conv as a sum over first-axis taps of depthwise 2D convs.
 
-    x: (B, D, H, W, C); kernel: (kd, kh, kw, C, m) -> (B, D', H', W', C*m).
+    x: (B, D, H, W, C); kernel: (kd, kh, kw, C, m) -> (B, D', H', W', C*m). The input
+    is padded explicitly, then for tap ``k`` the slice ``x[:, k:k+D']`` is reshaped to
+    ``(B*D', H, W, C)`` and convolved ('valid') with ``kernel[k]``. With m = 1 the
+    gradient is hand-written: input gradient = the same sliced correlation of the
+    upstream gradient with the flipped kernel; kernel gradient = oneDNN's dense conv3d
+    filter gradient's diagonal (C <= 16) or per-tap depthwise filter gradients.
     """
-    kd = int(kernel.shape[0])
-    if padding == "same":
-        x = ops.pad(x, [(0, 0), _same_pad(kd), (0, 0), (0, 0), (0, 0)])
-    shape = ops.shape(x)
-    batch, depth_padded, height, width, channels = (shape[i] for i in range(5))
-    depth_out = depth_padded - kd + 1
-    total = None
+    import tensorflow as tf
+
+    ksize = [int(k) for k in kernel.shape[:3]]
+    pads = [_same_pad(k) if padding == "same" else (0, 0) for k in ksize]
+    paddings = [(0, 0)] + pads + [(0, 0)]
+    if int(kernel.shape[4]) != 1:
+        return _sliced_valid(tf.pad(x, paddings), kernel)
+    flipped_pads = [(0, 0)] + [(k - 1 - p0, k - 1 - p1) for k, (p0, p1) in zip(ksize, pads)] + [(0, 0)]
+    channels = int(kernel.shape[3])
+
+    @tf.custom_gradient
+    def conv(inp, ker):
+        inp_padded = tf.pad(inp, paddings)
+        out = _sliced_valid(inp_padded, ker)
+
+        def grad(upstream):
+            flipped = tf.reverse(ker, axis=[0, 1, 2])
+            d_inp = _sliced_valid(tf.pad(upstream, flipped_pads), flipped)
+            if channels <= FILTER_GRAD_DENSE_MAX_CHANNELS:
+                full = tf.raw_ops.Conv3DBackpropFilterV2(
+                    input=inp_padded, filter_sizes=ksize + [channels, channels],
+                    out_backprop=upstream, strides=[1] * 5, padding="VALID",
+                )
+                d_ker = tf.linalg.diag_part(full)[..., None]
+            else:
+                d_ker = _sliced_filter_grad(inp_padded, upstream, ksize)
+            return d_inp, d_ker
+
+        return out, grad
+
+    return conv(x, kernel)
+
+
+def _sliced_filter_grad(inp_padded, upstream, ksize):
+    """Depthwise kernel gradient (kd, kh, kw, C, 1) from per-tap depthwise 2D gradients."""
+    import tensorflow as tf
+
+    kd, kh, kw = ksize
+    shape = tf.shape(upstream)
+    batch, depth, height, width, channels = (shape[i] for i in range(5))
+    grad2d = tf.reshape(upstream, (batch * depth, height, width, channels))
+    in_shape = tf.shape(inp_padded)
+    taps = []
     for tap in range(kd):
-        sl = x[:, tap : tap + depth_out]
-        sl = ops.reshape(sl, (batch * depth_out, height, width, channels))
-        y = ops.depthwise_conv(sl, kernel[tap], strides=1, padding=padding)
-        total = y if total is None else total + y
-    out_shape = ops.shape(total)
-    return ops.reshape(total, (batch, depth_out, out_shape[1], out_shape[2], out_shape[3]))
+        sl = tf.reshape(inp_padded[:, tap : tap + depth],
+                        (batch * depth, in_shape[2], in_shape[3], in_shape[4]))
+        taps.append(tf.nn.depthwise_conv2d_backprop_filter(
+            sl, [kh, kw, int(inp_padded.shape[-1]), 1], grad2d,
+            strides=[1, 1, 1, 1], padding="VALID",
+        ))
+    return tf.stack(taps, axis=0)
 
 
 def _block_diagonal(kernel):
