@@ -811,7 +811,7 @@ def _write_truth(truth_dir: Path, grid, labels, strata, regions, pheno, subjects
                pd.concat([pd.DataFrame({"participant_id": ids}), pheno.latent], axis=1),
                {f: 4 for f in FACTORS})
     _save_nifti(truth_dir / "template_T1w.nii.gz", grid.t1 * T1_SCALE, grid.affine, code=4)
-    _save_nifti(truth_dir / "template_mask.nii.gz", grid.mask.astype(np.float32), grid.affine, code=4)
+    _save_nifti(truth_dir / "template_mask.nii.gz", grid.mask, grid.affine, code=4, dtype=np.uint8)
     planted = {
         "generator": {"name": "mmfusion simulate", "version": __version__, "options": opts},
         "template": {"source": "MNI152 2009 (nilearn.datasets.load_mni152_template, resolution=1)",
@@ -827,6 +827,7 @@ def _write_truth(truth_dir: Path, grid, labels, strata, regions, pheno, subjects
                            "small_sigma_mm": SMALL_SIGMA_MM, "small_divergence_sd": SMALL_DIV_SD},
             "stratum_weight_sd": STRATUM_WEIGHT_SD,
             "true_logjac": {i: f"{i}_space-template_desc-true_logjac.nii.gz" for i in ids},
+            "sessions_share_anatomy": True,  # sessions differ only in bias, noise and header transform
         },
         "regions": [r.as_dict(grid) for r in regions],
         "strata_file": "strata.tsv",
