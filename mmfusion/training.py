@@ -388,7 +388,8 @@ def run_fold(learner: Learner, fold: int, folds: np.ndarray) -> tuple[list[dict]
     train = [i.path for i, f in zip(learner.infos, folds) if f != fold]
     held = [i for i, f in zip(learner.infos, folds) if f == fold]
     done = _fold_rows_path(learner, fold)
-    run_hash = learner.run_hash(f"fold-{fold:02d}", train)
+    run_hash = config_hash({"models": learner.run_hash(f"fold-{fold:02d}", train),
+                            "evaluation": learner.config["evaluation"], "variants": learner.variants})
     if learner.resume and done.is_file():
         saved = json.loads(done.read_text())
         if saved.get("run_hash") == run_hash:
@@ -541,9 +542,12 @@ def run_learning(ctx) -> dict:
     'embeddings_h5', 'model_path', 'normalization', 'metrics_mse', 'metrics_normdiff',
     'metrics_cnr', 'summary', 'figure_*', 'training_curves', 'reconstructions'}.
     """
-    return learn(ctx.output_dir / "shards", ctx.group_dir, list(ctx.modalities), ctx.config, int(ctx.seed),
-                 resume=bool(ctx.resume), allow_missing=bool(ctx.allow_missing),
-                 participant_labels=list(ctx.participant_labels))
+    out = learn(ctx.output_dir / "shards", ctx.group_dir, list(ctx.modalities), ctx.config, int(ctx.seed),
+                resume=bool(ctx.resume), allow_missing=bool(ctx.allow_missing),
+                participant_labels=list(ctx.participant_labels))
+    ctx.provenance.extra["learning"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()
+                                        if k != "reconstructions"}
+    return out
 
 
 def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict, seed: int, resume: bool = False,
