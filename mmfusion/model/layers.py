@@ -16,10 +16,11 @@ model:
     channel counts of the paper model up to C = 32.
 ``"sliced"``
     Sum over the kernel's first-axis taps of 2D depthwise convolutions: the input is
-    padded along the first spatial axis, and for tap ``k`` the slice
-    ``x[:, k:k+D]`` is reshaped to ``(B*D, H, W, C)`` and convolved with
-    ``kernel[k]`` (``depthwise_conv2d``). ``kd`` native depthwise ops, no wasted
-    FLOPs; wins when channels are many (C = 64 here).
+    padded explicitly, and for tap ``k`` the slice ``x[:, k:k+D]`` is reshaped to
+    ``(B*D, H, W, C)`` and convolved ('valid') with ``kernel[k]``
+    (``depthwise_conv2d``). ``kd`` native depthwise ops, no wasted FLOPs, and (for
+    depth_multiplier 1) a hand-written gradient that avoids TF's slow depthwise
+    filter gradient where it can. Wins when channels are many (C = 64 here).
 ``"split"``
     One conv3d (1 input channel, ``depth_multiplier`` filters) per channel, outputs
     concatenated (the reference code's approach).
@@ -86,12 +87,13 @@ def choose_implementation(input_shape, kernel_size, depth_multiplier: int = 1,
 
     Returns:
         ``"dense"`` when :func:`dense_flop_factor` < :data:`DENSE_MAX_FLOP_FACTOR`,
-        else ``"sliced"``. Why: on a 2-core AVX-512 CPU (TF 2.21, oneDNN) a dense
-        conv3d runs 50-100x more FLOP/s than ``depthwise_conv2d`` at these channel
-        counts, so the dense path wins up to C = 32 (factor 26: 1.3-3x faster) and
-        loses at C = 64 (factor 45: sliced 1.25x faster); ``bench/bench_layers.py``.
-        The same rule is used on GPU (cuDNN dense conv3d is similarly efficient) but
-        was NOT measured here: rerun the bench on a GPU and override with
+        else ``"sliced"``. Why: on a 2-core AVX-512 CPU (TF 2.21, oneDNN), forward +
+        backward of the folded dense conv3d was as fast as or faster than the sliced
+        depthwise path up to C = 32 despite its C-fold FLOPs (TF's depthwise kernels
+        reach a small fraction of oneDNN's dense throughput), and slower at C = 64
+        (factor 45); see ``bench/bench_layers.py``. The folded path therefore costs
+        exactly one dense ``Conv3D`` wherever it is picked. The same rule is used on
+        GPU but was NOT measured (no GPU here): rerun the bench there and override with
         ``implementation=`` if another path wins. The grid size does not enter.
     """
     channels = int(input_shape[-1])
