@@ -44,6 +44,8 @@ def check_shards(ctx) -> list[str]:
     if not available:
         raise MissingInputError(f"{ctx.output_dir / 'shards'}: no shards found; run the participant level first")
     ctx.provenance.extra["subjects_missing_shards"] = [f"sub-{s}" for s in missing]
+    shards = sorted(p for s in available for p in (ctx.output_dir / "shards").glob(f"sub-{s}[._]*h5"))
+    ctx.provenance.add_inputs(shards)
     return available
 
 
@@ -55,6 +57,9 @@ def run_group_level(ctx) -> Path:
     log.info("group level on %d subject(s), modalities %s", len(ctx.participant_labels), " ".join(ctx.modalities))
     learning = training.run_learning(ctx)
     analysis.run_analysis(ctx, Path(learning["embeddings_tsv"]))
+    tables = [ctx.phenotypes_file] if ctx.phenotypes_file else \
+        [ctx.bids_dir / "participants.tsv", *sorted((ctx.bids_dir / "phenotype").glob("*.tsv"))]
+    ctx.provenance.add_inputs(p for p in tables if p.is_file())
     path = report.write_report(ctx.output_dir)
     log.info("report: %s", path)
     print(f"mmfusion report: {path}")
