@@ -486,11 +486,13 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     broken = bids / f"sub-{BROKEN}" / "anat" / f"sub-{BROKEN}_T1w.nii.gz"
     broken.write_bytes(gzip.compress(b"this is not a NIfTI image"))
     # The SLURM mechanics are under test here, not the evaluation: skip the embedding-only
-    # models (5 models -> 3) to stay inside the time budget.
+    # models (5 models -> 3) to stay inside the time budget; with only 4 subjects, AP needs
+    # preferences up to the 99th percentile of the similarities to find 2-3 clusters.
     import yaml
 
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config.setdefault("evaluation", {})["embedding_only"] = False
+    config.setdefault("stratify", {})["preference_percentiles"] = [1.0, 99.0]
     (root / "config").mkdir()
     slurm_config = root / "config" / "slurm_tiny.yaml"
     slurm_config.write_text(yaml.safe_dump(config))
