@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -123,6 +125,8 @@ def test_skip_connections_switch():
     emb = off.get_layer("embedding").output
     decoder = keras.Model(emb, off.output)
     assert set(decoder.output) == {"rec_A", "rec_B"}
+    with pytest.raises(ValueError):  # with skips the decoders also need the encoders
+        keras.Model(on.get_layer("embedding").output, on.output)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -157,6 +161,13 @@ def test_save_load_round_trip(tmp_path):
         np.testing.assert_allclose(after[key], before[key], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(embedding_model(loaded)(x)),
                                np.asarray(embedding_model(model)(x)), rtol=1e-5, atol=1e-6)
+    # a fresh interpreter that only imports mmfusion.model can load it
+    code = ("import mmfusion.model, keras; m = keras.models.load_model(r'%s'); "
+            "print(m.get_layer('embedding').output.shape)" % path)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "(None, 4, 4, 3, 8)" in run.stdout
 
 
 def test_mixed_bfloat16_trains_with_float32_outputs():
