@@ -60,7 +60,7 @@ def run_group_level(ctx) -> Path:
     tables = [ctx.phenotypes_file] if ctx.phenotypes_file else \
         [ctx.bids_dir / "participants.tsv", *sorted((ctx.bids_dir / "phenotype").glob("*.tsv"))]
     ctx.provenance.add_inputs(p for p in tables if p.is_file())
-    path = report.write_report(ctx.output_dir)
+    path = report.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
     log.info("report: %s", path)
     print(f"mmfusion report: {path}")
     return path

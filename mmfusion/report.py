@@ -99,10 +99,13 @@ def _kv(pairs: list[tuple[str, object]]) -> str:
 
 
 # -------------------------------------------------------------------------- sections
-def _section_provenance(out: Path, summary: dict | None) -> str:
+def _section_provenance(out: Path, summary: dict | None, prov: dict | None) -> str:
+    """The group run's provenance: ``prov`` (the running group level passes its own), else
+    the newest ``logs/group-*_provenance.json``."""
     parts = []
-    provs = sorted((out / "logs").glob("*_provenance.json"), key=lambda p: p.stat().st_mtime)
-    prov = _read_json(provs[-1]) if provs else None
+    if prov is None:
+        provs = sorted((out / "logs").glob("group-*_provenance.json"), key=lambda p: p.stat().st_mtime)
+        prov = _read_json(provs[-1]) if provs else None
     if prov:
         libs = prov.get("libraries", {})
         parts.append(_kv([("run id", prov.get("run_id")), ("command line", " ".join(map(str, prov.get("command_line", [])))),
@@ -155,8 +158,9 @@ def _section_cv(out: Path) -> str:
         if df is None or df.empty:
             parts.append(_not_run(f"{f.name} is empty or unreadable"))
             continue
-        num = df.select_dtypes("number").drop(columns=[c for c in ("fold",) if c in df.columns], errors="ignore")
-        keys = ["modality"] if "modality" in df.columns else []
+        num = df.select_dtypes("number").drop(columns=[c for c in ("fold", "session") if c in df.columns],
+                                              errors="ignore")
+        keys = [k for k in ("modality", "variant") if k in df.columns]
         grouped = df.groupby(keys)[list(num.columns)] if keys else None
         med = grouped.median() if keys else num.median().to_frame().T
         mad = (grouped.agg(lambda s: float(np.median(np.abs(s - s.median())))) if keys
@@ -260,12 +264,17 @@ def _section_caveats(summary: dict | None) -> str:
 
 
 # ------------------------------------------------------------------------------ main
-def write_report(output_dir: Path, title: str = "mmfusion group report") -> Path:
-    """Write ``output_dir/mmfusion_report.html`` from the group outputs; return its path."""
+def write_report(output_dir: Path, title: str = "mmfusion group report",
+                 provenance: dict | None = None) -> Path:
+    """Write ``output_dir/mmfusion_report.html`` from the group outputs; return its path.
+
+    ``provenance`` is the running group level's record (``Provenance.as_dict()``); without
+    it the newest group provenance file in ``logs/`` is shown.
+    """
     out = Path(output_dir)
     summary = _read_json(out / "group" / "analysis_summary.json")
     sections = [
-        ("Inputs and provenance", _section_provenance(out, summary)),
+        ("Inputs and provenance", _section_provenance(out, summary, provenance)),
         ("Cohort", _section_cohort(out, summary)),
         ("Cross-validated reconstruction metrics", _section_cv(out)),
         ("Model figures and example reconstructions", _section_figures(out)),
