@@ -28,7 +28,10 @@ is built, with ``tf.config.experimental.enable_op_determinism()``; the subject o
 every epoch is a function of (seed, epoch) (:func:`mmfusion.data.epoch_orders`). After
 every epoch all model variables (weights, BatchNorm statistics, dropout seed states)
 and all optimizer variables are saved; ``--resume`` restores them and continues, so on
-CPU the final weights equal those of an uninterrupted run. A fold whose metrics were
+CPU the final weights equal those of an uninterrupted run (bit for bit across processes
+only with ``TF_ENABLE_ONEDNN_OPTS=0``: oneDNN's default mode may order reductions by
+thread timing, and one run on a heavily loaded machine differed in the last bits
+without it). A fold whose metrics were
 written is not redone. Checkpoints from another config/seed/subject set are refused.
 For tests, the environment variable ``MMFUSION_KILL_AFTER_EPOCHS=N`` makes the process
 SIGKILL itself right after the N-th epoch checkpoint of this process.

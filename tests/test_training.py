@@ -256,7 +256,10 @@ _LEARN = textwrap.dedent("""
 def _cli_learn(bids: Path, out: Path, config: Path, *extra, env=None):
     argv = [str(bids), str(out), "group", "--modalities", "jac", "ndi", "--config", str(config), "--seed", "5",
             "--skip-bids-validation", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    # oneDNN's default (non-deterministic) mode may order reductions by thread timing; a
+    # run under heavy load once differed in the last bits without this
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0",
+           **(env or {})}
     return subprocess.run([sys.executable, "-c", _LEARN, *argv], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=900)
 
