@@ -101,7 +101,8 @@ def main() -> None:
         cfg = default_config()["model"]
         cfg["input_shape"] = list(args.shape)
         model = compile_autoencoder(build_autoencoder(cfg, MODALITIES), 1e-3)
-        x, y = next(iter(shard_data.make_dataset(paths[:1], MODALITIES, norm, args.shape, 1)))
+        # take(1) ends the iteration cleanly (an abandoned iterator's worker threads crashed at exit)
+        x, y = [batch for batch in shard_data.make_dataset(paths[:1], MODALITIES, norm, args.shape, 1).take(1)][0]
         start = time.perf_counter()
         model.train_on_batch(x, y)
         trace = time.perf_counter() - start
