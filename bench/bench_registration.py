@@ -118,7 +118,7 @@ def builtin_dataset(out: Path, n_subjects: int, voxel: float, seed: int) -> list
 def simulate_rows(out: Path, n_subjects: int, voxel: float, seed: int) -> list[dict]:
     from mmfusion.simulate import simulate_dataset  # noqa: F401 (lands with issue 'simulate')
     if not (out / "dataset_description.json").is_file():
-        simulate_dataset(out, n_subjects=n_subjects, n_strata=2, voxel_size=voxel, seed=seed,
+        simulate_dataset(out, n_subjects=n_subjects, n_strata=min(2, n_subjects), voxel_size=voxel, seed=seed,
                          bias_field=True, noise=True, random_affine=True)
     gt = out / "sourcedata" / "ground_truth"
     rows = []
