@@ -130,14 +130,14 @@ def simulate_rows(out: Path, n_subjects: int, voxel: float, seed: int) -> list[d
 
 
 # ----------------------------------------------------------------- one subject
-def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue) -> None:
+def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, overrides=None) -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import ants
     from mmfusion.spatial import registration as reg
     from mmfusion.spatial.registration import n4_correct
     from mmfusion.spatial.resample import output_grid, to_grid
     reg.set_ants_threads(threads, seed)
-    params = reg.resolve_preset(preset)
+    params = reg.resolve_preset(preset, overrides)
     tpl = ants.image_read(str(row["template"]))
     mask = ants.image_read(str(row["mask"]))
     t0 = time.perf_counter()
@@ -180,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--source", choices=["builtin", "simulate"], default="builtin")
     ap.add_argument("--data", type=Path, default=None, help="reuse/keep data here")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--overrides", type=json.loads, default=None,
+                    help='JSON preset overrides, e.g. \'{"syn_metric": "CC", "syn_sampling": 2}\'')
     ap.add_argument("--only", default=None, help="comma-separated subject labels to run (default: all)")
     args = ap.parse_args(argv)
     data = args.data or Path(tempfile.mkdtemp(prefix="benchreg_data_"))
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
     for preset in args.presets.split(","):
         for row in rows:
             q = ctx.Queue()
-            p = ctx.Process(target=run_one, args=(row, preset, args.threads, not args.no_n4, args.seed, q))
+            p = ctx.Process(target=run_one, args=(row, preset, args.threads, not args.no_n4, args.seed, q, args.overrides))
             p.start()
             out = q.get()
             p.join()
