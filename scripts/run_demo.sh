@@ -12,7 +12,7 @@ work=$(cd "$work" && pwd)
 bids="$work/bids"
 out="$work/derivatives"
 start=$(date +%s)
-[ -d "$bids" ] || mmfusion simulate "$bids" --n-subjects "$n" --n-strata 3 --voxel-size 2.5 --seed 1
+[ -d "$bids" ] || mmfusion simulate "$bids" --n-subjects "$n" --n-strata 3 --voxel-size 3 --seed 1
 mmfusion "$bids" "$out" template --config "$config" --seed 1
 for sub in $(cd "$bids" && ls -d sub-* | sed 's/sub-//'); do
   mmfusion "$bids" "$out" participant --participant-label "$sub" --config "$config" --seed 1 --skip-bids-validation
