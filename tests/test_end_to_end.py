@@ -84,3 +84,18 @@ def test_every_level_wrote_provenance(pipeline):
         assert rec["mmfusion_version"] == (REPO / "version").read_text().strip()
         assert all(len(h) == 64 for h in rec["inputs"].values())
     assert len(list((out / "logs").glob("*.log"))) == 3
+
+
+def test_rerunning_template_is_a_noop_and_a_changed_config_is_refused(pipeline, tmp_path):
+    bids, out, _ = pipeline
+    tpl = next((out / "template").glob("*_T1w.nii.gz"))
+    before = tpl.stat().st_mtime_ns
+    proc = mmfusion(bids, out, "template", "--config", TINY, "--seed", 3, "--skip-bids-validation")
+    assert "study template up to date" in proc.stderr and tpl.stat().st_mtime_ns == before
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(TINY.read_text().replace("template_iterations: 1", "template_iterations: 2"))
+    refused = subprocess.run([sys.executable, "-m", "mmfusion.cli", str(bids), str(out), "template",
+                              "--config", str(changed), "--skip-bids-validation"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 75 and "--force" in refused.stderr
+    assert tpl.stat().st_mtime_ns == before

@@ -21,7 +21,7 @@ import numpy as np
 from mmfusion import __version__
 from mmfusion.atomic import atomic_path, write_json
 from mmfusion.config import config_hash
-from mmfusion.errors import MissingInputError
+from mmfusion.errors import StaleOutputError, MissingInputError
 from mmfusion.images import load_3d
 from mmfusion.runlog import get_logger, progress
 from mmfusion.spatial import registration as reg
@@ -191,6 +191,10 @@ def run_template_level(ctx) -> Path:
     ctx.logger.info("template level: %d subjects, %d iterations, preset %s",
                     len(chosen), cfg["template_iterations"], cfg["preset"])
     ctx.provenance.add_inputs([r.t1w for r in chosen])
+    if _up_to_date(ctx, paths, chosen):
+        ctx.logger.info("study template up to date (same inputs and spatial config): %s; --force rebuilds it",
+                        paths["t1w"])
+        return paths["dir"]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mmf_template_", dir=_work(ctx)) as tmp:
         tpl, mask = build_study_template([r.t1w for r in chosen], cfg, params, Path(tmp))
@@ -220,6 +224,21 @@ def run_template_level(ctx) -> Path:
     ctx.provenance.extra["template"] = {"path": str(paths["t1w"]), "hash": record["template_hash"]}
     ctx.logger.info("template written: %s (%.0f s)", paths["t1w"], record["wall_s"])
     return paths["dir"]
+
+
+def _up_to_date(ctx, paths: dict, chosen: list) -> bool:
+    """True if a finished template (its provenance JSON is written last) was built from the
+    same T1w files (sha256) with the same spatial config. A different one is refused
+    (exit 75) unless ``--force``: rebuilding would make every existing shard stale."""
+    if ctx.force or not (paths["provenance"].is_file() and paths["t1w"].is_file()):
+        return False
+    old = json.loads(paths["provenance"].read_text())
+    inputs = {str(r.t1w): ctx.provenance.inputs.get(str(Path(r.t1w).resolve()), "") for r in chosen}
+    if old.get("config_hash") == config_hash(ctx.config, ["spatial"]) and old.get("inputs") == inputs:
+        return True
+    raise StaleOutputError(f"{paths['t1w']}: a study template built from other inputs or another spatial "
+                           "config exists; rerun with --force to rebuild it (then also rerun the participant "
+                           "level with --force), or use a new output_dir")
 
 
 def describe(info: TemplateInfo) -> str:
