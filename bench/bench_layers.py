@@ -18,7 +18,6 @@ Usage: ``OMP_NUM_THREADS=2 python bench/bench_layers.py [--threads 2] [--repeats
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 
@@ -35,16 +34,14 @@ def _parse():
     return p.parse_args()
 
 
+from _common import init_tensorflow  # noqa: E402  (bench/ is on sys.path)
+
+
 def main():
     args = _parse()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tf = init_tensorflow(args.threads)
     import keras
     import numpy as np
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     from mmfusion.model.layers import SeparableConv3D, choose_implementation
 
     base = tuple(int(v) for v in args.base.split(","))

@@ -14,7 +14,6 @@ Usage: ``OMP_NUM_THREADS=2 python bench/bench_train_step.py [--threads 2] [--ste
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -46,15 +45,13 @@ def _peak_rss_gb() -> float:
     return float("nan")
 
 
+from _common import init_tensorflow  # noqa: E402  (bench/ is on sys.path)
+
+
 def main():
     args = _parse()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tf = init_tensorflow(args.threads)
     import numpy as np
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     from mmfusion.config import default_config
     from mmfusion.model.autoencoder import build_autoencoder, compile_autoencoder
 
