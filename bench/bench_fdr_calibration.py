@@ -1,0 +1,238 @@
+"""Calibration of the group statistics: false positives on null data, power on planted data.
+
+Every dataset goes through the production path of ``mmfusion.analysis.run_analysis``
+minus the file I/O: ``phenotypes.prepare_variables`` + ``phenotypes.factor_analysis``
+(default config), then ``stats.run_stats`` (Kruskal-Wallis + Benjamini-Hochberg FDR and
+the size-preserving permutation test + BH-FDR, alpha 0.05) and, for planted data,
+``analysis.match_factors`` (each estimated factor -> latent factor it correlates with
+most). Phenotypes come from :func:`mmfusion.simulate.simulate_phenotypes` (no images).
+
+* Null: ``--datasets`` datasets with ``null=True`` (phenotypes independent of the strata);
+  clusters = the strata (near-equal sizes). Reports the family-wise false-positive rate
+  (fraction of datasets with >= 1 factor at q < 0.05) for KW-FDR and permutation-FDR,
+  the per-test rate after FDR, and the uncorrected p < 0.05 rate (should be ~5%).
+* Planted: ``--datasets`` datasets with ``null=False`` (2 of 5 latent factors and one of
+  age/BMI shift by 1 SD / 8 y / 3 kg/m2 between consecutive strata); clusters = the strata
+  (perfect clustering) and, as a second row, the strata with ``--mislabel`` of the labels
+  re-drawn at random. Power = fraction of (dataset, planted latent factor) pairs for which
+  some estimated factor matched to it is significant; "other flagged" = fraction of
+  estimated factors matched to a non-planted latent factor and not loading (>= 0.3) on
+  the planted demographic that are significant.
+* ARI (``--ari``): one simulated image dataset (6 mm, 30 subjects, 3 strata); the TRUE
+  log-Jacobian maps inside the template mask are used as "embeddings" for
+  ``stratify.grid_search`` (reduced grid: 5 dampings x 100 preferences); ARI of the chosen
+  clustering vs the strata (and, as a reference, of k-means told the true k).
+  This is an UPPER BOUND (truth maps, not learned embeddings).
+
+Usage: ``OMP_NUM_THREADS=2 python bench/bench_fdr_calibration.py [--datasets 40 --n 150
+--strata 3 --permutations 2000 --mislabel 0.3 0.6 --seed 0 --ari]``
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _raw_table(pheno) -> pd.DataFrame:
+    """participants + phenotype tables as text cells (what load_phenotypes returns)."""
+    df = pd.concat([pheno.participants] + list(pheno.tables.values()), axis=1)
+    df.index = pd.Index([f"sub-{i + 1:03d}" for i in range(len(df))], name="participant_id")
+    return df.astype(object).where(df.notna(), None).map(lambda v: None if v is None else str(v))
+
+
+def evaluate_dataset(strata: np.ndarray, labels: np.ndarray, pheno_seed: int, null: bool, cfg: dict,
+                     stats_seed: int = 0) -> pd.DataFrame:
+    """Simulate phenotypes for ``strata`` (n,) ints 1..K, test them across ``labels`` (n,).
+
+    Returns one row per estimated factor: p, q, significant, perm_p, perm_q,
+    perm_significant, best_latent, r, latent_planted, planted_demographics_loading,
+    planted_latents (comma-joined names of the planted latent factors, same on every row).
+    """
+    from mmfusion import analysis, stats
+    from mmfusion import phenotypes as ph
+    from mmfusion.simulate import simulate_phenotypes
+
+    pheno = simulate_phenotypes(np.asarray(strata), np.random.default_rng(pheno_seed), null=null)
+    raw = _raw_table(pheno)
+    table = ph.prepare_variables(raw, cfg["phenotypes"], source="simulated")
+    fa = ph.factor_analysis(table.data, cfg["phenotypes"]["eigenvalue_threshold"])
+    result = stats.run_stats(fa.scores, np.asarray(labels), cfg["stats"], seed=stats_seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        latent_tsv = Path(tmp) / "latent_factors.tsv"
+        pheno.latent.assign(participant_id=raw.index).to_csv(latent_tsv, sep="\t", index=False)
+        match = analysis.match_factors(fa, latent_tsv, pheno.planted, result)
+    cols = ["factor", "p", "q", "significant", "perm_p", "perm_q", "perm_significant"]
+    out = result.table[cols].merge(match.drop(columns=["significant", "perm_significant"]), on="factor")
+    out["planted_latents"] = ",".join(f["name"] for f in pheno.planted["latent_factors"] if f["depends_on_stratum"])
+    return out
+
+
+def balanced_strata(rng, n: int, n_strata: int) -> np.ndarray:
+    """(n,) labels 1..K in near-equal numbers, random order (as simulate_dataset does)."""
+    return rng.permutation(np.arange(n) % n_strata + 1)
+
+
+def mislabel(rng, labels: np.ndarray, fraction: float) -> np.ndarray:
+    """Copy of labels with ``fraction`` of them re-drawn uniformly from the label set."""
+    out = labels.copy()
+    idx = rng.choice(len(out), int(round(fraction * len(out))), replace=False)
+    out[idx] = rng.choice(np.unique(labels), len(idx))
+    return out
+
+
+def run_series(n_datasets: int, n: int, n_strata: int, null: bool, cfg: dict, seed: int,
+               mislabel_fraction: float = 0.0) -> list[pd.DataFrame]:
+    """``n_datasets`` independent datasets (seeded by ``seed``); one table per dataset."""
+    seeds = np.random.SeedSequence(seed).spawn(n_datasets)
+    out = []
+    for i, ss in enumerate(seeds):
+        rng = np.random.default_rng(ss)
+        strata = balanced_strata(rng, n, n_strata)
+        pheno_seed = int(rng.integers(2**31))
+        labels = mislabel(rng, strata, mislabel_fraction) if mislabel_fraction else strata
+        out.append(evaluate_dataset(strata, labels, pheno_seed, null, cfg, stats_seed=i))
+    return out
+
+
+def null_summary(tables: list[pd.DataFrame]) -> dict:
+    """Family-wise and per-test false-positive rates over null datasets."""
+    all_rows = pd.concat(tables)
+    return {
+        "datasets": len(tables),
+        "factors_per_dataset": float(np.mean([len(t) for t in tables])),
+        "fwer_kw": float(np.mean([t["significant"].any() for t in tables])),
+        "fwer_perm": float(np.mean([t["perm_significant"].any() for t in tables])),
+        "per_test_kw": float(all_rows["significant"].mean()),
+        "per_test_perm": float(all_rows["perm_significant"].mean()),
+        "raw_p05_kw": float((all_rows["p"] < 0.05).mean()),
+        "raw_p05_perm": float((all_rows["perm_p"] < 0.05).mean()),
+        "tests": len(all_rows),
+    }
+
+
+def planted_summary(tables: list[pd.DataFrame]) -> dict:
+    """Power for the planted latent factors and the rate of other factors flagged."""
+    planted = [[f for f in t["planted_latents"].iloc[0].split(",") if f] for t in tables]
+    out = {"datasets": len(tables), "factors_per_dataset": float(np.mean([len(t) for t in tables]))}
+    for col, key in [("significant", "kw"), ("perm_significant", "perm")]:
+        hits = [any(t.loc[t["best_latent"] == f, col].any() for f in names) for t, names in zip(tables, planted)]
+        per_factor = [bool(t.loc[t["best_latent"] == f, col].any()) for t, names in zip(tables, planted)
+                      for f in names]
+        all_found = [all(t.loc[t["best_latent"] == f, col].any() for f in names)
+                     for t, names in zip(tables, planted)]
+        other = pd.concat([t[(~t["latent_planted"]) & (t["planted_demographics_loading"].fillna("") == "")]
+                           for t in tables])
+        out[f"power_{key}"] = float(np.mean(per_factor))
+        out[f"all_planted_{key}"] = float(np.mean(all_found))
+        out[f"any_planted_{key}"] = float(np.mean(hits))
+        out[f"other_flagged_{key}"] = float(other[col].mean()) if len(other) else float("nan")
+        out["other_tests"] = len(other)
+    out["planted_matched"] = float(np.mean([sum(f in set(t["best_latent"]) for f in names) / len(names)
+                                            for t, names in zip(tables, planted)]))
+    return out
+
+
+def ari_upper_bound(cfg: dict, seed: int, n_subjects: int = 30, n_strata: int = 3, voxel: float = 6.0,
+                    damping_n: int = 5, preference_n: int = 100, threads: int = 2) -> dict:
+    """ARI of AP (reduced grid) on the true log-Jacobian maps of a simulated dataset."""
+    import nibabel as nib
+    from sklearn.metrics import adjusted_rand_score
+
+    from mmfusion import stratify
+    from mmfusion.simulate import simulate_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        root = simulate_dataset(Path(tmp) / "sim", n_subjects=n_subjects, n_strata=n_strata,
+                                voxel_size=voxel, seed=seed)
+        t_sim = time.perf_counter() - t0
+        truth = root / "sourcedata" / "ground_truth"
+        strata = pd.read_csv(truth / "strata.tsv", sep="\t").sort_values("participant_id")
+        mask = np.asarray(nib.load(truth / "template_mask.nii.gz").dataobj) > 0
+        X = np.stack([np.asarray(nib.load(truth / f"{pid}_space-template_desc-true_logjac.nii.gz").dataobj)[mask]
+                      for pid in strata["participant_id"]]).astype(np.float64)
+    scfg = dict(cfg["stratify"], damping_n=damping_n, preference_n=preference_n)
+    t0 = time.perf_counter()
+    grid = stratify.grid_search(X, scfg, seed=seed, n_threads=threads, source="true log-Jacobians")
+    t_grid = time.perf_counter() - t0
+    truth_labels = strata["stratum"].to_numpy()
+    valid = grid.grid[grid.grid["valid"]]
+    aris = [adjusted_rand_score(truth_labels, grid.labels)]
+    from sklearn.cluster import KMeans  # reference only: told the true number of strata
+    km = KMeans(n_strata, n_init=10, random_state=seed).fit_predict(X)
+    return {"n_subjects": n_subjects, "voxels_in_mask": int(mask.sum()), "grid_points": len(grid.grid),
+            "valid": len(valid), "chosen_clusters": int(grid.best["n_clusters"]),
+            "chosen_silhouette": float(grid.best["silhouette"]), "ari": float(aris[0]),
+            "cluster_sizes": np.bincount(grid.labels).tolist(),
+            "kmeans_ari": float(adjusted_rand_score(truth_labels, km)), "sim_s": t_sim, "grid_s": t_grid}
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", type=int, default=40, help="datasets per condition (>= 20)")
+    p.add_argument("--n", type=int, default=150, help="subjects per dataset")
+    p.add_argument("--strata", type=int, default=3)
+    p.add_argument("--permutations", type=int, default=2000)
+    p.add_argument("--mislabel", type=float, nargs="+", default=[0.3, 0.6],
+                   help="fractions of cluster labels re-drawn at random (extra planted rows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ari", action="store_true", help="also the ARI upper bound on true log-Jacobians")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args()
+
+
+def main():
+    args = _parse()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import logging
+
+    from mmfusion.config import default_config
+
+    logging.getLogger("mmfusion").setLevel(logging.ERROR)
+    cfg = default_config()
+    cfg["stats"]["n_permutations"] = args.permutations
+    print(f"datasets/condition={args.datasets} n={args.n} strata={args.strata} "
+          f"permutations={args.permutations} alpha={cfg['stats']['alpha']} seed={args.seed} "
+          f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+    t0 = time.perf_counter()
+    null = null_summary(run_series(args.datasets, args.n, args.strata, True, cfg, args.seed))
+    t_null = time.perf_counter() - t0
+    print(f"\nNULL (phenotypes independent of strata; clusters = strata) [{t_null:.1f} s]")
+    print(f"  {'test':<10} {'FWER (>=1 sig)':>15} {'per-test FPR':>13} {'raw p<0.05':>11} {'tests':>6}")
+    for key, name in [("kw", "KW-FDR"), ("perm", "perm-FDR")]:
+        print(f"  {name:<10} {null['fwer_' + key]:>15.3f} {null['per_test_' + key]:>13.4f} "
+              f"{null['raw_p05_' + key]:>11.3f} {null['tests']:>6d}")
+    print(f"  factors per dataset: {null['factors_per_dataset']:.2f}")
+
+    print("\nPLANTED (2 of 5 latent factors + age or BMI shift with the stratum)")
+    print(f"  {'clusters':<22} {'test':<9} {'power':>6} {'all planted':>12} {'other flagged':>14} {'others':>7}")
+    for frac in (0.0, *args.mislabel):
+        t0 = time.perf_counter()
+        tables = run_series(args.datasets, args.n, args.strata, False, cfg, args.seed + 1, frac)
+        s = planted_summary(tables)
+        label = "strata (perfect)" if frac == 0 else f"strata, {frac:.0%} relabelled"
+        for key, name in [("kw", "KW-FDR"), ("perm", "perm-FDR")]:
+            print(f"  {label:<22} {name:<9} {s['power_' + key]:>6.3f} {s['all_planted_' + key]:>12.3f} "
+                  f"{s['other_flagged_' + key]:>14.3f} {s['other_tests']:>7d}")
+        print(f"  ({label}: planted factors with a matched estimated factor: {s['planted_matched']:.3f}; "
+              f"factors per dataset {s['factors_per_dataset']:.2f}; {time.perf_counter() - t0:.1f} s)")
+
+    if args.ari:
+        a = ari_upper_bound(cfg, args.seed, threads=args.threads)
+        print("\nARI UPPER BOUND (AP on TRUE log-Jacobian maps, not learned embeddings)")
+        print(f"  subjects={a['n_subjects']} voxels={a['voxels_in_mask']} grid={a['grid_points']} points "
+              f"({a['valid']} valid)  chosen: {a['chosen_clusters']} clusters {a['cluster_sizes']} "
+              f"silhouette {a['chosen_silhouette']:.3f}  ARI vs strata = {a['ari']:.3f}  "
+              f"[simulate {a['sim_s']:.1f} s, grid {a['grid_s']:.1f} s]")
+        print(f"  reference: k-means with k={args.strata} (told the true k) on the same maps: "
+              f"ARI = {a['kmeans_ari']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
