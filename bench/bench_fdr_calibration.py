@@ -21,15 +21,17 @@ most). Phenotypes come from :func:`mmfusion.simulate.simulate_phenotypes` (no im
 * ARI (``--ari``): one simulated image dataset (6 mm, 30 subjects, 3 strata); the TRUE
   log-Jacobian maps inside the template mask are used as "embeddings" for
   ``stratify.grid_search`` (reduced grid: 5 dampings x 100 preferences); ARI of the chosen
-  clustering vs the strata (and, as a reference, of k-means told the true k).
+  clustering vs the strata (and, as references, of k-means told the true k, and of both on
+  oracle features: the true log-Jacobian at the planted region centres).
   This is an UPPER BOUND (truth maps, not learned embeddings).
 
 Usage: ``OMP_NUM_THREADS=2 python bench/bench_fdr_calibration.py [--datasets 40 --n 150
---strata 3 --permutations 2000 --mislabel 0.3 0.6 --seed 0 --ari]``
+--strata 3 --permutations 2000 --mislabel 0.3 0.6 --seed 0 --ari]`` (``--ari-only``: just the ARI part)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -164,8 +166,12 @@ def ari_upper_bound(cfg: dict, seed: int, n_subjects: int = 30, n_strata: int = 
         truth = root / "sourcedata" / "ground_truth"
         strata = pd.read_csv(truth / "strata.tsv", sep="\t").sort_values("participant_id")
         mask = np.asarray(nib.load(truth / "template_mask.nii.gz").dataobj) > 0
-        X = np.stack([np.asarray(nib.load(truth / f"{pid}_space-template_desc-true_logjac.nii.gz").dataobj)[mask]
-                      for pid in strata["participant_id"]]).astype(np.float64)
+        maps = np.stack([np.asarray(nib.load(truth / f"{pid}_space-template_desc-true_logjac.nii.gz").dataobj)
+                         for pid in strata["participant_id"]]).astype(np.float64)
+        regions = json.loads((truth / "planted.json").read_text())["regions"]
+    X = maps[:, mask]
+    centres = [tuple(int(round(c)) for c in r["center_voxel_template_grid"]) for r in regions if r["kind"] == "jac"]
+    X_oracle = np.stack([maps[(slice(None),) + c] for c in centres], axis=1)  # (n, regions)
     scfg = dict(cfg["stratify"], damping_n=damping_n, preference_n=preference_n)
     t0 = time.perf_counter()
     grid = stratify.grid_search(X, scfg, seed=seed, n_threads=threads, source="true log-Jacobians")
@@ -175,11 +181,19 @@ def ari_upper_bound(cfg: dict, seed: int, n_subjects: int = 30, n_strata: int = 
     aris = [adjusted_rand_score(truth_labels, grid.labels)]
     from sklearn.cluster import KMeans  # reference only: told the true number of strata
     km = KMeans(n_strata, n_init=10, random_state=seed).fit_predict(X)
-    return {"n_subjects": n_subjects, "voxels_in_mask": int(mask.sum()), "grid_points": len(grid.grid),
+    oracle = stratify.grid_search(X_oracle, scfg, seed=seed, n_threads=threads, source="planted-centre values")
+    km_oracle = KMeans(n_strata, n_init=10, random_state=seed).fit_predict(X_oracle)
+    means = np.stack([X[truth_labels == k].mean(axis=0) for k in np.unique(truth_labels)])
+    between = ((means[np.searchsorted(np.unique(truth_labels), truth_labels)] - X.mean(axis=0)) ** 2).sum()
+    return {"stratum_r2": float(between / ((X - X.mean(axis=0)) ** 2).sum()),
+            "chance_r2": (n_strata - 1) / (n_subjects - 1), "n_subjects": n_subjects, "voxels_in_mask": int(mask.sum()), "grid_points": len(grid.grid),
             "valid": len(valid), "chosen_clusters": int(grid.best["n_clusters"]),
             "chosen_silhouette": float(grid.best["silhouette"]), "ari": float(aris[0]),
             "cluster_sizes": np.bincount(grid.labels).tolist(),
-            "kmeans_ari": float(adjusted_rand_score(truth_labels, km)), "sim_s": t_sim, "grid_s": t_grid}
+            "kmeans_ari": float(adjusted_rand_score(truth_labels, km)), "oracle_regions": len(centres),
+            "oracle_ap_ari": float(adjusted_rand_score(truth_labels, oracle.labels)),
+            "oracle_ap_clusters": int(oracle.best["n_clusters"]),
+            "oracle_kmeans_ari": float(adjusted_rand_score(truth_labels, km_oracle)), "sim_s": t_sim, "grid_s": t_grid}
 
 
 def _parse():
@@ -192,6 +206,8 @@ def _parse():
                    help="fractions of cluster labels re-drawn at random (extra planted rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ari", action="store_true", help="also the ARI upper bound on true log-Jacobians")
+    p.add_argument("--ari-subjects", type=int, default=30, help="subjects of the 6 mm image dataset")
+    p.add_argument("--ari-only", action="store_true", help="only the ARI upper bound")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args()
 
@@ -209,6 +225,8 @@ def main():
     print(f"datasets/condition={args.datasets} n={args.n} strata={args.strata} "
           f"permutations={args.permutations} alpha={cfg['stats']['alpha']} seed={args.seed} "
           f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+    if args.ari_only:
+        return _print_ari(cfg, args)
     t0 = time.perf_counter()
     null = null_summary(run_series(args.datasets, args.n, args.strata, True, cfg, args.seed))
     t_null = time.perf_counter() - t0
@@ -233,14 +251,24 @@ def main():
               f"factors per dataset {s['factors_per_dataset']:.2f}; {time.perf_counter() - t0:.1f} s)")
 
     if args.ari:
-        a = ari_upper_bound(cfg, args.seed, threads=args.threads)
-        print("\nARI UPPER BOUND (AP on TRUE log-Jacobian maps, not learned embeddings)")
-        print(f"  subjects={a['n_subjects']} voxels={a['voxels_in_mask']} grid={a['grid_points']} points "
-              f"({a['valid']} valid)  chosen: {a['chosen_clusters']} clusters {a['cluster_sizes']} "
-              f"silhouette {a['chosen_silhouette']:.3f}  ARI vs strata = {a['ari']:.3f}  "
-              f"[simulate {a['sim_s']:.1f} s, grid {a['grid_s']:.1f} s]")
-        print(f"  reference: k-means with k={args.strata} (told the true k) on the same maps: "
-              f"ARI = {a['kmeans_ari']:.3f}")
+        _print_ari(cfg, args)
+
+
+def _print_ari(cfg: dict, args) -> None:
+    a = ari_upper_bound(cfg, args.seed, n_subjects=args.ari_subjects, n_strata=args.strata,
+                        threads=args.threads)
+    print("\nARI UPPER BOUND (AP on TRUE log-Jacobian maps, not learned embeddings)")
+    print(f"  subjects={a['n_subjects']} voxels={a['voxels_in_mask']} grid={a['grid_points']} points "
+          f"({a['valid']} valid)  chosen: {a['chosen_clusters']} clusters {a['cluster_sizes']} "
+          f"silhouette {a['chosen_silhouette']:.3f}  ARI vs strata = {a['ari']:.3f}  "
+          f"[simulate {a['sim_s']:.1f} s, grid {a['grid_s']:.1f} s]")
+    print(f"  share of the maps' variance explained by the strata: {a['stratum_r2']:.3f} "
+          f"(chance level for {a['n_subjects']} subjects: {a['chance_r2']:.3f})")
+    print(f"  reference: k-means with k={args.strata} (told the true k) on the same maps: "
+          f"ARI = {a['kmeans_ari']:.3f}")
+    print(f"  oracle features (true log-Jacobian at the {a['oracle_regions']} planted region centres): "
+          f"AP ARI = {a['oracle_ap_ari']:.3f} ({a['oracle_ap_clusters']} clusters), "
+          f"k-means (k={args.strata}) ARI = {a['oracle_kmeans_ari']:.3f}")
 
 
 if __name__ == "__main__":
