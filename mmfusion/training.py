@@ -38,7 +38,6 @@ SIGKILL itself right after the N-th epoch checkpoint of this process.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -78,19 +77,38 @@ def set_determinism(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-@functools.lru_cache(maxsize=1)
 def distribution_strategy():
-    """MirroredStrategy over all GPUs when there are several, else the default strategy.
+    """The process's strategy, :func:`mmfusion.distribute.make_strategy` (cached there).
 
-    One per process (models cached across folds must live in the same strategy).
+    Without ``MMFUSION_TF_STRATEGY``/TF_CONFIG/a multi-node SLURM job: MirroredStrategy
+    over all GPUs when there are several, else the default strategy. One per process
+    (models cached across folds must live in the same strategy).
     """
-    import tensorflow as tf
+    from mmfusion.distribute import make_strategy
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) > 1:
-        log.info("training on %d GPUs with MirroredStrategy", len(gpus))
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+    return make_strategy()
+
+
+def _worker_group_dir(group_dir: Path, resume: bool) -> Path:
+    """``group_dir`` for the chief; a private temporary folder for other workers.
+
+    Non-chief workers of a multi-worker run compute the same things but must not write
+    under the output folder. With ``resume`` they start from a copy of the chief's
+    checkpoints (shared file system), so that all workers resume at the same epoch.
+    """
+    import shutil
+    import tempfile
+
+    from mmfusion.distribute import is_chief, task_info
+
+    if is_chief():
+        return group_dir
+    task_type, task_id = task_info()
+    private = Path(tempfile.mkdtemp(prefix=f"mmfusion-{task_type}{task_id}-"))
+    if resume and (group_dir / "checkpoints").is_dir():
+        shutil.copytree(group_dir / "checkpoints", private / "checkpoints")
+    log.info("%s %s is not the chief: its outputs go to %s", task_type, task_id, private)
+    return private
 
 
 def _set_precision(mixed: bool) -> None:
@@ -242,10 +260,10 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     epochs, patience = int(train_cfg["epochs"]), int(train_cfg["early_stopping_patience"])
+    strategy = distribution_strategy()  # first: a multi-worker strategy must precede other TF ops
     state = _read_state(ckpt_dir, run_hash, resume)
     set_determinism(seed)
     _set_precision(bool(train_cfg.get("mixed_precision", False)))
-    strategy = distribution_strategy()
     with strategy.scope():
         model = build()
         compile_autoencoder(model, float(train_cfg["learning_rate"]))
@@ -558,6 +576,7 @@ def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict,
     """:func:`run_learning` without a RunContext (``builder`` replaces build_autoencoder in tests)."""
     import shutil
 
+    group_dir = _worker_group_dir(Path(group_dir), resume)
     paths = shard_data.discover_shards(shard_dir, participant_labels)
     infos = shard_data.scan_shards(paths, modalities, allow_missing)
     shard_data.check_grid(infos, config["model"]["input_shape"])

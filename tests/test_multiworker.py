@@ -132,3 +132,25 @@ def test_strategy_name_without_gpu_count_reads_mmfusion_num_gpus():
 def test_bad_environment_is_a_config_error_naming_the_variable(env, word):
     with pytest.raises(ConfigError, match=word):
         strategy_name(env, n_gpus=0)
+
+
+def test_only_the_chief_writes_under_the_group_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from mmfusion import distribute, training
+
+    group = tmp_path / "group"
+    (group / "checkpoints" / "fold-01").mkdir(parents=True)
+    (group / "checkpoints" / "fold-01" / "state.json").write_text("{}")
+    assert training._worker_group_dir(group, resume=True) == group  # default strategy: the chief
+    monkeypatch.setattr(distribute, "is_chief", lambda strategy=None: False)
+    monkeypatch.setattr(distribute, "task_info", lambda strategy=None: ("worker", 1))
+    private = training._worker_group_dir(group, resume=True)
+    try:
+        assert not private.is_relative_to(tmp_path) and "worker1" in private.name
+        assert (private / "checkpoints" / "fold-01" / "state.json").read_text() == "{}"
+        fresh = training._worker_group_dir(group, resume=False)
+        assert fresh != private and not any(fresh.iterdir())
+        shutil.rmtree(fresh)
+    finally:
+        shutil.rmtree(private)
