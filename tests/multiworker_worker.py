@@ -27,7 +27,7 @@ STEPS = 3
 GLOBAL_BATCH = 2
 MODEL_CFG = {"input_shape": [16, 16, 12], "levels": 2, "filters": [2, 4], "kernel_size": [3, 3, 3],
              "embedding_filters": 4, "skip_connections": True, "separable": True, "dropout": 0.0, "l2": 5e-5}
-MODALITIES = ["a", "b"]
+MODALITIES = ["a"]
 
 
 def make_strategy(mode: str):
