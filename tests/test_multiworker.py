@@ -2,8 +2,8 @@
 
 Two CPU worker processes on 127.0.0.1 (TF_CONFIG, MultiWorkerMirroredStrategy, gRPC
 ring collectives) train the small autoencoder (16x16x12, 2 levels, filters [2, 4],
-kernel 3x3x3, dropout 0, one modality: the inputs are still a dict) 3 steps with a global batch of 2 (1 per worker), same seed;
-a single process (MirroredStrategy over 2 logical CPUs, same global batch and
+kernel 3x3x3, dropout 0, one modality: the inputs are still a dict) 3 steps with a
+global batch of 2 (1 per worker), same seed; a single process (MirroredStrategy over 2 logical CPUs, same global batch and
 per-replica batches, see tests/multiworker_worker.py) is the reference.
 
 Tolerance: rtol 1e-5, atol 1e-6. Both runs compute the same per-replica gradients
