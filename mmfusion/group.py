@@ -49,13 +49,18 @@ def check_shards(ctx) -> list[str]:
     return available
 
 
-def run_group_level(ctx) -> Path:
-    """Run the whole group level; returns the path of the HTML report."""
-    from mmfusion import analysis, report, training
+def run_group_level(ctx) -> Path | None:
+    """Run the whole group level; returns the path of the HTML report (None on a
+    non-chief worker of a multi-worker run, which only trains)."""
+    from mmfusion import analysis, distribute, report, training
 
     ctx.participant_labels = check_shards(ctx)
     log.info("group level on %d subject(s), modalities %s", len(ctx.participant_labels), " ".join(ctx.modalities))
+    distribute.make_strategy()  # a multi-worker strategy must exist before any other TF op
     learning = training.run_learning(ctx)
+    if not distribute.is_chief():
+        log.info("non-chief worker: training done; the chief writes the analysis and the report")
+        return None
     analysis.run_analysis(ctx, Path(learning["embeddings_tsv"]))
     tables = [ctx.phenotypes_file] if ctx.phenotypes_file else \
         [ctx.bids_dir / "participants.tsv", *sorted((ctx.bids_dir / "phenotype").glob("*.tsv"))]
