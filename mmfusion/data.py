@@ -24,7 +24,7 @@ import numpy as np
 from mmfusion.errors import InputDataError, MissingInputError, UsageError
 from mmfusion.normalization import PopulationNormalizer, VolumeStats
 from mmfusion.runlog import get_logger, progress
-from mmfusion.shards import read_attrs
+from mmfusion.shards import read_attrs, split_stem
 
 log = get_logger(__name__)
 # HDF5 calls from tf.data's threads are serialized here (read_direct_chunk from several
@@ -59,7 +59,7 @@ def discover_shards(shard_dir: Path, participant_labels: Sequence[str] = ()) -> 
     paths = sorted(Path(shard_dir).glob("sub-*.h5"))
     if participant_labels:
         wanted = set(participant_labels)
-        paths = [p for p in paths if p.stem[4:].split("_ses-")[0] in wanted]
+        paths = [p for p in paths if split_stem(p.stem)[0] in wanted]
     if not paths:
         raise MissingInputError(f"{shard_dir}: no shards (sub-*.h5) found; run the participant level first")
     return paths

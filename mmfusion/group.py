@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mmfusion.errors import MissingInputError
 from mmfusion.runlog import get_logger
+from mmfusion.shards import split_stem
 
 log = get_logger(__name__)
 
@@ -23,7 +24,7 @@ def expected_subjects(bids_dir: Path, labels: list[str]) -> list[str]:
 
 def subjects_with_shards(output_dir: Path) -> set[str]:
     """Subject labels that have at least one shard in ``output_dir/shards``."""
-    return {p.name[4:].split("_")[0].removesuffix(".h5") for p in (output_dir / "shards").glob("sub-*.h5")}
+    return {split_stem(p.stem)[0] for p in (output_dir / "shards").glob("sub-*.h5")}
 
 
 def check_shards(ctx) -> list[str]:

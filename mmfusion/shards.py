@@ -66,6 +66,12 @@ def shard_stem(subject: str, session: str = "") -> str:
     return f"sub-{subject}" + (f"_ses-{session}" if session else "")
 
 
+def split_stem(stem: str) -> tuple[str, str]:
+    """``'sub-01_ses-2'`` -> ``('01', '2')``; ``'sub-01'`` -> ``('01', '')`` (inverse of shard_stem)."""
+    subject, _, session = stem.removeprefix("sub-").partition("_ses-")
+    return subject, session
+
+
 def shard_path(output_dir: str | Path, subject: str, session: str = "") -> Path:
     return Path(output_dir) / "shards" / f"{shard_stem(subject, session)}.h5"
 
