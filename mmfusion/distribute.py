@@ -17,6 +17,9 @@ from TF_CONFIG when set, else ``SlurmClusterResolver(port_base=MMFUSION_TF_PORT_
 
 A MultiWorkerMirroredStrategy must be created before any other TensorFlow op runs in
 the process: call :func:`make_strategy` early (it is cached, later calls are free).
+
+:func:`sync_batchnorm` decides whether BatchNormalization layers average their batch
+statistics over all replicas (config key ``model.sync_batchnorm``).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ STRATEGY_ENV = "MMFUSION_TF_STRATEGY"
 PORT_BASE_ENV = "MMFUSION_TF_PORT_BASE"
 NUM_GPUS_ENV = "MMFUSION_NUM_GPUS"
 STRATEGIES = ("default", "mirrored", "multiworker")
+SYNC_BATCHNORM_KEY = "model.sync_batchnorm"
 DEFAULT_PORT_BASE = 8888
 
 
@@ -167,3 +171,27 @@ def is_chief(strategy=None) -> bool:
         return True
     has_chief = "chief" in strategy.cluster_resolver.cluster_spec().as_dict()
     return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def sync_batchnorm(setting: bool | str = "auto", strategy=None) -> bool:
+    """Whether BatchNormalization layers are built with ``synchronized=True``.
+
+    ``setting`` is ``config['model']['sync_batchnorm']``: ``"auto"`` (True when the
+    strategy, by default the one whose scope is entered, has more than one replica in
+    sync), ``True``/``"true"`` or ``False``/``"false"``. Synchronized layers all-reduce
+    the per-channel sum, sum of squares and count over the replicas, so the statistics
+    (and the moving mean/variance every replica updates) are those of the global batch.
+    With one replica ``auto`` keeps the plain layer: its two-pass variance is exact to
+    the last bit of the unsynchronized path, whereas the synchronized one computes
+    E[x^2] - E[x]^2.
+    """
+    if isinstance(setting, str) and setting.strip().lower() in ("auto", "true", "false"):
+        setting = {"auto": "auto", "true": True, "false": False}[setting.strip().lower()]
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ConfigError(f"config {SYNC_BATCHNORM_KEY}={setting!r}: use auto, true or false")
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy() if strategy is None else strategy
+    return int(strategy.num_replicas_in_sync) > 1

@@ -26,9 +26,11 @@ from typing import Any
 
 import keras
 
+from mmfusion.distribute import sync_batchnorm
 from mmfusion.errors import ConfigError
 from mmfusion.model.blocks import (
     BlockSettings,
+    batch_norm,
     conv_block,
     down_conv_block,
     mid_flow_block,
@@ -149,6 +151,7 @@ def build_autoencoder(
         l2=float(cfg["l2"]),
         separable=bool(cfg["separable"]),
         implementation=str(cfg.get("depthwise_implementation", "auto")),
+        sync_batchnorm=sync_batchnorm(cfg.get("sync_batchnorm", "auto")),
     )
     inputs, codes, all_skips = {}, [], {}
     for mod in modalities:
@@ -162,7 +165,7 @@ def build_autoencoder(
         cfg["embedding_filters"], bottom, padding="same",
         kernel_regularizer=settings.regularizer(), name="fusion_conv",
     )(fused)
-    x = keras.layers.BatchNormalization(name="fusion_bn")(x)
+    x = batch_norm(settings, "fusion_bn")(x)
     embedding = keras.layers.Activation("elu", name="embedding")(x)
     outputs = {
         f"rec_{mod}": _decoder(embedding, all_skips[mod], mod, cfg, settings, bool(skip_on))

@@ -10,7 +10,9 @@ standard Keras layers (plus :class:`~mmfusion.model.layers.SeparableConv3D`) nam
 * ``down conv`` ``conv`` + MaxPool3D(2): every spatial dimension halves
 * ``up conv``   UpSampling3D(2) + ``conv``: every spatial dimension doubles
 
-:class:`BlockSettings` carries what every block shares (kernel, dropout, L2, separable).
+:class:`BlockSettings` carries what every block shares (kernel, dropout, L2, separable,
+synchronized BatchNorm). :func:`batch_norm` is the one BatchNormalization every block
+(and the fusion block) uses.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ class BlockSettings:
         l2: L2 weight-decay factor on every kernel (0 = none).
         separable: mid-flow blocks use separable (True) or dense (False) convolutions.
         implementation: depthwise implementation of the separable layers (``"auto"``).
+        sync_batchnorm: BatchNormalization statistics over the global batch, i.e. all
+            replicas of a ``tf.distribute`` strategy (``synchronized=True``), instead
+            of each replica's share; see :func:`mmfusion.distribute.sync_batchnorm`.
     """
 
     kernel_size: tuple[int, int, int] = (5, 6, 5)
@@ -38,13 +43,25 @@ class BlockSettings:
     l2: float = 5e-5
     separable: bool = True
     implementation: str = "auto"
+    sync_batchnorm: bool = False
 
     def regularizer(self):
         return keras.regularizers.L2(self.l2) if self.l2 > 0 else None
 
 
+def batch_norm(settings: BlockSettings, name: str) -> keras.layers.BatchNormalization:
+    """BatchNormalization over the channel axis, named ``name``.
+
+    ``synchronized=settings.sync_batchnorm``: in training under a strategy with several
+    replicas the mean and variance (per channel, over batch and the 3 spatial axes) are
+    those of the global batch; at inference the layer uses its moving statistics and
+    the flag changes nothing (a saved model loads and runs on one device).
+    """
+    return keras.layers.BatchNormalization(synchronized=bool(settings.sync_batchnorm), name=name)
+
+
 def _norm_act(x, settings: BlockSettings, name: str, dropout: bool = True):
-    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = batch_norm(settings, f"{name}_bn")(x)
     x = keras.layers.Activation("elu", name=f"{name}_elu")(x)
     if dropout and settings.dropout > 0:
         x = keras.layers.Dropout(settings.dropout, name=f"{name}_drop")(x)
