@@ -173,24 +173,26 @@ def is_chief(strategy=None) -> bool:
     return task_type == "worker" and task_id == 0 and not has_chief
 
 
-def sync_batchnorm(setting: bool | str = "auto", strategy=None) -> bool:
+def sync_batchnorm(setting: bool | str | None = "auto", strategy=None) -> bool:
     """Whether BatchNormalization layers are built with ``synchronized=True``.
 
-    ``setting`` is ``config['model']['sync_batchnorm']``: ``"auto"`` (True when the
+    ``setting`` is ``config['model']['sync_batchnorm']``: ``None`` or ``"auto"`` (True when the
     strategy, by default the one whose scope is entered, has more than one replica in
     sync), ``True``/``"true"`` or ``False``/``"false"``. Synchronized layers all-reduce
     the per-channel sum, sum of squares and count over the replicas, so the statistics
     (and the moving mean/variance every replica updates) are those of the global batch.
-    With one replica ``auto`` keeps the plain layer: its two-pass variance is exact to
-    the last bit of the unsynchronized path, whereas the synchronized one computes
-    E[x^2] - E[x]^2.
+    With one replica ``auto`` keeps the plain layer (two-pass variance): the
+    synchronized layer would still use the one-pass E[x^2] - E[x]^2, which is not the
+    same function to the last bit (``bench/bench_sync_batchnorm.py``: training-mode
+    outputs differ by ~3e-5 on one CPU) and gains nothing. Raises ConfigError on any
+    other value.
     """
     if isinstance(setting, str) and setting.strip().lower() in ("auto", "true", "false"):
         setting = {"auto": "auto", "true": True, "false": False}[setting.strip().lower()]
     if isinstance(setting, bool):
         return setting
-    if setting != "auto":
-        raise ConfigError(f"config {SYNC_BATCHNORM_KEY}={setting!r}: use auto, true or false")
+    if setting is not None and setting != "auto":
+        raise ConfigError(f"config {SYNC_BATCHNORM_KEY}={setting!r}: use auto (or null), true or false")
     import tensorflow as tf
 
     strategy = tf.distribute.get_strategy() if strategy is None else strategy

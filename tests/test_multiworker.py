@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmfusion.distribute import strategy_name
+from mmfusion.distribute import strategy_name, sync_batchnorm
 from mmfusion.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,3 +182,33 @@ def test_only_the_chief_writes_under_the_group_folder(tmp_path, monkeypatch):
         shutil.rmtree(fresh)
     finally:
         shutil.rmtree(private)
+
+
+@pytest.mark.parametrize("setting, expected", [
+    (None, False), ("auto", False), (" AUTO ", False), (True, True), ("true", True), (False, False), ("False", False),
+])
+def test_sync_batchnorm_setting_with_one_replica(setting, expected):
+    assert sync_batchnorm(setting) is expected  # the default strategy has one replica
+
+
+@pytest.mark.parametrize("setting", ["yes", 1, 0.5, ["auto"]])
+def test_bad_sync_batchnorm_is_a_config_error_naming_the_key(setting):
+    with pytest.raises(ConfigError, match="model.sync_batchnorm"):
+        sync_batchnorm(setting)
+
+
+def test_model_builds_synchronized_batchnorm_only_when_asked_or_distributed():
+    import keras
+
+    from mmfusion.config import default_config
+    from mmfusion.model.autoencoder import build_autoencoder
+    from tests.multiworker_worker import MODEL_CFG
+
+    assert default_config()["model"]["sync_batchnorm"] is None  # auto
+    flags = {}
+    for setting in (None, True):
+        model = build_autoencoder({**MODEL_CFG, "sync_batchnorm": setting}, ["a", "b"])
+        bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        assert "fusion_bn" in {layer.name for layer in bns}
+        flags[setting] = {layer.synchronized for layer in bns}
+    assert flags == {None: {False}, True: {True}}

@@ -151,7 +151,7 @@ def build_autoencoder(
         l2=float(cfg["l2"]),
         separable=bool(cfg["separable"]),
         implementation=str(cfg.get("depthwise_implementation", "auto")),
-        sync_batchnorm=sync_batchnorm(cfg.get("sync_batchnorm", "auto")),
+        sync_batchnorm=sync_batchnorm(cfg.get("sync_batchnorm")),
     )
     inputs, codes, all_skips = {}, [], {}
     for mod in modalities:
