@@ -19,10 +19,11 @@ most). Phenotypes come from :func:`mmfusion.simulate.simulate_phenotypes` (no im
   flagged" = fraction of the remaining estimated factors (not matched to a planted latent
   factor, no |loading| >= 0.3 on the planted demographic) that are significant.
 * ARI (``--ari``): one simulated image dataset (6 mm, 30 subjects, 3 strata); the TRUE
-  log-Jacobian maps inside the template mask are used as "embeddings" for
-  ``stratify.grid_search`` (reduced grid: 5 dampings x 100 preferences); ARI of the chosen
-  clustering vs the strata (and, as references, of k-means told the true k, and of both on
-  oracle features: the true log-Jacobian at the planted region centres).
+  template-space log-Jacobian, FA and NDI maps inside the template mask are used, one
+  modality at a time, as "embeddings" for ``stratify.grid_search`` (reduced grid: 5
+  dampings x 100 preferences); ARI of the chosen clustering vs the strata (and, as
+  references, the strata's share of the maps' variance, k-means told the true k, and both
+  on oracle features: the true log-Jacobian at the planted JAC region centres).
   This is an UPPER BOUND (truth maps, not learned embeddings).
 
 Usage: ``OMP_NUM_THREADS=2 python bench/bench_fdr_calibration.py [--datasets 40 --n 150
@@ -149,13 +150,46 @@ def planted_summary(tables: list[pd.DataFrame]) -> dict:
     return out
 
 
-def ari_upper_bound(cfg: dict, seed: int, n_subjects: int = 30, n_strata: int = 3, voxel: float = 6.0,
-                    damping_n: int = 5, preference_n: int = 100, threads: int = 2) -> dict:
-    """ARI of AP (reduced grid) on the true log-Jacobian maps of a simulated dataset."""
-    import nibabel as nib
+def cluster_scores(X: np.ndarray, truth_labels: np.ndarray, scfg: dict, seed: int, threads: int,
+                   source: str) -> dict:
+    """AP (``stratify.grid_search``) and k-means (told the true k) on ``X`` (n, features) vs the strata.
+
+    Also the share of the total variance of ``X`` that the strata explain (between-stratum
+    sum of squares / total sum of squares).
+    """
+    from sklearn.cluster import KMeans  # reference only: told the true number of strata
     from sklearn.metrics import adjusted_rand_score
 
     from mmfusion import stratify
+
+    t0 = time.perf_counter()
+    grid = stratify.grid_search(X, scfg, seed=seed, n_threads=threads, source=source)
+    t_grid = time.perf_counter() - t0
+    strata = np.unique(truth_labels)
+    km = KMeans(len(strata), n_init=10, random_state=seed).fit_predict(X)
+    means = np.stack([X[truth_labels == k].mean(axis=0) for k in strata])
+    between = ((means[np.searchsorted(strata, truth_labels)] - X.mean(axis=0)) ** 2).sum()
+    return {"stratum_r2": float(between / ((X - X.mean(axis=0)) ** 2).sum()),
+            "grid_points": len(grid.grid), "valid": int(grid.grid["valid"].sum()),
+            "chosen_clusters": int(grid.best["n_clusters"]), "chosen_silhouette": float(grid.best["silhouette"]),
+            "ari": float(adjusted_rand_score(truth_labels, grid.labels)),
+            "cluster_sizes": np.bincount(grid.labels).tolist(),
+            "kmeans_ari": float(adjusted_rand_score(truth_labels, km)), "grid_s": t_grid}
+
+
+TRUE_MAPS = {"log-JAC": "logjac", "FA": "fa", "NDI": "ndi"}  # label -> desc-true_<x> in ground_truth
+
+
+def ari_upper_bound(cfg: dict, seed: int, n_subjects: int = 30, n_strata: int = 3, voxel: float = 6.0,
+                    damping_n: int = 5, preference_n: int = 100, threads: int = 2) -> dict:
+    """ARI of AP (reduced grid) on the true log-Jacobian, FA and NDI maps of a simulated dataset.
+
+    Returns ``{"maps": {label: cluster_scores(...)}, "oracle": ..., "n_subjects", "voxels_in_mask",
+    "chance_r2", "sim_s"}``; the oracle features are the true log-Jacobians at the planted
+    JAC region centres.
+    """
+    import nibabel as nib
+
     from mmfusion.simulate import simulate_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,34 +200,20 @@ def ari_upper_bound(cfg: dict, seed: int, n_subjects: int = 30, n_strata: int = 
         truth = root / "sourcedata" / "ground_truth"
         strata = pd.read_csv(truth / "strata.tsv", sep="\t").sort_values("participant_id")
         mask = np.asarray(nib.load(truth / "template_mask.nii.gz").dataobj) > 0
-        maps = np.stack([np.asarray(nib.load(truth / f"{pid}_space-template_desc-true_logjac.nii.gz").dataobj)
-                         for pid in strata["participant_id"]]).astype(np.float64)
+        maps = {label: np.stack([np.asarray(nib.load(truth / f"{pid}_space-template_desc-true_{key}.nii.gz").dataobj)
+                                 for pid in strata["participant_id"]]).astype(np.float64)
+                for label, key in TRUE_MAPS.items()}
         regions = json.loads((truth / "planted.json").read_text())["regions"]
-    X = maps[:, mask]
-    centres = [tuple(int(round(c)) for c in r["center_voxel_template_grid"]) for r in regions if r["kind"] == "jac"]
-    X_oracle = np.stack([maps[(slice(None),) + c] for c in centres], axis=1)  # (n, regions)
-    scfg = dict(cfg["stratify"], damping_n=damping_n, preference_n=preference_n)
-    t0 = time.perf_counter()
-    grid = stratify.grid_search(X, scfg, seed=seed, n_threads=threads, source="true log-Jacobians")
-    t_grid = time.perf_counter() - t0
     truth_labels = strata["stratum"].to_numpy()
-    valid = grid.grid[grid.grid["valid"]]
-    aris = [adjusted_rand_score(truth_labels, grid.labels)]
-    from sklearn.cluster import KMeans  # reference only: told the true number of strata
-    km = KMeans(n_strata, n_init=10, random_state=seed).fit_predict(X)
-    oracle = stratify.grid_search(X_oracle, scfg, seed=seed, n_threads=threads, source="planted-centre values")
-    km_oracle = KMeans(n_strata, n_init=10, random_state=seed).fit_predict(X_oracle)
-    means = np.stack([X[truth_labels == k].mean(axis=0) for k in np.unique(truth_labels)])
-    between = ((means[np.searchsorted(np.unique(truth_labels), truth_labels)] - X.mean(axis=0)) ** 2).sum()
-    return {"stratum_r2": float(between / ((X - X.mean(axis=0)) ** 2).sum()),
-            "chance_r2": (n_strata - 1) / (n_subjects - 1), "n_subjects": n_subjects, "voxels_in_mask": int(mask.sum()), "grid_points": len(grid.grid),
-            "valid": len(valid), "chosen_clusters": int(grid.best["n_clusters"]),
-            "chosen_silhouette": float(grid.best["silhouette"]), "ari": float(aris[0]),
-            "cluster_sizes": np.bincount(grid.labels).tolist(),
-            "kmeans_ari": float(adjusted_rand_score(truth_labels, km)), "oracle_regions": len(centres),
-            "oracle_ap_ari": float(adjusted_rand_score(truth_labels, oracle.labels)),
-            "oracle_ap_clusters": int(oracle.best["n_clusters"]),
-            "oracle_kmeans_ari": float(adjusted_rand_score(truth_labels, km_oracle)), "sim_s": t_sim, "grid_s": t_grid}
+    scfg = dict(cfg["stratify"], damping_n=damping_n, preference_n=preference_n)
+    out = {"maps": {label: cluster_scores(m[:, mask], truth_labels, scfg, seed, threads, f"true {label} maps")
+                    for label, m in maps.items()}}
+    centres = [tuple(int(round(c)) for c in r["center_voxel_template_grid"]) for r in regions if r["kind"] == "jac"]
+    X_oracle = np.stack([maps["log-JAC"][(slice(None),) + c] for c in centres], axis=1)  # (n, regions)
+    out["oracle"] = cluster_scores(X_oracle, truth_labels, scfg, seed, threads, "planted-centre values")
+    out.update(oracle_regions=len(centres), chance_r2=(n_strata - 1) / (n_subjects - 1), n_subjects=n_subjects,
+               voxels_in_mask=int(mask.sum()), sim_s=t_sim)
+    return out
 
 
 def _parse():
@@ -257,18 +277,17 @@ def main():
 def _print_ari(cfg: dict, args) -> None:
     a = ari_upper_bound(cfg, args.seed, n_subjects=args.ari_subjects, n_strata=args.strata,
                         threads=args.threads)
-    print("\nARI UPPER BOUND (AP on TRUE log-Jacobian maps, not learned embeddings)")
-    print(f"  subjects={a['n_subjects']} voxels={a['voxels_in_mask']} grid={a['grid_points']} points "
-          f"({a['valid']} valid)  chosen: {a['chosen_clusters']} clusters {a['cluster_sizes']} "
-          f"silhouette {a['chosen_silhouette']:.3f}  ARI vs strata = {a['ari']:.3f}  "
-          f"[simulate {a['sim_s']:.1f} s, grid {a['grid_s']:.1f} s]")
-    print(f"  share of the maps' variance explained by the strata: {a['stratum_r2']:.3f} "
-          f"(chance level for {a['n_subjects']} subjects: {a['chance_r2']:.3f})")
-    print(f"  reference: k-means with k={args.strata} (told the true k) on the same maps: "
-          f"ARI = {a['kmeans_ari']:.3f}")
-    print(f"  oracle features (true log-Jacobian at the {a['oracle_regions']} planted region centres): "
-          f"AP ARI = {a['oracle_ap_ari']:.3f} ({a['oracle_ap_clusters']} clusters), "
-          f"k-means (k={args.strata}) ARI = {a['oracle_kmeans_ari']:.3f}")
+    print("\nARI UPPER BOUND (AP on TRUE template-space maps, not learned embeddings)")
+    print(f"  subjects={a['n_subjects']} voxels={a['voxels_in_mask']} strata={args.strata} "
+          f"[simulate {a['sim_s']:.1f} s]; chance level of the strata's variance share: {a['chance_r2']:.3f}")
+    print(f"  {'maps':<9} {'strata R2':>9} {'AP grid (valid)':>15} {'AP clusters':>11} {'silhouette':>10} "
+          f"{'AP ARI':>7} {'k-means ARI':>11}  AP cluster sizes")
+    for label, r in [*a["maps"].items(), (f"oracle{a['oracle_regions']}", a["oracle"])]:
+        print(f"  {label:<9} {r['stratum_r2']:>9.3f} {r['grid_points']:>8d} ({r['valid']:>4d}) "
+              f"{r['chosen_clusters']:>11d} {r['chosen_silhouette']:>10.3f} {r['ari']:>7.3f} "
+              f"{r['kmeans_ari']:>11.3f}  {r['cluster_sizes']}")
+    print(f"  (oracle{a['oracle_regions']}: the true log-JAC at the {a['oracle_regions']} planted JAC region "
+          f"centres; k-means is told k={args.strata})")
 
 
 if __name__ == "__main__":

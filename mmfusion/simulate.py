@@ -50,14 +50,20 @@ CONTROL_SPACING_MM = 4.0  # spacing of the velocity-field control grid
 SQUARING_STEPS = 4
 T1_SCALE = 1000.0  # template intensities in [0, 1] -> arbitrary scanner units
 
+# Chosen so that the strata carry a sizable share of the between-subject variance of the
+# true maps (clustering whole maps recovers them; bench/bench_fdr_calibration.py --ari-only,
+# docs/validation.md) while every subject keeps its own deformation (~1.7 mm RMS).
 # Individual (non-stratum) deformation: a large-scale part (displacement) and a
 # small-scale part (local volume change).
-LARGE_SIGMA_MM, LARGE_DISP_RMS_MM = 20.0, 1.6
-SMALL_SIGMA_MM, SMALL_DIV_SD = 7.0, 0.09
+LARGE_SIGMA_MM, LARGE_DISP_RMS_MM = 30.0, 1.6
+SMALL_SIGMA_MM, SMALL_DIV_SD = 7.0, 0.04
 # Planted stratum regions.
-JAC_SIGMA_MM, JAC_EFFECT_RANGE, JAC_REGIONS_PER_STRATUM = 12.0, (0.15, 0.25), 2
-MAP_SIGMA_MM, MAP_EFFECT_RANGE = 10.0, (0.10, 0.20)
+JAC_SIGMA_MM, JAC_EFFECT_RANGE, JAC_REGIONS_PER_STRATUM = 20.0, (0.20, 0.30), 4
+MAP_SIGMA_MM, MAP_EFFECT_RANGE, MAP_REGIONS_PER_STRATUM = 16.0, (0.20, 0.30), 4
 STRATUM_WEIGHT_SD = 0.15  # subject-to-subject variation of the stratum effect size
+# Individual FA/NDI variation: a global scale (a 1-D nuisance, so kept small) and a smooth
+# regional multiplicative field.
+MAP_SCALE_SD, MAP_FIELD_SIGMA_MM, MAP_FIELD_SD = 0.015, 15.0, 0.04
 
 DESIGN, PHENO, TEXTURE, SUBJECTS = range(4)
 
@@ -292,7 +298,7 @@ def plan_regions(rng, grid: TemplateGrid, n_strata: int) -> list[Region]:
         """Voxels meeting the first condition that has enough of them, in MNI mm."""
         for cond in conditions:
             idx = np.argwhere(cond[sub]) * step
-            if len(idx) >= 4 * n_strata * JAC_REGIONS_PER_STRATUM:
+            if len(idx) >= 4 * n_strata * max(JAC_REGIONS_PER_STRATUM, MAP_REGIONS_PER_STRATUM):
                 break
         return grid.world(idx)
 
@@ -306,9 +312,11 @@ def plan_regions(rng, grid: TemplateGrid, n_strata: int) -> list[Region]:
         regions.append(Region("jac", i // JAC_REGIONS_PER_STRATUM + 1, tuple(float(x) for x in c),
                               JAC_SIGMA_MM, float(effect)))
     for kind in ("fa", "ndi"):
-        for k, c in enumerate(_pick_centers(rng, wm_cand, n_strata, 3 * MAP_SIGMA_MM)):
+        centers = _pick_centers(rng, wm_cand, n_strata * MAP_REGIONS_PER_STRATUM, 3 * MAP_SIGMA_MM)
+        for i, c in enumerate(centers):
             effect = rng.choice([-1.0, 1.0]) * rng.uniform(*MAP_EFFECT_RANGE)
-            regions.append(Region(kind, k + 1, tuple(float(x) for x in c), MAP_SIGMA_MM, float(effect)))
+            regions.append(Region(kind, i // MAP_REGIONS_PER_STRATUM + 1, tuple(float(x) for x in c),
+                                  MAP_SIGMA_MM, float(effect)))
     return regions
 
 
@@ -363,6 +371,25 @@ def _gaussian_bumps(regions, kind: str, stratum: int, grid: TemplateGrid) -> np.
         g = [np.exp(-((ax - c) ** 2) / (2 * r.sigma_mm**2)) for ax, c in zip(axes, r.center_mm)]
         factor *= 1.0 + r.effect * (g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :])
     return factor.astype(np.float32)
+
+
+def subject_maps(rng, maps: dict[str, np.ndarray], grid: TemplateGrid, cgrid: ControlGrid) -> dict[str, np.ndarray]:
+    """One subject's FA/NDI on the template grid: its stratum's maps (X, Y, Z) with individual variation.
+
+    Each map is multiplied by a global scale ``1 + MAP_SCALE_SD * N(0, 1)`` and by
+    ``exp(MAP_FIELD_SD * f)``, ``f`` a smooth (``MAP_FIELD_SIGMA_MM``) random field with
+    SD 1 in the brain. Returns float32 maps clipped to [0, 1].
+    """
+    from scipy import ndimage
+
+    out = {}
+    for name, values in maps.items():
+        scale = 1.0 + MAP_SCALE_SD * rng.standard_normal()
+        field = separable_apply(ndimage.gaussian_filter(
+            rng.standard_normal(cgrid.shape), MAP_FIELD_SIGMA_MM / cgrid.spacing), cgrid.up)
+        field = (field - field[grid.mask].mean()) / field[grid.mask].std()
+        out[name] = np.clip(values * scale * np.exp(MAP_FIELD_SD * field), 0, 1).astype(np.float32)
+    return out
 
 
 def diffusion_templates(rng, grid: TemplateGrid, cgrid: ControlGrid) -> dict[str, np.ndarray]:
@@ -781,9 +808,11 @@ def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, re
     psi, phi, weight = subject_deformation(rng, stratum, regions, grid, cgrid)
     logjac = log_jacobian(psi, cgrid)
     coords = np.indices(grid.shape, dtype=np.float32) + upsample(phi, cgrid) / grid.voxel_size
-    maps = {m: v * float(1.0 + 0.03 * rng.standard_normal()) for m, v in stratum_maps[stratum].items()}
+    maps = subject_maps(rng, stratum_maps[stratum], grid, cgrid)
     truth_dir = root / "sourcedata" / "ground_truth"
     _save_nifti(truth_dir / f"sub-{label}_space-template_desc-true_logjac.nii.gz", logjac, grid.affine, code=4)
+    for m, values in maps.items():
+        _save_nifti(truth_dir / f"sub-{label}_space-template_desc-true_{m}.nii.gz", values, grid.affine, code=4)
     disp_mm = np.sqrt((psi**2).sum(0))  # on the control grid
     info = {"stratum": stratum, "stratum_weight": round(weight, 4),
             "max_displacement_mm": round(float(disp_mm[cgrid.mask].max()), 3),
@@ -828,6 +857,13 @@ def _write_truth(truth_dir: Path, grid, labels, strata, regions, pheno, subjects
             "stratum_weight_sd": STRATUM_WEIGHT_SD,
             "true_logjac": {i: f"{i}_space-template_desc-true_logjac.nii.gz" for i in ids},
             "sessions_share_anatomy": True,  # sessions differ only in bias, noise and header transform
+        },
+        "diffusion_maps": {
+            "individual": {"scale_sd": MAP_SCALE_SD, "field_sigma_mm": MAP_FIELD_SIGMA_MM,
+                           "field_sd": MAP_FIELD_SD},
+            "true_maps": {m: {i: f"{i}_space-template_desc-true_{m}.nii.gz" for i in ids} for m in ("fa", "ndi")},
+            "true_maps_note": "FA/NDI on the template grid before the warp to subject space, "
+                              "the acquisition noise and the subject's brain-mask cut",
         },
         "regions": [r.as_dict(grid) for r in regions],
         "strata_file": "strata.tsv",
