@@ -87,26 +87,43 @@ def choose_implementation(input_shape, kernel_size, depth_multiplier: int = 1,
 
     Returns:
         ``"dense"`` when :func:`dense_flop_factor` < :data:`DENSE_MAX_FLOP_FACTOR`,
-        else ``"sliced"``. Why: on a 2-core AVX-512 CPU (TF 2.21, oneDNN), forward +
+        else ``"sliced"`` (``"grouped"`` on a non-TensorFlow backend). Why: on a 2-core AVX-512 CPU (TF 2.21, oneDNN), forward +
         backward of the folded dense conv3d was as fast as or faster than the sliced
         depthwise path up to C = 32 despite its C-fold FLOPs (TF's depthwise kernels
         reach a small fraction of oneDNN's dense throughput), and slower at C = 64
         (factor 45); see ``bench/bench_layers.py``. The folded path therefore costs
-        exactly one dense ``Conv3D`` wherever it is picked. The same rule is used on
-        GPU but was NOT measured (no GPU here): rerun the bench there and override with
-        ``implementation=`` if another path wins. The grid size does not enter.
+        exactly one dense ``Conv3D`` wherever it is picked. The same rule holds on
+        GPU: on an NVIDIA H200 (Keras 3.15 on the JAX backend, cuDNN;
+        ``bench/bench_gpu_throughput.py --layers``, ``bench/results/gpu_h200_jax.txt``)
+        the folded dense path was faster than the grouped one at every paper shape
+        (5.6 vs 23.2 ms at 128x128x96x2) except 16x16x12x32 (2.4 vs 2.2 ms). The grid
+        size does not enter. "sliced" is TensorFlow-only; other backends get
+        "grouped" instead.
     """
     channels = int(input_shape[-1])
     factor = dense_flop_factor(kernel_size, channels, depth_multiplier, filters)
-    return "dense" if factor < DENSE_MAX_FLOP_FACTOR else "sliced"
+    if factor < DENSE_MAX_FLOP_FACTOR:
+        return "dense"
+    # "sliced" is written with TensorFlow ops; other backends get the grouped conv
+    return "sliced" if keras.backend.backend() == "tensorflow" else "grouped"
 
 
 def _on_gpu() -> bool:
+    """True when the Keras backend computes on a GPU (TensorFlow, JAX or PyTorch)."""
+    backend = keras.backend.backend()
     try:
+        if backend == "jax":
+            import jax
+
+            return jax.default_backend() == "gpu"
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
         import tensorflow as tf
 
         return bool(tf.config.list_logical_devices("GPU"))
-    except Exception:  # pragma: no cover - non-TF backend
+    except Exception:  # pragma: no cover - backend without device queries
         return False
 
 
