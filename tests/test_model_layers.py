@@ -106,6 +106,13 @@ def test_auto_heuristic_dense_for_few_channels_sliced_for_many():
     assert L.dense_flop_factor(k, 64) == 64.0
 
 
+
+def test_auto_heuristic_never_picks_tensorflow_only_path_on_other_backends(monkeypatch):
+    k = (5, 6, 5)
+    monkeypatch.setattr(L.keras.backend, "backend", lambda: "jax")
+    assert L.choose_implementation((1, 8, 8, 6, 64), k, 1, 64) == "grouped"
+    assert L.choose_implementation((1, 128, 128, 96, 2), k, 1, 2) == "dense"
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="implementation"):
         DepthwiseConv3D(3, implementation="fast")
