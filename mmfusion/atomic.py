@@ -14,6 +14,22 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+"""The process umask at import; temporary files (mode 0600 from ``mkstemp``) get
+``0o666 & ~UMASK`` (folders ``0o777 & ~UMASK``) before they take their final name, like
+files created with ``open()``, so group members can read shared outputs."""
+
+
+def _publish_mode(path: Path, directory: bool = False) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it to ``path``.
@@ -31,6 +47,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _publish_mode(tmp_path, directory=tmp_path.is_dir())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -60,6 +77,7 @@ def write_text_once(path: str | Path, text: str) -> bool:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    _publish_mode(Path(tmp))
     try:
         os.link(tmp, path)
         return True
@@ -77,6 +95,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, directory=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

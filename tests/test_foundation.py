@@ -89,3 +89,20 @@ def test_progress_logs_plain_lines_in_batch(caplog, monkeypatch):
         assert list(progress(range(5), "steps", every_s=0.0, logger=logger)) == list(range(5))
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs[-1].startswith("steps: 5/5 (100%)") and len(msgs) == 5
+
+
+def test_atomic_outputs_get_umask_permissions_not_mkstemp_0600(tmp_path):
+    """Shards, reports and sidecars must be readable by the group like open()'d files."""
+    import stat
+
+    from mmfusion import atomic
+
+    expected_file = 0o666 & ~atomic.UMASK
+    with atomic.atomic_path(tmp_path / "a.txt") as tmp:
+        tmp.write_text("x")
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == expected_file
+    assert write_text_once(tmp_path / "b.txt", "y")
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == expected_file
+    with atomic.atomic_dir(tmp_path / "d") as folder:
+        (folder / "f").write_text("z")
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~atomic.UMASK
