@@ -1,7 +1,7 @@
 """Loading and validating input NIfTIs (T1w, FA, NDI) before any expensive work.
 
 Every failure raises one clear line naming the file: :class:`InputDataError` (exit 65)
-for unreadable, empty, 4D or mismatched images, :class:`MissingInputError` (exit 66)
+for unreadable, empty or 4D images and maps not in the T1w space, :class:`MissingInputError` (exit 66)
 for absent files. Non-finite voxels in FA/NDI are not an error: they are set to 0 and
 counted (the count goes to the QC record).
 """
@@ -16,6 +16,8 @@ from mmfusion.errors import InputDataError, MissingInputError
 
 #: Tolerances for "same grid": voxel-to-world affine entries (mm) and shape must match.
 GRID_ATOL_MM = 1e-3
+#: A map on another grid than the T1w must cover at least this fraction of its field of view.
+MIN_FOV_OVERLAP = 0.5
 
 
 def load_3d(path: str | Path, what: str) -> nib.Nifti1Image:
@@ -46,14 +48,52 @@ def load_3d(path: str | Path, what: str) -> nib.Nifti1Image:
     return nib.Nifti1Image(np.asarray(data, dtype=np.float32), img.affine, img.header)
 
 
-def check_same_grid(img: nib.Nifti1Image, path: str | Path, ref: nib.Nifti1Image,
-                    ref_path: str | Path, what: str) -> None:
-    """Raise InputDataError unless ``img`` has ``ref``'s shape and affine (within 1e-3 mm)."""
-    if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=GRID_ATOL_MM):
+def same_grid(img: nib.Nifti1Image, ref: nib.Nifti1Image) -> bool:
+    """True when ``img`` has ``ref``'s shape and voxel-to-world affine (within 1e-3 mm)."""
+    return img.shape[:3] == ref.shape[:3] and np.allclose(img.affine, ref.affine, atol=GRID_ATOL_MM)
+
+
+def _world_box(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned world bounding box (mm) of the image's field of view: (lo (3,), hi (3,))."""
+    corners = np.array([[i, j, k] for i in (-0.5, img.shape[0] - 0.5) for j in (-0.5, img.shape[1] - 0.5)
+                        for k in (-0.5, img.shape[2] - 0.5)])
+    world = nib.affines.apply_affine(img.affine, corners)
+    return world.min(axis=0), world.max(axis=0)
+
+
+def fov_overlap(img: nib.Nifti1Image, ref: nib.Nifti1Image) -> float:
+    """Fraction (0..1) of ``ref``'s world bounding box covered by ``img``'s."""
+    lo_a, hi_a = _world_box(img)
+    lo_r, hi_r = _world_box(ref)
+    inter = np.clip(np.minimum(hi_a, hi_r) - np.maximum(lo_a, lo_r), 0, None)
+    return float(np.prod(inter) / np.prod(hi_r - lo_r))
+
+
+def check_same_space(img: nib.Nifti1Image, path: str | Path, ref: nib.Nifti1Image,
+                     ref_path: str | Path, what: str) -> bool:
+    """Check that a map can be read in the T1w's world space; return True if it is on another grid.
+
+    A map on the T1w's own grid is used as is. A map on another grid (QSIRecon writes
+    ``space-T1w`` maps at the diffusion resolution) is accepted when its field of view
+    covers at least :data:`MIN_FOV_OVERLAP` of the T1w's: the registration then reads it
+    through its own affine (world coordinates, mm). Refused, with InputDataError: a
+    ``space-ACPC`` map on another grid (AC-PC space is a rigid rotation of the T1w space
+    that no header can undo: use the AC-PC T1w it belongs to, or ``space-T1w`` maps), and
+    a map whose field of view barely overlaps the T1w's (not in the T1w space).
+    """
+    if same_grid(img, ref):
+        return False
+    shape = f"shape {img.shape[:3]}, voxel {np.round(nib.affines.voxel_sizes(img.affine), 3).tolist()} mm"
+    if "space-ACPC" in Path(path).name:
         raise InputDataError(
-            f"{path}: {what} grid (shape {img.shape[:3]}, voxel "
-            f"{np.round(nib.affines.voxel_sizes(img.affine), 3).tolist()} mm) does not match the T1w "
-            f"{ref_path} (shape {ref.shape[:3]}); {what} must be in the subject's T1w space (space-T1w)")
+            f"{path}: {what} in space-ACPC is on another grid ({shape}) than the T1w {ref_path}; "
+            "use the AC-PC T1w it was computed with, or space-T1w maps")
+    overlap = fov_overlap(img, ref)
+    if overlap < MIN_FOV_OVERLAP:
+        raise InputDataError(
+            f"{path}: {what} field of view ({shape}) covers {overlap:.0%} of the T1w {ref_path}; "
+            f"{what} must be in the subject's T1w space (space-T1w)")
+    return True
 
 
 def zero_nonfinite(img: nib.Nifti1Image) -> tuple[nib.Nifti1Image, int]:
@@ -71,7 +111,8 @@ def load_subject_inputs(t1w: str | Path | None, maps: dict[str, str | Path | Non
     """Load and validate one subject's T1w and its T1w-space maps (e.g. {'fa': p, 'ndi': p}).
 
     Returns (t1w image, {modality: image with non-finite voxels set to 0},
-    {'nonfinite_<modality>': count}). Maps given as None are skipped.
+    {'nonfinite_<modality>': count, 'regridded_<modality>': 1 if the map is on another
+    grid than the T1w (read through its affine), else 0}). Maps given as None are skipped.
     """
     if t1w is None:
         raise MissingInputError(f"{subject_key}: no T1w image found (expected anat/{subject_key}_T1w.nii.gz); "
@@ -84,6 +125,6 @@ def load_subject_inputs(t1w: str | Path | None, maps: dict[str, str | Path | Non
         if path is None:
             continue
         img = load_3d(path, modality.upper())
-        check_same_grid(img, path, t1, t1w, modality.upper())
+        qc[f"regridded_{modality}"] = int(check_same_space(img, path, t1, t1w, modality.upper()))
         out[modality], qc[f"nonfinite_{modality}"] = zero_nonfinite(img)
     return t1, out, qc

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmfusion.errors import InputDataError, MissingInputError
-from mmfusion.images import check_same_grid, load_3d, load_subject_inputs, zero_nonfinite
+from mmfusion.images import check_same_space, fov_overlap, load_3d, load_subject_inputs, zero_nonfinite
 
 
 def _save(path, data, affine=None):
@@ -70,10 +70,29 @@ def test_nonfinite_set_to_zero_and_counted():
     assert np.isfinite(arr).all() and arr[0, 0, 0] == 0 and arr[0, 1, 0] == 1
 
 
-def test_grid_mismatch_names_both_files(tmp_path, t1):
-    fa = _save(tmp_path / "fa.nii.gz", np.ones((8, 9, 10)), np.diag([2.0, 2.0, 2.0, 1.0]))
-    with pytest.raises(InputDataError, match="fa.nii.gz: FA grid .* does not match the T1w .*sub-01_T1w"):
-        check_same_grid(load_3d(fa, "FA"), fa, load_3d(t1, "T1w"), t1, "FA")
+def test_map_outside_the_t1w_space_names_both_files(tmp_path, t1):
+    shifted = np.diag([1.0, 1.0, 1.0, 1.0])
+    shifted[:3, 3] = [6.0, 0.0, 0.0]  # 6 of 8 mm along x: 25% overlap
+    fa = _save(tmp_path / "fa.nii.gz", np.ones((8, 9, 10)), shifted)
+    with pytest.raises(InputDataError, match="fa.nii.gz: FA field of view .* covers 25% of the T1w .*sub-01_T1w"):
+        check_same_space(load_3d(fa, "FA"), fa, load_3d(t1, "T1w"), t1, "FA")
+
+
+def test_coarser_map_in_t1w_space_is_accepted_and_flagged(tmp_path, t1):
+    """QSIRecon space-T1w maps come at the diffusion resolution: same world box, other grid."""
+    coarse = np.diag([2.0, 2.0, 2.0, 1.0])
+    coarse[:3, 3] = 0.5  # voxel centres of a 2 mm grid over the 1 mm T1w box
+    fa = _save(tmp_path / "sub-01_space-T1w_fa.nii.gz", np.ones((4, 5, 5)), coarse)
+    assert fov_overlap(load_3d(fa, "FA"), load_3d(t1, "T1w")) > 0.9
+    assert check_same_space(load_3d(fa, "FA"), fa, load_3d(t1, "T1w"), t1, "FA") is True
+    _, _, qc = load_subject_inputs(t1, {"fa": fa}, "sub-01")
+    assert qc["regridded_fa"] == 1
+
+
+def test_acpc_map_on_another_grid_is_refused(tmp_path, t1):
+    fa = _save(tmp_path / "sub-01_space-ACPC_fa.nii.gz", np.ones((4, 5, 5)), np.diag([2.0, 2.0, 2.0, 1.0]))
+    with pytest.raises(InputDataError, match="space-ACPC .* use the AC-PC T1w"):
+        check_same_space(load_3d(fa, "FA"), fa, load_3d(t1, "T1w"), t1, "FA")
 
 
 def test_subject_inputs_count_nonfinite_maps(tmp_path, t1):
@@ -82,6 +101,7 @@ def test_subject_inputs_count_nonfinite_maps(tmp_path, t1):
     path = _save(tmp_path / "fa.nii.gz", fa)
     _, maps, qc = load_subject_inputs(t1, {"fa": path, "ndi": None}, "sub-01")
     assert set(maps) == {"fa"} and qc["nonfinite_fa"] == 2 and qc["nonfinite_t1"] == 0
+    assert qc["regridded_fa"] == 0
     assert np.isfinite(maps["fa"].get_fdata()).all()
 
 

@@ -171,7 +171,11 @@ def test_bad_input_fails_cleanly(dataset, tmp_path, case):
     elif case == "fa_4d":
         fa = bad = _bad_copy(tmp_path, fa, "fa_4d.nii.gz", lambda d, a: (np.stack([d, d], -1), a))
     else:
-        ndi = bad = _bad_copy(tmp_path, ndi, "ndi_shifted.nii.gz", lambda d, a: (d[1:], a))
+        def shift(d, a):  # a map in another space: its field of view misses the T1w's
+            a = a.copy()
+            a[:3, 3] += 0.8 * np.array(d.shape) * np.abs(np.diag(a)[:3])
+            return d, a
+        ndi = bad = _bad_copy(tmp_path, ndi, "ndi_shifted.nii.gz", shift)
     out = tmp_path / "out"
     ctx = _ctx(bids, out, SubjectRecord("01", "", t1, fa, ndi))
     with pytest.raises(InputDataError) as err:
@@ -195,3 +199,20 @@ def test_nan_in_ndi_is_zeroed_and_counted(dataset, tmp_path):
     shard = read_shard(path)  # check_finite: raises on NaN
     assert sorted(shard.images) == ["jac", "ndi", "t1"], "no FA given -> no FA dataset"
     assert shard.meta["qc"]["nonfinite_ndi"] == 7 and shard.meta["template_source"] == "builtin"
+
+
+def test_map_on_a_coarser_grid_in_t1w_space_is_resampled(dataset, tmp_path):
+    """QSIRecon's space-T1w maps come at the diffusion resolution: read through their affine."""
+    bids, _, _ = dataset
+    t1, fa, ndi = _inputs(bids, "03")
+
+    def coarsen(d, a):  # every other voxel, 2x the voxel size, same world coordinates
+        return np.ascontiguousarray(d[::2, ::2, ::2]), a @ np.diag([2.0, 2.0, 2.0, 1.0])
+    coarse = _bad_copy(tmp_path, ndi, "sub-03_space-T1w_ndi_coarse.nii.gz", coarsen)
+    [ref_path] = run_participant_level(_ctx(bids, tmp_path / "ref", SubjectRecord("03", "", t1, None, ndi)))
+    [path] = run_participant_level(_ctx(bids, tmp_path / "out", SubjectRecord("03", "", t1, None, coarse)))
+    ref, shard = read_shard(ref_path), read_shard(path)
+    assert shard.meta["qc"]["regridded_ndi"] == 1 and ref.meta["qc"]["regridded_ndi"] == 0
+    inside = shard.mask > 0
+    r = np.corrcoef(ref.images["ndi"][inside], shard.images["ndi"][inside])[0, 1]
+    assert r > 0.9, r
