@@ -14,7 +14,7 @@ import tensorflow as tf
 from mmfusion.model import layers as L
 from mmfusion.model.layers import DepthwiseConv3D, SeparableConv3D
 
-IMPLS = ["dense", "sliced", "split", "grouped"]
+IMPLS = ["dense", "sliced", "split", "grouped", "numba"]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -97,21 +97,24 @@ def test_weight_layout_is_identical_across_implementations():
     assert shapes == {((5, 6, 5, 2, 1), (1, 1, 1, 2, 3), (3,))}
 
 
-def test_auto_heuristic_dense_for_few_channels_sliced_for_many():
+def test_auto_heuristic_numba_on_cpu_float32_else_dense_for_few_channels_sliced_for_many():
     k = (5, 6, 5)
-    assert L.choose_implementation((1, 128, 128, 96, 2), k, 1, 2) == "dense"
-    assert L.choose_implementation((1, 16, 16, 12, 32), k, 1, 32) == "dense"
-    assert L.choose_implementation((1, 8, 8, 6, 64), k, 1, 64) == "sliced"
-    assert L.choose_implementation((1, 8, 8, 6, 64), k) == "sliced"  # depthwise: factor C
+    for shape in [(1, 128, 128, 96, 2), (1, 16, 16, 12, 32), (None, 8, 8, 6, 64)]:
+        assert L.choose_implementation(shape, k, 1, shape[-1]) == "numba"
+        assert L.choose_implementation(shape, k) == "numba"
+    for kwargs in [dict(device="gpu"), dict(dtype="bfloat16"), dict(dtype="float16")]:
+        assert L.choose_implementation((1, 128, 128, 96, 2), k, 1, 2, **kwargs) == "dense"
+        assert L.choose_implementation((1, 16, 16, 12, 32), k, 1, 32, **kwargs) == "dense"
+        assert L.choose_implementation((1, 8, 8, 6, 64), k, 1, 64, **kwargs) == "sliced"
+        assert L.choose_implementation((1, 8, 8, 6, 64), k, **kwargs) == "sliced"  # factor C
     assert L.dense_flop_factor(k, 64) == 64.0
-
 
 
 def test_auto_heuristic_never_picks_tensorflow_only_path_on_other_backends(monkeypatch):
     k = (5, 6, 5)
     monkeypatch.setattr(L.keras.backend, "backend", lambda: "jax")
     assert L.choose_implementation((1, 8, 8, 6, 64), k, 1, 64) == "grouped"
-    assert L.choose_implementation((1, 128, 128, 96, 2), k, 1, 2) == "dense"
+    assert L.choose_implementation((1, 128, 128, 96, 2), k, 1, 2) == "dense"  # never numba
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="implementation"):

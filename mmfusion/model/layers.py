@@ -27,6 +27,15 @@ model:
 ``"grouped"``
     conv3d with ``groups = C`` (what ``keras.layers.Conv3D(groups=C)`` does).
     Very slow on CPU (XLA); provided for GPUs (cuDNN grouped conv) and as a reference.
+``"numba"``
+    TensorFlow backend on CPU, float32 only: compiled numba kernels
+    (:mod:`mmfusion.model.numba_depthwise`) called through ``tf.numpy_function``, with
+    a ``tf.custom_gradient`` whose input gradient (correlation of the upstream gradient
+    with the flipped kernel) and kernel gradient (per tap and channel dot products,
+    fixed summation order: bit-identical run to run) are numba kernels too. Only the
+    depthwise FLOPs, channels-last rows as SIMD vectors. ``depth_multiplier`` m > 1
+    repeats each input channel m times first. Other dtypes (mixed precision) and
+    other backends fall back to the "auto" choice without numba.
 
 ``implementation="auto"`` (default) picks per call from the static input shape with
 :func:`choose_implementation`, a heuristic fitted to measurements on a 2-core CPU
@@ -40,9 +49,14 @@ Only stride 1 is supported (the paper uses stride 1 everywhere); padding is
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
-IMPLEMENTATIONS = ("auto", "dense", "sliced", "split", "grouped")
+from mmfusion.runlog import get_logger
+
+IMPLEMENTATIONS = ("auto", "dense", "sliced", "split", "grouped", "numba")
+
+log = get_logger(__name__)
 
 
 def _triple(value, name: str) -> tuple[int, int, int]:
@@ -75,7 +89,8 @@ def dense_flop_factor(kernel_size, channels: int, depth_multiplier: int = 1,
 
 
 def choose_implementation(input_shape, kernel_size, depth_multiplier: int = 1,
-                          filters: int | None = None, device: str = "cpu") -> str:
+                          filters: int | None = None, device: str = "cpu",
+                          dtype: str = "float32") -> str:
     """Pick the fastest depthwise implementation for a layer call (heuristic).
 
     Args:
@@ -84,22 +99,29 @@ def choose_implementation(input_shape, kernel_size, depth_multiplier: int = 1,
         depth_multiplier: ``m``.
         filters: pointwise filters of a SeparableConv3D; ``None`` for DepthwiseConv3D.
         device: ``"cpu"`` or ``"gpu"``.
+        dtype: compute dtype of the call (``"float32"``, ``"bfloat16"``, ...).
 
     Returns:
-        ``"dense"`` when :func:`dense_flop_factor` < :data:`DENSE_MAX_FLOP_FACTOR`,
-        else ``"sliced"`` (``"grouped"`` on a non-TensorFlow backend). Why: on a 2-core AVX-512 CPU (TF 2.21, oneDNN), forward +
+        On CPU with the TensorFlow backend and float32: ``"numba"``. Why: on a 2-core
+        AVX-512 CPU (TF 2.21) its forward + backward beat every other path at every
+        shape of the paper model (``bench/bench_layers.py``; e.g. 128x128x96, C = 4:
+        numba ~0.2 s vs 0.28 s for the folded dense conv3d), because it computes only
+        the depthwise FLOPs at a useful fraction of the dense throughput.
+        Otherwise (GPU, other backends, mixed precision): ``"dense"`` when
+        :func:`dense_flop_factor` < :data:`DENSE_MAX_FLOP_FACTOR`, else ``"sliced"``
+        (``"grouped"`` on a non-TensorFlow backend). Why: on the same CPU, forward +
         backward of the folded dense conv3d was as fast as or faster than the sliced
         depthwise path up to C = 32 despite its C-fold FLOPs (TF's depthwise kernels
         reach a small fraction of oneDNN's dense throughput), and slower at C = 64
-        (factor 45); see ``bench/bench_layers.py``. The folded path therefore costs
-        exactly one dense ``Conv3D`` wherever it is picked. The same rule holds on
-        GPU: on an NVIDIA H200 (Keras 3.15 on the JAX backend, cuDNN;
-        ``bench/bench_gpu_throughput.py --layers``, ``bench/results/gpu_h200_jax.txt``)
-        the folded dense path was faster than the grouped one at every paper shape
-        (5.6 vs 23.2 ms at 128x128x96x2) except 16x16x12x32 (2.4 vs 2.2 ms). The grid
-        size does not enter. "sliced" is TensorFlow-only; other backends get
-        "grouped" instead.
+        (factor 45). The same rule holds on GPU: on an NVIDIA H200 (Keras 3.15 on the
+        JAX backend, cuDNN; ``bench/bench_gpu_throughput.py --layers``,
+        ``bench/results/gpu_h200_jax.txt``) the folded dense path was faster than the
+        grouped one at every paper shape (5.6 vs 23.2 ms at 128x128x96x2) except
+        16x16x12x32 (2.4 vs 2.2 ms). The grid size does not enter. "sliced" and
+        "numba" are TensorFlow-only.
     """
+    if device == "cpu" and _numba_usable(dtype):
+        return "numba"
     channels = int(input_shape[-1])
     factor = dense_flop_factor(kernel_size, channels, depth_multiplier, filters)
     if factor < DENSE_MAX_FLOP_FACTOR:
@@ -251,7 +273,91 @@ def _depthwise_grouped(x, kernel, padding: str):
     return ops.conv(x, grouped, strides=1, padding=padding)
 
 
-_FUNCS = {"dense": _depthwise_dense, "sliced": _depthwise_sliced, "split": _depthwise_split, "grouped": _depthwise_grouped}
+def _numba_usable(dtype) -> bool:
+    """True where the "numba" path can run: TensorFlow backend, float32, numba importable."""
+    if keras.backend.backend() != "tensorflow" or keras.backend.standardize_dtype(dtype) != "float32":
+        return False
+    try:
+        import numba  # noqa: F401
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return False
+    return True
+
+
+def _thread_limit() -> int | None:
+    """Threads for the numba kernels: TensorFlow's intra-op setting, else OMP_NUM_THREADS."""
+    import os
+
+    import tensorflow as tf
+
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    if threads:
+        return int(threads)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
+def _depthwise_numba(x, kernel, padding: str):
+    """Depthwise 3D conv with numba kernels (TensorFlow, CPU, float32), custom gradient.
+
+    x: (B, D, H, W, C) float32; kernel: (kd, kh, kw, C, m) -> (B, D', H', W', C*m).
+    """
+    import tensorflow as tf
+
+    from mmfusion.model import numba_depthwise as nd
+
+    kd, kh, kw, channels, mult = (int(s) for s in kernel.shape)
+    if x.dtype != tf.float32 or kernel.dtype != tf.float32:
+        raise TypeError(f"implementation 'numba' needs float32, got {x.dtype.name}/{kernel.dtype.name}; "
+                        "use implementation='auto' or 'dense' under mixed precision")
+    ksize = (kd, kh, kw)
+    pads = tuple(_same_pad(k)[0] if padding == "same" else 0 for k in ksize)
+    grad_pads = tuple(k - 1 - p for k, p in zip(ksize, pads))
+    threads = _thread_limit()
+    if mult > 1:  # output channel c*m + j = input channel c with kernel[..., c, j]
+        x = tf.repeat(x, mult, axis=-1)
+    kernel = tf.reshape(kernel, ksize + (channels * mult,))
+    in_spatial = tuple(x.shape[1:4])
+    out_spatial = tuple(
+        None if d is None else (d if padding == "same" else d - k + 1) for d, k in zip(in_spatial, ksize)
+    )
+
+    def forward(inp, ker):
+        nd.set_threads(threads)
+        shape = inp.shape[1:4]
+        out = shape if padding == "same" else tuple(d - k + 1 for d, k in zip(shape, ksize))
+        return nd.correlate(inp, ker, pads, out)
+
+    def input_grad(upstream, ker, inp_shape):
+        nd.set_threads(threads)
+        flipped = np.ascontiguousarray(ker[::-1, ::-1, ::-1])
+        return nd.correlate(upstream, flipped, grad_pads, tuple(inp_shape[1:4]))
+
+    def kernel_grad(inp, upstream):
+        nd.set_threads(threads)
+        return nd.kernel_gradient(inp, upstream, ksize, pads)
+
+    @tf.custom_gradient
+    def conv(inp, ker):
+        out = tf.numpy_function(forward, [inp, ker], tf.float32, stateful=False)
+        out.set_shape((inp.shape[0],) + out_spatial + (channels * mult,))
+
+        def grad(upstream):
+            upstream = tf.cast(upstream, tf.float32)
+            d_inp = tf.numpy_function(input_grad, [upstream, ker, tf.shape(inp, out_type=tf.int64)],
+                                      tf.float32, stateful=False)
+            d_inp.set_shape(inp.shape)
+            d_ker = tf.numpy_function(kernel_grad, [inp, upstream], tf.float32, stateful=False)
+            d_ker.set_shape(ker.shape)
+            return d_inp, d_ker
+
+        return out, grad
+
+    return conv(x, kernel)
+
+
+_FUNCS = {"dense": _depthwise_dense, "sliced": _depthwise_sliced, "split": _depthwise_split,
+          "grouped": _depthwise_grouped, "numba": _depthwise_numba}
 
 
 def depthwise_conv3d(x, kernel, padding: str = "same", implementation: str = "auto"):
@@ -269,7 +375,8 @@ def depthwise_conv3d(x, kernel, padding: str = "same", implementation: str = "au
     """
     if implementation == "auto":
         implementation = choose_implementation(
-            x.shape, kernel.shape[:3], int(kernel.shape[4]), None, "gpu" if _on_gpu() else "cpu"
+            x.shape, kernel.shape[:3], int(kernel.shape[4]), None, "gpu" if _on_gpu() else "cpu",
+            dtype=keras.backend.standardize_dtype(x.dtype),
         )
     return _FUNCS[implementation](x, kernel, padding)
 
@@ -320,12 +427,17 @@ class _DepthwiseBase(keras.layers.Layer):
         return int(channels)
 
     def _resolve(self, input_shape, filters=None) -> str:
+        device = "gpu" if _on_gpu() else "cpu"
+        if self.implementation == "numba" and not _numba_usable(self.compute_dtype):
+            fallback = choose_implementation(input_shape, self.kernel_size, self.depth_multiplier,
+                                             filters, device, dtype=self.compute_dtype)
+            log.warning("%s: implementation 'numba' needs the TensorFlow backend and float32 "
+                        "(compute dtype %s); using %r", self.name, self.compute_dtype, fallback)
+            return fallback
         if self.implementation != "auto":
             return self.implementation
-        return choose_implementation(
-            input_shape, self.kernel_size, self.depth_multiplier, filters,
-            "gpu" if _on_gpu() else "cpu",
-        )
+        return choose_implementation(input_shape, self.kernel_size, self.depth_multiplier,
+                                     filters, device, dtype=self.compute_dtype)
 
     def _depthwise(self, inputs, implementation: str):
         kernel = ops.cast(self.depthwise_kernel, self.compute_dtype)

@@ -1,0 +1,178 @@
+"""Depthwise 3D convolution (stride 1) as numba CPU kernels, forward and both gradients.
+
+Arrays stay channels-last (no transposes): a row ``x[b, d, h]`` of ``W*C`` contiguous
+floats is treated as one vector, and a kernel tap ``(i, j, k)`` shifts it by ``k*C``
+elements and multiplies it elementwise by the tap's kernel values tiled along the row
+(``tiled[i, j, k, w*C + c] = kernel[i, j, k, c]``). The innermost loop is therefore a
+contiguous multiply-add over one row (SIMD), with the output row in L1 while every tap
+is added to it. Out-of-grid taps are skipped (no padded copy): ``pad`` voxels of
+implicit zeros precede each axis.
+
+* :func:`correlate`: ``out[b, o, c] = sum_t src[b, o + t - pad, c] * kernel[t, c]``:
+  the forward pass (``src = x``) and the input gradient (``src = upstream``, flipped
+  kernel, ``pad = k - 1 - pad_forward``).
+* :func:`kernel_gradient`: ``dk[t, c] = sum_{b, o} x[b, o + t - pad, c] * g[b, o, c]``;
+  partial sums per output depth slab are added in a fixed order, so the result does
+  not depend on the thread count or scheduling (bit-identical run to run).
+
+Only ``depth_multiplier`` 1 and float32 (callers repeat input channels for m > 1).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
+
+
+@numba.njit(fastmath=False, cache=True, nogil=True, inline="always")
+def _fma_row(acc, src, weights):
+    """acc[e] += src[e] * weights[e] for three equally long contiguous 1D views (SIMD)."""
+    for e in range(acc.shape[0]):
+        acc[e] += src[e] * weights[e]
+
+
+@numba.njit(**_JIT)
+def _correlate(src, tiled, pads, channels, out):
+    """src (B, D, H, W*C), tiled (kd, kh, kw, Wo*C), pads (3,) int64, out (B, Do, Ho, Wo*C)."""
+    nb, d_in, h_in, row_in = src.shape
+    kd, kh, kw, row_out = tiled.shape
+    d_out, h_out = out.shape[1], out.shape[2]
+    w_in = row_in // channels
+    w_out = row_out // channels
+    pad_d, pad_h, pad_w = pads[0], pads[1], pads[2]
+    for slab in numba.prange(nb * d_out):
+        b = slab // d_out
+        d = slab % d_out
+        acc = np.empty(row_out, np.float32)
+        for h in range(h_out):
+            acc[:] = 0.0
+            for i in range(kd):
+                di = d + i - pad_d
+                if di < 0 or di >= d_in:
+                    continue
+                for j in range(kh):
+                    hi = h + j - pad_h
+                    if hi < 0 or hi >= h_in:
+                        continue
+                    xrow = src[b, di, hi]
+                    for k in range(kw):
+                        ker = tiled[i, j, k]
+                        shift = k - pad_w  # input voxel = output voxel + shift
+                        lo = max(0, -shift) * channels
+                        hi_w = min(w_out, w_in - shift) * channels
+                        off = shift * channels
+                        _fma_row(acc[lo:hi_w], xrow[lo + off:hi_w + off], ker[lo:hi_w])
+            out[b, d, h, :] = acc
+
+
+@numba.njit(**_JIT)
+def _kernel_grad_slabs(x, g, pads, ksize, channels, partial):
+    """x (B, D, H, W*C), g (B, Do, Ho, Wo*C) -> partial (B*Do, kd, kh, kw, C) (overwritten)."""
+    nb, d_in, h_in, row_in = x.shape
+    d_out, h_out, row_out = g.shape[1], g.shape[2], g.shape[3]
+    kd, kh, kw = ksize[0], ksize[1], ksize[2]
+    w_in = row_in // channels
+    w_out = row_out // channels
+    pad_d, pad_h, pad_w = pads[0], pads[1], pads[2]
+    for slab in numba.prange(nb * d_out):
+        b = slab // d_out
+        d = slab % d_out
+        acc = np.zeros((kh, kw, row_out), np.float32)
+        for i in range(kd):
+            di = d + i - pad_d
+            if di < 0 or di >= d_in:
+                for j in range(kh):
+                    for k in range(kw):
+                        for c in range(channels):
+                            partial[slab, i, j, k, c] = 0.0
+                continue
+            acc[:] = 0.0
+            for h in range(h_out):
+                grow = g[b, d, h]
+                for j in range(kh):
+                    hi = h + j - pad_h
+                    if hi < 0 or hi >= h_in:
+                        continue
+                    xrow = x[b, di, hi]
+                    for k in range(kw):
+                        a = acc[j, k]
+                        shift = k - pad_w
+                        lo = max(0, -shift) * channels
+                        hi_w = min(w_out, w_in - shift) * channels
+                        off = shift * channels
+                        _fma_row(a[lo:hi_w], xrow[lo + off:hi_w + off], grow[lo:hi_w])
+            for j in range(kh):
+                for k in range(kw):
+                    for c in range(channels):
+                        s = np.float32(0.0)
+                        for w in range(w_out):
+                            s += acc[j, k, w * channels + c]
+                        partial[slab, i, j, k, c] = s
+
+
+@numba.njit(cache=True, nogil=True)
+def _sum_slabs(partial, out):
+    """Sequential (fixed-order) sum over the first axis: (S, ...) -> out (...)."""
+    flat_out = out.reshape(-1)
+    flat = partial.reshape(partial.shape[0], -1)
+    flat_out[:] = 0.0
+    for s in range(flat.shape[0]):
+        for e in range(flat.shape[1]):
+            flat_out[e] += flat[s, e]
+
+
+def set_threads(threads: int | None) -> None:
+    """Limit numba's parallel loops in the calling thread to ``threads`` (None: all)."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(limit if not threads else max(1, min(int(threads), limit)))
+
+
+def _tile(kernel: np.ndarray, width: int) -> np.ndarray:
+    """(kd, kh, kw, C) -> (kd, kh, kw, width*C) with ``[..., w*C + c] = kernel[..., c]``."""
+    return np.ascontiguousarray(np.tile(kernel, (1, 1, 1, width)), dtype=np.float32)
+
+
+def correlate(src: np.ndarray, kernel: np.ndarray, pad_before, out_spatial) -> np.ndarray:
+    """Per-channel 3D correlation with implicit zero padding.
+
+    Args:
+        src: ``(B, D, H, W, C)`` float32.
+        kernel: ``(kd, kh, kw, C)`` float32.
+        pad_before: zeros before each spatial axis, 3 ints (voxels).
+        out_spatial: ``(Do, Ho, Wo)`` output grid.
+
+    Returns:
+        ``(B, Do, Ho, Wo, C)`` float32 with
+        ``out[b, o, c] = sum_t src[b, o + t - pad_before, c] * kernel[t, c]``.
+    """
+    nb, d, h, w, channels = src.shape
+    do, ho, wo = (int(v) for v in out_spatial)
+    src = np.ascontiguousarray(src, dtype=np.float32).reshape(nb, d, h, w * channels)
+    out = np.empty((nb, do, ho, wo * channels), np.float32)
+    _correlate(src, _tile(kernel, wo), np.asarray(pad_before, np.int64), channels, out)
+    return out.reshape(nb, do, ho, wo, channels)
+
+
+def kernel_gradient(x: np.ndarray, upstream: np.ndarray, ksize, pad_before) -> np.ndarray:
+    """Gradient of ``correlate(x, kernel, pad_before, upstream.shape[1:4])`` wrt ``kernel``.
+
+    Args:
+        x: ``(B, D, H, W, C)`` float32 forward input.
+        upstream: ``(B, Do, Ho, Wo, C)`` float32 gradient of the loss wrt the output.
+        ksize: ``(kd, kh, kw)``.
+        pad_before: the forward pass's zeros before each spatial axis (voxels).
+
+    Returns:
+        ``(kd, kh, kw, C)`` float32, deterministic (fixed summation order).
+    """
+    nb, d, h, w, channels = x.shape
+    _, do, ho, wo, _ = upstream.shape
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(nb, d, h, w * channels)
+    g2 = np.ascontiguousarray(upstream, dtype=np.float32).reshape(nb, do, ho, wo * channels)
+    ksize = np.asarray(ksize, np.int64)
+    partial = np.empty((nb * do, *(int(k) for k in ksize), channels), np.float32)
+    _kernel_grad_slabs(x2, g2, np.asarray(pad_before, np.int64), ksize, channels, partial)
+    out = np.empty(partial.shape[1:], np.float32)
+    _sum_slabs(partial, out)
+    return out
