@@ -21,7 +21,7 @@ from mmfusion.atomic import atomic_path
 from mmfusion.config import config_hash
 from mmfusion.errors import MissingInputError, StaleOutputError
 from mmfusion.images import load_subject_inputs
-from mmfusion.provenance import sha256_file
+from mmfusion.provenance import reuse_existing, sha256_file
 from mmfusion.runlog import get_logger, progress
 from mmfusion.shards import Shard, read_attrs, shard_path, write_shard
 from mmfusion.spatial import registration as reg
@@ -72,16 +72,9 @@ def up_to_date(path: Path, expected: dict, force: bool) -> bool:
 
     Raises StaleOutputError when it exists but differs and ``force`` is False.
     """
-    if force or not path.is_file():
-        return False
-    attrs = read_attrs(path)
-    diffs = [k for k in ("config_hash", "template_hash", "input_hashes") if attrs.get(k) != expected[k]]
-    if not diffs:
-        return True
-    raise StaleOutputError(
-        f"{path}: exists but was made with a different {', '.join(d.replace('_hash', '').replace('input_hashes', 'inputs') for d in diffs)} "
-        f"(shard {attrs.get('template_hash') if 'template_hash' in diffs else attrs.get('config_hash')}); "
-        "pass --force to redo it, or use another output_dir")
+    recorded = read_attrs(path) if path.is_file() else None
+    return reuse_existing(path, recorded, expected, force,
+                          "pass --force to redo it, or use another output_dir")
 
 
 def process_subject(ctx, record, template: TemplateInfo, params: dict) -> Path:

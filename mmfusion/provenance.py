@@ -87,3 +87,24 @@ class Provenance:
         path = Path(logs_dir) / f"{self.run_id}_provenance.json"
         write_json(path, self.as_dict())
         return path
+
+
+def reuse_existing(path: str | Path, recorded: dict | None, expected: dict[str, Any],
+                   force: bool, fix: str) -> bool:
+    """The skip / refuse / redo rule for a finished output (shard, study template).
+
+    ``recorded``: the record stored with the output at ``path`` (None when there is no
+    finished output); ``expected``: what this run would record (hashes of the config,
+    template, inputs ...). Returns True when the output can be reused as is (skip), False
+    when it must be (re)made (none yet, or ``force``). Raises StaleOutputError (exit 75),
+    naming ``path``, the differing entries and ``fix``, when it exists but differs: silently
+    replacing it would make everything computed from it stale.
+    """
+    from mmfusion.errors import StaleOutputError
+
+    if force or recorded is None:
+        return False
+    diffs = [key for key, value in expected.items() if recorded.get(key) != value]
+    if not diffs:
+        return True
+    raise StaleOutputError(f"{path}: exists but was made with a different {', '.join(diffs)}; {fix}")

@@ -106,3 +106,16 @@ def test_atomic_outputs_get_umask_permissions_not_mkstemp_0600(tmp_path):
     with atomic.atomic_dir(tmp_path / "d") as folder:
         (folder / "f").write_text("z")
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~atomic.UMASK
+
+
+def test_reuse_existing_skips_redoes_or_refuses(tmp_path):
+    from mmfusion.errors import StaleOutputError
+    from mmfusion.provenance import reuse_existing
+
+    expected = {"config_hash": "a", "inputs": {"t1": "h1"}}
+    out = tmp_path / "shard.h5"
+    assert reuse_existing(out, None, expected, False, "fix") is False          # nothing yet
+    assert reuse_existing(out, dict(expected), expected, False, "fix") is True  # same: skip
+    assert reuse_existing(out, {"config_hash": "b"}, expected, True, "fix") is False  # --force
+    with pytest.raises(StaleOutputError, match=r"shard.h5: .*different config_hash, inputs; pass --force"):
+        reuse_existing(out, {"config_hash": "b"}, expected, False, "pass --force")

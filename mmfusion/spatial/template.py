@@ -21,7 +21,8 @@ import numpy as np
 from mmfusion import __version__
 from mmfusion.atomic import atomic_path, write_json
 from mmfusion.config import config_hash
-from mmfusion.errors import StaleOutputError, MissingInputError
+from mmfusion.errors import MissingInputError
+from mmfusion.provenance import reuse_existing
 from mmfusion.images import load_3d
 from mmfusion.runlog import get_logger, progress
 from mmfusion.spatial import registration as reg
@@ -216,7 +217,7 @@ def run_template_level(ctx) -> Path:
         "registration_params": params,
         "config_hash": config_hash(ctx.config, ["spatial"]),
         "template_hash": image_hash(ants.image_read(str(paths["t1w"]))),
-        "inputs": {str(r.t1w): ctx.provenance.inputs.get(str(Path(r.t1w).resolve()), "") for r in chosen},
+        "inputs": _input_record(ctx, chosen),
         "mask": "MNI152 2009 brain mask (nilearn) registered to the template and thresholded at 0.5",
         "wall_s": round(time.perf_counter() - t0, 1),
     }
@@ -226,19 +227,22 @@ def run_template_level(ctx) -> Path:
     return paths["dir"]
 
 
+def _input_record(ctx, chosen: list) -> dict[str, str]:
+    """{T1w path: sha256} of the subjects the template is built from."""
+    return {str(r.t1w): ctx.provenance.inputs.get(str(Path(r.t1w).resolve()), "") for r in chosen}
+
+
 def _up_to_date(ctx, paths: dict, chosen: list) -> bool:
     """True if a finished template (its provenance JSON is written last) was built from the
     same T1w files (sha256) with the same spatial config. A different one is refused
     (exit 75) unless ``--force``: rebuilding would make every existing shard stale."""
-    if ctx.force or not (paths["provenance"].is_file() and paths["t1w"].is_file()):
-        return False
-    old = json.loads(paths["provenance"].read_text())
-    inputs = {str(r.t1w): ctx.provenance.inputs.get(str(Path(r.t1w).resolve()), "") for r in chosen}
-    if old.get("config_hash") == config_hash(ctx.config, ["spatial"]) and old.get("inputs") == inputs:
-        return True
-    raise StaleOutputError(f"{paths['t1w']}: a study template built from other inputs or another spatial "
-                           "config exists; rerun with --force to rebuild it (then also rerun the participant "
-                           "level with --force), or use a new output_dir")
+    finished = paths["provenance"].is_file() and paths["t1w"].is_file()
+    recorded = json.loads(paths["provenance"].read_text()) if finished else None
+    expected = {"config_hash": config_hash(ctx.config, ["spatial"]),
+                "inputs": _input_record(ctx, chosen)}
+    return reuse_existing(paths["t1w"], recorded, expected, ctx.force,
+                          "rerun with --force to rebuild it (then also rerun the participant level with "
+                          "--force), or use a new output_dir")
 
 
 def describe(info: TemplateInfo) -> str:
