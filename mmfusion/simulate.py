@@ -11,7 +11,8 @@ offline) deformed by a smooth diffeomorphism, plus realistic nuisances. The layo
         sub-XX[_ses-Y]_space-T1w_model-noddi_param-icvf_dwimap.nii.gz
     OUT/sourcedata/ground_truth/strata.tsv, latent_factors.tsv, planted.json,
         template_T1w.nii.gz, template_mask.nii.gz,
-        sub-XX_space-template_desc-true_logjac.nii.gz
+        sub-XX_space-template_desc-true_logjac.nii.gz,
+        sub-XX_space-template_desc-true_{fa,ndi}.nii.gz (before the warp and the noise)
 
 Deformation convention (matches ANTs with fixed=template, moving=subject): a stationary
 velocity field ``v`` (mm, template grid) gives the forward map ``psi = exp(v)`` and the
@@ -662,7 +663,8 @@ stratum-specific regional pattern plus an individual part){extras}.
 - `derivatives/qsirecon/`: FA (tensor) and NDI (NODDI ICVF) maps on each T1w grid.
 - `phenotype/`: questionnaire-like tables generated from latent factors.
 - `sourcedata/ground_truth/`: the truth (strata, planted regions and variables, true
-  log-Jacobians on the template grid, the template grid itself). Not for analysis.
+  log-Jacobians and FA/NDI maps on the template grid, the template grid itself). Not
+  for analysis.
 
 All data are synthetic; no real person is described.
 """

@@ -125,7 +125,7 @@ def test_true_logjac_separates_strata_in_planted_regions_only(dataset):
     labels = strata["stratum"].to_numpy()
     assert sorted(np.unique(labels)) == list(range(1, N_STRATA + 1))
     sds = [lj[mask].std() for lj in logjacs]
-    assert 0.07 < np.median(sds) < 0.2
+    assert 0.04 < np.median(sds) < 0.15  # ~0.07: individual deformation + planted regions
     jac_regions = [r for r in planted["regions"] if r["kind"] == "jac"]
     assert len(jac_regions) >= N_STRATA and {r["stratum"] for r in jac_regions} == set(range(1, N_STRATA + 1))
     recovered, diffs = [], []  # group difference (/ planted effect), per region
@@ -135,13 +135,13 @@ def test_true_logjac_separates_strata_in_planted_regions_only(dataset):
         diff = means[labels == r["stratum"]].mean() - means[labels != r["stratum"]].mean()
         recovered.append(diff / r["effect"])
         diffs.append(abs(diff))
-    # individual variation (sphere-mean SD ~0.1) blurs single regions at n=5 per stratum
+    # individual variation and overlapping regions blur single regions at n=5 per stratum
     # (test_logjac_effect_sizes_with_many_subjects checks each region's size)
     assert min(recovered) > 0 and np.mean(recovered) > 0.5, recovered
     # far from every planted region, the strata do not differ
     centers = np.array([r["center_voxel_template_grid"] for r in jac_regions])
     idx = np.argwhere(mask)
-    far = np.min(np.linalg.norm(idx[:, None, :] - centers[None], axis=2), axis=1) * VOXEL >= 4 * 12.0
+    far = np.min(np.linalg.norm(idx[:, None, :] - centers[None], axis=2), axis=1) * VOXEL >= 48.0  # 2.4 sigma
     assert far.sum() > 500
     far_means = np.array([lj[tuple(idx[far].T)].mean() for lj in logjacs])
     for k in range(1, N_STRATA + 1):
@@ -198,7 +198,7 @@ def test_strata_recoverable_from_true_template_maps(dataset):
 
 def test_logjac_effect_sizes_with_many_subjects():
     """With 20 subjects per stratum every planted region shows >= 60% of its effect; far
-    (>= 4 sigma) from every region the strata do not differ."""
+    (>= 48 mm, 2.4 sigma) from every region the strata do not differ."""
     grid, cgrid = sim.load_template_grid(6.0), sim.control_grid(6.0)
     regions = sim.plan_regions(np.random.default_rng(1), grid, 3)
     rng = np.random.default_rng(2)
