@@ -4,16 +4,18 @@ For each (grid, channels) where the paper model runs a ``sep conv`` (mid-flow bl
 encoder C = filters[i], decoder C = 2*filters[i] after the skip concat) this prints,
 measured side by side in one process (batch 1, float32, kernel 5x6x5, 'same', C->C):
 
-* ``auto``/``fold``/``sliced``/``split``: :class:`mmfusion.model.layers.SeparableConv3D`
+* ``auto``/``fold``/``sliced``/``split``/``numba``: :class:`mmfusion.model.layers.SeparableConv3D`
   with each implementation (``auto`` = what the layer picks, ``fold`` = "dense",
-  depthwise and pointwise folded into one conv3d kernel);
+  depthwise and pointwise folded into one conv3d kernel; ``numba`` = numba kernels,
+  CPU only: ``nan`` on GPU);
 * ``grp+pw``: ``keras.layers.Conv3D(C, groups=C)`` + pointwise ``Conv3D(C, 1)``;
 * ``dense``: ``keras.layers.Conv3D(C)`` (C-fold more FLOPs than the depthwise part);
 
-and the ratios ``grp+pw / auto`` and ``dense / auto`` (> 1 means ours is faster).
+and the ratios ``grp+pw / auto``, ``dense / auto`` and ``fold / numba`` (> 1 means the
+latter is faster).
 
 Usage: ``OMP_NUM_THREADS=2 python bench/bench_layers.py [--threads 2] [--repeats 3]
-[--skip-grouped-above VOXELS]``.
+[--levels 5] [--skip grp,split]``.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ def _parse():
     p.add_argument("--levels", type=int, default=5)
     p.add_argument("--base", type=str, default="128,128,96")
     p.add_argument("--filters", type=str, default="2,4,8,16,32")
+    p.add_argument("--skip", type=str, default="",
+                   help="comma-separated contenders not to run, e.g. 'grp,split' (shown as nan)")
     return p.parse_args()
 
 
@@ -86,9 +90,11 @@ def main():
                 times[name].append(once(step, inner[name]))
         return {name: min(v) for name, v in times.items()}
 
-    device = "GPU" if tf.config.list_logical_devices("GPU") else f"CPU ({args.threads} threads)"
+    on_gpu = bool(tf.config.list_logical_devices("GPU"))
+    device = "GPU" if on_gpu else f"CPU ({args.threads} threads)"
     print(f"# forward+backward seconds, batch 1, float32, kernel {kernel}, device {device}")
-    head = f"{'grid':>13} {'C':>3} {'pick':>7} {'auto':>8} {'fold':>8} {'sliced':>8} {'split':>8} {'grp+pw':>8} {'dense':>8} {'grp/auto':>9} {'dense/auto':>10}"
+    head = (f"{'grid':>13} {'C':>3} {'pick':>7} {'auto':>8} {'fold':>8} {'sliced':>8} {'split':>8} {'numba':>8} "
+            f"{'grp+pw':>8} {'dense':>8} {'grp/auto':>9} {'dense/auto':>10} {'fold/numba':>10}")
     print(head)
     print("-" * len(head))
     rng = np.random.default_rng(0)
@@ -98,24 +104,28 @@ def main():
         big = voxels >= 64 * 64 * 48
         rounds = args.repeats if big else 4 * args.repeats  # small grids: cheap, noisier
         grp_rep = args.grouped_repeats if big else rounds
-        grouped = keras.Sequential([
-            keras.layers.Conv3D(channels, kernel, padding="same", groups=channels),
-            keras.layers.Conv3D(channels, 1),
-        ])
-        steps = {
-            "auto": make_step(SeparableConv3D(channels, kernel), x),
-            "fold": make_step(SeparableConv3D(channels, kernel, implementation="dense"), x),
-            "sliced": make_step(SeparableConv3D(channels, kernel, implementation="sliced"), x),
-            "split": make_step(SeparableConv3D(channels, kernel, implementation="split"), x),
-            "grp": make_step(grouped, x),
-            "dense": make_step(keras.layers.Conv3D(channels, kernel, padding="same"), x),
+        contenders = {
+            "auto": lambda: SeparableConv3D(channels, kernel),
+            "fold": lambda: SeparableConv3D(channels, kernel, implementation="dense"),
+            "sliced": lambda: SeparableConv3D(channels, kernel, implementation="sliced"),
+            "split": lambda: SeparableConv3D(channels, kernel, implementation="split"),
+            "numba": lambda: SeparableConv3D(channels, kernel, implementation="numba"),
+            "grp": lambda: keras.Sequential([
+                keras.layers.Conv3D(channels, kernel, padding="same", groups=channels),
+                keras.layers.Conv3D(channels, 1),
+            ]),
+            "dense": lambda: keras.layers.Conv3D(channels, kernel, padding="same"),
         }
+        skip = set(filter(None, args.skip.split(","))) | ({"numba"} if on_gpu else set())
+        steps = {name: make_step(build(), x) for name, build in contenders.items() if name not in skip}
         res = interleaved(steps, x, rounds, {"grp"}, grp_rep)
+        res = {name: res.get(name, float("nan")) for name in contenders}
         pick = choose_implementation(x.shape, kernel, 1, channels)
         print(
             f"{'x'.join(map(str, grid)):>13} {channels:>3} {pick:>7} {res['auto']:8.3f} {res['fold']:8.3f} {res['sliced']:8.3f} "
-            f"{res['split']:8.3f} {res['grp']:8.3f} {res['dense']:8.3f} "
-            f"{res['grp'] / res['auto']:9.1f} {res['dense'] / res['auto']:10.2f}",
+            f"{res['split']:8.3f} {res['numba']:8.3f} {res['grp']:8.3f} {res['dense']:8.3f} "
+            f"{res['grp'] / res['auto']:9.1f} {res['dense'] / res['auto']:10.2f} "
+            f"{res['fold'] / res['numba']:10.2f}",
             flush=True,
         )
 

@@ -25,22 +25,61 @@ import numpy as np
 _JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
 
 
-@numba.njit(fastmath=False, cache=True, nogil=True, inline="always")
+_ROW = dict(fastmath=False, cache=True, nogil=True, inline="always")
+
+
+@numba.njit(**_ROW)
 def _fma_row(acc, src, weights):
     """acc[e] += src[e] * weights[e] for three equally long contiguous 1D views (SIMD)."""
     for e in range(acc.shape[0]):
         acc[e] += src[e] * weights[e]
 
 
+@numba.njit(**_ROW)
+def _fma_row2(acc, x0, k0, x1, k1):
+    """Two taps in one pass over ``acc`` (fewer loads/stores of the accumulator)."""
+    for e in range(acc.shape[0]):
+        acc[e] = acc[e] + x0[e] * k0[e] + x1[e] * k1[e]
+
+
+@numba.njit(**_ROW)
+def _fma_row3(acc, x0, k0, x1, k1, x2, k2):
+    """Three taps in one pass over ``acc``."""
+    for e in range(acc.shape[0]):
+        acc[e] = acc[e] + x0[e] * k0[e] + x1[e] * k1[e] + x2[e] * k2[e]
+
+
+@numba.njit(**_ROW)
+def _taps_row(acc, xrow, ker, channels):
+    """acc[e] += sum_k xrow[e + k*C] * ker[k, e]: the kw taps of one kernel row.
+
+    acc (Wo*C,), xrow ((Wo+kw-1)*C,) (zero-padded along W), ker (kw, Wo*C). Taps go
+    three (or two) per pass over ``acc``.
+    """
+    kw, n = ker.shape
+    k = 0
+    while k < kw:
+        a = k * channels
+        if kw - k >= 3 and kw - k != 4:
+            _fma_row3(acc, xrow[a:a + n], ker[k], xrow[a + channels:a + channels + n], ker[k + 1],
+                      xrow[a + 2 * channels:a + 2 * channels + n], ker[k + 2])
+            k += 3
+        elif kw - k >= 2:
+            _fma_row2(acc, xrow[a:a + n], ker[k], xrow[a + channels:a + channels + n], ker[k + 1])
+            k += 2
+        else:
+            _fma_row(acc, xrow[a:a + n], ker[k])
+            k += 1
+
+
 @numba.njit(**_JIT)
 def _correlate(src, tiled, pads, channels, out):
-    """src (B, D, H, W*C), tiled (kd, kh, kw, Wo*C), pads (3,) int64, out (B, Do, Ho, Wo*C)."""
-    nb, d_in, h_in, row_in = src.shape
+    """src (B, D, H, (Wo+kw-1)*C) W-padded, tiled (kd, kh, kw, Wo*C), pads (2,) int64 (D, H),
+    out (B, Do, Ho, Wo*C) (overwritten)."""
+    nb, d_in, h_in, _ = src.shape
     kd, kh, kw, row_out = tiled.shape
     d_out, h_out = out.shape[1], out.shape[2]
-    w_in = row_in // channels
-    w_out = row_out // channels
-    pad_d, pad_h, pad_w = pads[0], pads[1], pads[2]
+    pad_d, pad_h = pads[0], pads[1]
     for slab in numba.prange(nb * d_out):
         b = slab // d_out
         d = slab % d_out
@@ -55,14 +94,7 @@ def _correlate(src, tiled, pads, channels, out):
                     hi = h + j - pad_h
                     if hi < 0 or hi >= h_in:
                         continue
-                    xrow = src[b, di, hi]
-                    for k in range(kw):
-                        ker = tiled[i, j, k]
-                        shift = k - pad_w  # input voxel = output voxel + shift
-                        lo = max(0, -shift) * channels
-                        hi_w = min(w_out, w_in - shift) * channels
-                        off = shift * channels
-                        _fma_row(acc[lo:hi_w], xrow[lo + off:hi_w + off], ker[lo:hi_w])
+                    _taps_row(acc, src[b, di, hi], tiled[i, j], channels)
             out[b, d, h, :] = acc
 
 
@@ -133,6 +165,18 @@ def _tile(kernel: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.tile(kernel, (1, 1, 1, width)), dtype=np.float32)
 
 
+def _pad_rows(src: np.ndarray, before: int, width: int) -> np.ndarray:
+    """(B, D, H, W, C) -> (B, D, H, width*C) float32: ``before`` zero voxels, the row, zeros
+    up to ``width`` voxels (the row is cut where ``width`` is shorter)."""
+    nb, d, h, w, channels = src.shape
+    out = np.empty((nb, d, h, width * channels), np.float32)
+    keep = max(0, min(w, width - before))
+    out[..., : before * channels] = 0.0
+    out[..., before * channels:(before + keep) * channels] = src.reshape(nb, d, h, w * channels)[..., : keep * channels]
+    out[..., (before + keep) * channels:] = 0.0
+    return out
+
+
 def correlate(src: np.ndarray, kernel: np.ndarray, pad_before, out_spatial) -> np.ndarray:
     """Per-channel 3D correlation with implicit zero padding.
 
@@ -148,9 +192,9 @@ def correlate(src: np.ndarray, kernel: np.ndarray, pad_before, out_spatial) -> n
     """
     nb, d, h, w, channels = src.shape
     do, ho, wo = (int(v) for v in out_spatial)
-    src = np.ascontiguousarray(src, dtype=np.float32).reshape(nb, d, h, w * channels)
+    padded = _pad_rows(src, int(pad_before[2]), wo + int(kernel.shape[2]) - 1)
     out = np.empty((nb, do, ho, wo * channels), np.float32)
-    _correlate(src, _tile(kernel, wo), np.asarray(pad_before, np.int64), channels, out)
+    _correlate(padded, _tile(kernel, wo), np.asarray(pad_before[:2], np.int64), channels, out)
     return out.reshape(nb, do, ho, wo, channels)
 
 
