@@ -182,35 +182,57 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--overrides", type=json.loads, default=None,
                     help='JSON preset overrides, e.g. \'{"syn_metric": "CC", "syn_sampling": 2}\'')
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="subjects registered at the same time (each with --threads); >1 inflates wall times")
     ap.add_argument("--only", default=None, help="comma-separated subject labels to run (default: all)")
     args = ap.parse_args(argv)
     data = args.data or Path(tempfile.mkdtemp(prefix="benchreg_data_"))
     t0 = time.perf_counter()
     rows = (simulate_rows if args.source == "simulate" else builtin_dataset)(
         data, args.n_subjects, args.voxel, args.seed)
-    print(f"data: {len(rows)} subjects at {args.voxel} mm ({args.source}), {time.perf_counter() - t0:.0f}s", flush=True)
+    print(f"data: {len(rows)} subjects at {args.voxel} mm ({args.source}), {time.perf_counter() - t0:.0f}s; "
+          f"load average={' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     if args.only:
         rows = [r for r in rows if r["subject"] in args.only.split(",")]
     results = []
     ctx = mp.get_context("spawn")
-    for preset in args.presets.split(","):
-        for row in rows:
+    jobs = [(preset, row) for preset in args.presets.split(",") for row in rows]
+    running: list = []  # (process, queue); --jobs > 1 shares the cores: compare CPU seconds then
+    while jobs or running:
+        while jobs and len(running) < args.jobs:
+            preset, row = jobs.pop(0)
             q = ctx.Queue()
             p = ctx.Process(target=run_one, args=(row, preset, args.threads, not args.no_n4, args.seed, q, args.overrides))
             p.start()
-            out = q.get()
-            p.join()
-            results.append(out)
-            print(f"{preset:10s} sub-{out['subject']} r={out['r']:.3f} slope={out['slope']:.3f} "
-                  f"mae={out['mae']:.4f} t1_r={out['t1_r']:.3f} wall={out['wall_s']:.0f}s cpu={out['cpu_s']:.0f}s "
-                  f"peak={out['peak_rss_gb']:.2f}GB stages={ {k: round(v) for k, v in out['stages_s'].items()} }",
-                  flush=True)
+            running.append((p, q))
+        out = None
+        while out is None:
+            for p, q in running:
+                try:
+                    out = q.get(timeout=1)
+                except Exception:  # queue.Empty
+                    if p.exitcode not in (None, 0):
+                        raise RuntimeError(f"registration process failed (exit {p.exitcode})")
+                    continue
+                p.join()
+                running.remove((p, q))
+                break
+        results.append(out)
+        print(f"{out['preset']:10s} sub-{out['subject']} r={out['r']:.3f} slope={out['slope']:.3f} "
+              f"mae={out['mae']:.4f} t1_r={out['t1_r']:.3f} wall={out['wall_s']:.0f}s cpu={out['cpu_s']:.0f}s "
+              f"peak={out['peak_rss_gb']:.2f}GB stages={ {k: round(v) for k, v in out['stages_s'].items()} }",
+              flush=True)
     print("\npreset      n  median_r  median_slope  median_mae  median_t1_r  median_wall_s  median_cpu_s  max_peak_GB")
     for preset in args.presets.split(","):
         rs = [r for r in results if r["preset"] == preset]
         med = lambda k: float(np.median([r[k] for r in rs]))  # noqa: E731
         print(f"{preset:10s} {len(rs):2d}  {med('r'):.3f}     {med('slope'):.3f}         {med('mae'):.4f}      "
               f"{med('t1_r'):.3f}        {med('wall_s'):.0f}            {med('cpu_s'):.0f}           {max(r['peak_rss_gb'] for r in rs):.2f}")
+        print(f"{preset:10s} min/max r={min(r['r'] for r in rs):.3f}/{max(r['r'] for r in rs):.3f} "
+              f"slope={min(r['slope'] for r in rs):.3f}/{max(r['slope'] for r in rs):.3f} "
+              f"cpu={min(r['cpu_s'] for r in rs):.0f}/{max(r['cpu_s'] for r in rs):.0f}s")
+    print(f"threads={args.threads} jobs={args.jobs} cores={os.cpu_count()} "
+          f"load average at the end={' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -90,3 +90,33 @@ def test_recovers_planted_logjac_on_a_small_subject(tmp_path):
     assert r > 0.15 and slope > 0.15, (r, slope)
     warped = res.warped.numpy()
     assert np.corrcoef(warped[m], tpl.numpy()[m])[0, 1] > 0.8
+
+
+def test_crop_to_foreground_keeps_the_grid_and_a_margin():
+    arr = np.zeros((40, 48, 40), np.float32)
+    arr[10:25, 12:30, 15:35] = 100.0
+    img = ants.from_numpy(arr, spacing=(2.0,) * 3, origin=(5.0, -3.0, 7.0))
+    img.set_direction(np.diag([-1.0, -1.0, 1.0]))
+    crop = reg.crop_to_foreground(img, 4.0)  # 2 voxels of margin, clipped at the image edge
+    assert crop.shape == (19, 22, 24) and np.allclose(crop.spacing, 2.0)
+    assert np.allclose(crop.origin, img.origin + img.direction @ (np.array([8, 10, 13]) * 2.0))
+    assert np.array_equal(crop.numpy(), arr[8:27, 10:32, 13:37])
+
+
+def test_pad_field_to_places_a_cropped_field_on_the_full_grid():
+    img = ants.from_numpy(np.ones((30, 32, 28), np.float32), spacing=(1.5,) * 3, origin=(1.0, 2.0, 3.0))
+    img.set_direction(np.diag([-1.0, -1.0, 1.0]))
+    sub = ants.crop_indices(img, [4, 5, 6], [20, 25, 22])
+    rng = np.random.default_rng(0)
+    vals = rng.normal(size=sub.shape + (3,)).astype(np.float32)
+    field = ants.from_numpy(vals, origin=sub.origin, spacing=sub.spacing, direction=sub.direction,
+                            has_components=True)
+    full = reg.pad_field_to(field, img).numpy()
+    assert full.shape == (30, 32, 28, 3)
+    assert np.allclose(full[4:20, 5:25, 6:22], vals)
+    full[4:20, 5:25, 6:22] = 0
+    assert not full.any()
+    shifted = ants.from_numpy(vals, origin=tuple(np.array(sub.origin) + 0.4), spacing=sub.spacing,
+                              direction=sub.direction, has_components=True)
+    with pytest.raises(ValueError, match="sub-grid"):
+        reg.pad_field_to(shifted, img)

@@ -27,12 +27,17 @@ log = get_logger(__name__)
 
 #: Registration presets. Linear stages use Mattes MI (robust to contrast differences
 #: between subject and template); the SyN metric is the main accuracy/speed knob.
-#: ``syn_levels`` is the number of SyN levels whose shrink factors are 2**k..1;
-#: ``reg_iterations`` lists iterations per level, coarse to fine.
+#: ``reg_iterations`` lists SyN iterations per level, coarse to fine (ANTsPy sets the
+#: shrink factors to 2**(n-1)..1 and the smoothing sigmas to n-1..0 voxels for n levels). ``flatten_sigma_mm``: divide
+#: both images by their local mean before registering (None = off); ``crop_margin_mm``: run
+#: SyN on the template cropped to its foreground plus this margin, the warp is then padded
+#: back to the template grid with zero displacement (None = whole template grid).
 PRESETS: dict[str, dict[str, Any]] = {
     # Chosen by measurement (bench/bench_registration.py, docs/registration.md):
     # CC radius 2 on bias-flattened images, SyN levels 8,4,2 (the warp is estimated at 2x the
     # registration voxel = 2.5 mm, the output grid); Mattes at the finest level was far less accurate.
+    # SyN runs on the template cropped to its foreground + 10 mm (same accuracy, ~40 % less CPU);
+    # a smaller flow sigma (2) or a larger gradient step (0.3) lowered r and slope.
     "default": {
         "linear_stages": ["Rigid", "Similarity", "Affine"],
         "aff_metric": "mattes",
@@ -50,6 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "histogram_matching": False,
         "linear_resolution": 2.5,
         "flatten_sigma_mm": 5.0,
+        "crop_margin_mm": 10.0,
     },
     # SPEC.md section 1 (the paper): CC radius 4, gradient step 0.12, 4 levels
     # (shrink 8,4,2,1 in ANTsPy's SyN stage: 6,4,2,1 is not expressible there),
@@ -71,6 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "histogram_matching": True,
         "linear_resolution": None,
         "flatten_sigma_mm": None,
+        "crop_margin_mm": None,
     },
     # For tests only: seconds per subject on tiny images, accuracy not a goal.
     "fast-test": {
@@ -90,6 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "histogram_matching": False,
         "linear_resolution": None,
         "flatten_sigma_mm": None,
+        "crop_margin_mm": None,
     },
 }
 
@@ -179,23 +187,62 @@ def register_to_template(fixed: ants.ANTsImage, moving: ants.ANTsImage, params: 
         fixed, moving = flatten_intensity(fixed, flatten), flatten_intensity(moving, flatten)
     affine, timings = _linear_chain(fixed, moving, params, workdir)
     t0 = time.perf_counter()
+    fixed_syn = fixed
+    margin = params.get("crop_margin_mm")
+    if margin is not None:  # SyN's cost is per voxel of the fixed grid: skip the empty background
+        fixed_syn = crop_to_foreground(fixed, margin)
     reg = ants.registration(
-        fixed, moving, type_of_transform="SyNOnly", initial_transform=affine,
+        fixed_syn, moving, type_of_transform="SyNOnly", initial_transform=affine,
         outprefix=str(workdir / "syn_"),
         syn_metric=params["syn_metric"], syn_sampling=params["syn_sampling"],
         reg_iterations=tuple(params["reg_iterations"]), grad_step=params["grad_step"],
         flow_sigma=params["flow_sigma"], total_sigma=params["total_sigma"],
         use_legacy_histogram_matching=bool(params["histogram_matching"]),
     )
-    timings["syn"] = time.perf_counter() - t0
     fwd = reg["fwdtransforms"]
     warp = next(Path(f) for f in fwd if f.endswith("Warp.nii.gz"))
     mat = next(Path(f) for f in fwd if f.endswith(".mat"))
     inv = next((Path(f) for f in reg["invtransforms"] if f.endswith("InverseWarp.nii.gz")), None)
+    if fixed_syn is not fixed:
+        for path in (warp, inv):
+            if path is not None:
+                ants.image_write(pad_field_to(ants.image_read(str(path)), fixed), str(path))
+    timings["syn"] = time.perf_counter() - t0
     warped = reg["warpedmovout"]
-    if flatten:
+    if flatten or fixed_syn is not fixed:
         warped = ants.apply_transforms(fixed, moving_orig, transformlist=[str(warp), str(mat)])
     return RegistrationResult(affine=mat, warp=warp, inverse_warp=inv, warped=warped, timings_s=timings)
+
+
+def crop_to_foreground(image: ants.ANTsImage, margin_mm: float) -> ants.ANTsImage:
+    """Sub-image of ``image`` (same voxel grid) bounding its foreground (``ants.get_mask``)
+    plus ``margin_mm`` on every side, clipped to the image. Shape <= image.shape."""
+    fg = np.argwhere(ants.get_mask(image, cleanup=2).numpy() > 0)
+    if fg.size == 0:
+        return image
+    pad = np.ceil(float(margin_mm) / np.asarray(image.spacing)).astype(int)
+    lower = np.maximum(fg.min(0) - pad, 0)
+    upper = np.minimum(fg.max(0) + pad, np.asarray(image.shape) - 1)
+    return ants.crop_indices(image, [int(i) for i in lower], [int(i) + 1 for i in upper])
+
+
+def pad_field_to(field: ants.ANTsImage, domain: ants.ANTsImage) -> ants.ANTsImage:
+    """Place a displacement ``field`` (vector image on a sub-grid of ``domain``, e.g. from
+    :func:`crop_to_foreground`) on ``domain``'s full grid, zero displacement outside.
+
+    ANTs keeps SyN displacements zero at the domain boundary, so the padded field is
+    continuous. Returns a vector image of shape domain.shape with field.components (mm).
+    """
+    step = np.asarray(domain.direction) * np.asarray(domain.spacing)  # index -> mm, per column
+    offset = np.linalg.solve(step, np.asarray(field.origin) - np.asarray(domain.origin))
+    lo = np.rint(offset).astype(int)
+    data = field.numpy()  # (X, Y, Z, C)
+    if np.abs(offset - lo).max() > 1e-3 or np.any(lo < 0) or np.any(lo + data.shape[:3] > domain.shape):
+        raise ValueError("pad_field_to: the field is not on a sub-grid of the domain")
+    full = np.zeros(tuple(domain.shape) + (data.shape[-1],), np.float32)
+    full[lo[0]:lo[0] + data.shape[0], lo[1]:lo[1] + data.shape[1], lo[2]:lo[2] + data.shape[2]] = data
+    return ants.from_numpy(full, origin=domain.origin, spacing=domain.spacing,
+                           direction=domain.direction, has_components=True)
 
 
 def flatten_intensity(image: ants.ANTsImage, sigma_mm: float) -> ants.ANTsImage:
