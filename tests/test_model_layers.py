@@ -142,7 +142,7 @@ def test_keras_file_round_trip(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), before, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["dense", "sliced"])
+@pytest.mark.parametrize("impl", ["dense", "sliced", "numba", "auto"])
 def test_mixed_precision_policy(impl):
     x = _data((1, 8, 8, 6, 2), seed=4)
     ref = SeparableConv3D(4, 3, implementation=impl)
@@ -172,3 +172,44 @@ def test_sliced_custom_gradient_per_tap_filter_path_for_many_channels():
     g_dense = tape.gradient(loss_ref, dense_kernel).numpy()
     g_ref = np.stack([g_dense[..., c, c] for c in range(channels)], axis=3)[..., None]
     np.testing.assert_allclose(tape.gradient(loss_ours, kernel).numpy(), g_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_numba_refuses_non_float32_in_the_functional_form():
+    x = tf.cast(_data((1, 6, 6, 5, 2), seed=7), tf.bfloat16)
+    kernel = tf.cast(tf.ones((3, 3, 3, 2, 1)), tf.bfloat16)
+    with pytest.raises(TypeError, match="float32"):
+        L.depthwise_conv3d(x, kernel, "same", "numba")
+    assert L.choose_implementation(x.shape, (3, 3, 3), 1, 4, dtype="bfloat16") == "dense"
+
+
+def test_numba_forward_and_gradients_are_bit_identical_run_to_run(monkeypatch):
+    """Fixed summation order: the same result twice, also with another thread count."""
+    x = _data((2, 9, 10, 8, 4), seed=8)
+    kernel = tf.constant(np.random.default_rng(9).standard_normal((5, 6, 5, 4, 1)), tf.float32)
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            out = L.depthwise_conv3d(x, kernel, "same", "numba")
+            loss = tf.reduce_sum(out * out)
+        return [out.numpy()] + [g.numpy() for g in tape.gradient(loss, [x, kernel])]
+
+    first = run()
+    monkeypatch.setattr(L, "_thread_limit", lambda: 1)
+    second = run()
+    for a, b in zip(first, second):
+        assert np.array_equal(a, b)
+    assert np.abs(first[2]).sum() > 0
+
+
+def test_numba_layer_keras_file_round_trip(tmp_path):
+    inp = keras.Input((8, 9, 6, 3))
+    y = SeparableConv3D(4, (5, 6, 5), depth_multiplier=2, implementation="numba", name="sep")(inp)
+    model = keras.Model(inp, y)
+    x = _data((2, 8, 9, 6, 3), seed=10)
+    before = model.predict(x, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_layer("sep").implementation == "numba"
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), before)
