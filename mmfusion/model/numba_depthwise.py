@@ -23,6 +23,7 @@ import numba
 import numpy as np
 
 _JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
+_ROW_BLOCK = 8  # output rows accumulated together (8 rows of 96x4 floats: 12 KiB, in L1)
 
 
 _ROW = dict(fastmath=False, cache=True, nogil=True, inline="always")
@@ -83,64 +84,74 @@ def _correlate(src, tiled, pads, channels, out):
     for slab in numba.prange(nb * d_out):
         b = slab // d_out
         d = slab % d_out
-        acc = np.empty(row_out, np.float32)
-        for h in range(h_out):
+        acc = np.empty((_ROW_BLOCK, row_out), np.float32)
+        for h0 in range(0, h_out, _ROW_BLOCK):  # a block of output rows stays in L1 ...
+            rows = min(_ROW_BLOCK, h_out - h0)
             acc[:] = 0.0
             for i in range(kd):
                 di = d + i - pad_d
                 if di < 0 or di >= d_in:
                     continue
-                for j in range(kh):
-                    hi = h + j - pad_h
-                    if hi < 0 or hi >= h_in:
-                        continue
-                    _taps_row(acc, src[b, di, hi], tiled[i, j], channels)
-            out[b, d, h, :] = acc
+                for j in range(kh):  # ... while the kernel row (i, j) is applied to all of it
+                    ker = tiled[i, j]
+                    for r in range(rows):
+                        hi = h0 + r + j - pad_h
+                        if hi < 0 or hi >= h_in:
+                            continue
+                        _taps_row(acc[r], src[b, di, hi], ker, channels)
+            out[b, d, h0:h0 + rows, :] = acc[:rows]
+
+
+@numba.njit(**_ROW)
+def _grad_taps_row(acc, xrow, grow, channels):
+    """acc[k, e] += xrow[e + k*C] * grow[e] for the kw taps of one kernel row.
+
+    acc (kw, Wo*C), xrow ((Wo+kw-1)*C,) zero-padded along W, grow (Wo*C,).
+    """
+    kw, n = acc.shape
+    for k in range(kw):
+        _fma_row(acc[k], xrow[k * channels:k * channels + n], grow)
+
+
+@numba.njit(**_ROW)
+def _grad_taps_row2(acc, xrow0, grow0, xrow1, grow1, channels):
+    """:func:`_grad_taps_row` for two (x row, upstream row) pairs in one pass over ``acc``."""
+    kw, n = acc.shape
+    for k in range(kw):
+        a = k * channels
+        _fma_row2(acc[k], xrow0[a:a + n], grow0, xrow1[a:a + n], grow1)
 
 
 @numba.njit(**_JIT)
-def _kernel_grad_slabs(x, g, pads, ksize, channels, partial):
-    """x (B, D, H, W*C), g (B, Do, Ho, Wo*C) -> partial (B*Do, kd, kh, kw, C) (overwritten)."""
-    nb, d_in, h_in, row_in = x.shape
+def _kernel_grad_slabs(x, g, pads, channels, partial):
+    """x (B, D, H, (Wo+kw-1)*C) W-padded, g (B, Do, Ho, Wo*C), pads (2,) (D, H)
+    -> partial (B*Do, kd, kh, kw, C) (overwritten): the kernel gradient of each output slab."""
+    nb, d_in, h_in, _ = x.shape
     d_out, h_out, row_out = g.shape[1], g.shape[2], g.shape[3]
-    kd, kh, kw = ksize[0], ksize[1], ksize[2]
-    w_in = row_in // channels
-    w_out = row_out // channels
-    pad_d, pad_h, pad_w = pads[0], pads[1], pads[2]
+    kd, kh, kw = partial.shape[1], partial.shape[2], partial.shape[3]
+    pad_d, pad_h = pads[0], pads[1]
     for slab in numba.prange(nb * d_out):
         b = slab // d_out
         d = slab % d_out
-        acc = np.zeros((kh, kw, row_out), np.float32)
+        acc = np.empty((kw, row_out), np.float32)  # one kernel row's taps: in L1
         for i in range(kd):
             di = d + i - pad_d
-            if di < 0 or di >= d_in:
-                for j in range(kh):
-                    for k in range(kw):
-                        for c in range(channels):
-                            partial[slab, i, j, k, c] = 0.0
-                continue
-            acc[:] = 0.0
-            for h in range(h_out):
-                grow = g[b, d, h]
-                for j in range(kh):
-                    hi = h + j - pad_h
-                    if hi < 0 or hi >= h_in:
-                        continue
-                    xrow = x[b, di, hi]
-                    for k in range(kw):
-                        a = acc[j, k]
-                        shift = k - pad_w
-                        lo = max(0, -shift) * channels
-                        hi_w = min(w_out, w_in - shift) * channels
-                        off = shift * channels
-                        _fma_row(a[lo:hi_w], xrow[lo + off:hi_w + off], grow[lo:hi_w])
             for j in range(kh):
+                acc[:] = 0.0
+                if 0 <= di < d_in:
+                    h_first, h_end = max(0, pad_h - j), min(h_out, h_in + pad_h - j)
+                    for h in range(h_first, h_end - 1, 2):  # two output rows per pass
+                        _grad_taps_row2(acc, x[b, di, h + j - pad_h], g[b, d, h],
+                                        x[b, di, h + 1 + j - pad_h], g[b, d, h + 1], channels)
+                    if (h_end - h_first) % 2 == 1:
+                        h = h_end - 1
+                        _grad_taps_row(acc, x[b, di, h + j - pad_h], g[b, d, h], channels)
                 for k in range(kw):
                     for c in range(channels):
-                        s = np.float32(0.0)
-                        for w in range(w_out):
-                            s += acc[j, k, w * channels + c]
-                        partial[slab, i, j, k, c] = s
+                        total = np.float32(0.0)
+                        for e in range(c, row_out, channels):
+                            total += acc[k, e]
+                        partial[slab, i, j, k, c] = total
 
 
 @numba.njit(cache=True, nogil=True)
@@ -212,11 +223,11 @@ def kernel_gradient(x: np.ndarray, upstream: np.ndarray, ksize, pad_before) -> n
     """
     nb, d, h, w, channels = x.shape
     _, do, ho, wo, _ = upstream.shape
-    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(nb, d, h, w * channels)
+    kd, kh, kw = (int(k) for k in ksize)
+    padded = _pad_rows(x, int(pad_before[2]), wo + kw - 1)
     g2 = np.ascontiguousarray(upstream, dtype=np.float32).reshape(nb, do, ho, wo * channels)
-    ksize = np.asarray(ksize, np.int64)
-    partial = np.empty((nb * do, *(int(k) for k in ksize), channels), np.float32)
-    _kernel_grad_slabs(x2, g2, np.asarray(pad_before, np.int64), ksize, channels, partial)
+    partial = np.empty((nb * do, kd, kh, kw, channels), np.float32)
+    _kernel_grad_slabs(padded, g2, np.asarray(pad_before[:2], np.int64), channels, partial)
     out = np.empty(partial.shape[1:], np.float32)
     _sum_slabs(partial, out)
     return out
