@@ -8,8 +8,14 @@ hits both alike. Prints seconds/step (median), the ratio, parameters, and the pe
 resident memory of each phase (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``; Linux only).
 
+``--extra fold,sliced`` adds separable models with those depthwise implementations
+(``fold`` = "dense") to the same alternation; ``--floor`` adds one whose depthwise
+convolution is replaced by a per-channel scale (no spatial taps): the step time the
+separable model would have with a free depthwise convolution, i.e. a lower bound for
+any depthwise kernel.
+
 Usage: ``OMP_NUM_THREADS=2 python bench/bench_train_step.py [--threads 2] [--steps 3]
-[--input 128,128,96] [--implementation auto]``.
+[--input 128,128,96] [--implementation auto] [--extra fold] [--floor]``.
 """
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ def _parse():
     p.add_argument("--input", type=str, default="128,128,96")
     p.add_argument("--implementation", type=str, default="auto",
                    help="depthwise implementation of the separable model")
+    p.add_argument("--extra", type=str, default="",
+                   help="comma-separated further depthwise implementations to time (fold = dense)")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the separable model with a free depthwise conv (lower bound)")
     return p.parse_args()
 
 
@@ -61,10 +71,20 @@ def main():
     x = {f"in_{m}": rng.random((1, *shape, 1), dtype=np.float32) for m in mods}
     y = {f"rec_{m}": x[f"in_{m}"] for m in mods}
 
+    variants = [("separable", True, args.implementation), ("dense", False, "auto")]
+    for extra in filter(None, args.extra.split(",")):
+        variants.append((f"sep-{extra}", True, "dense" if extra == "fold" else extra))
+    if args.floor:
+        from mmfusion.model import layers
+
+        # per-channel scale instead of the depthwise conv: same graph minus the taps
+        layers._FUNCS["floor"] = lambda x, kernel, padding: x * kernel[0, 0, 0, :, 0]
+        layers.IMPLEMENTATIONS = layers.IMPLEMENTATIONS + ("floor",)
+        variants.append(("sep-floor", True, "floor"))
     models, peaks, first = {}, {}, {}
-    for name, separable in (("separable", True), ("dense", False)):
+    for name, separable, implementation in variants:
         cfg = dict(default_config()["model"], input_shape=shape, separable=separable,
-                   depthwise_implementation=args.implementation)
+                   depthwise_implementation=implementation)
         resettable = _reset_peak_rss()
         models[name] = compile_autoencoder(build_autoencoder(cfg, mods), 1e-3)
         t0 = time.perf_counter()
@@ -88,10 +108,13 @@ def main():
     for name, model in models.items():
         print(f"{name:>10} {model.count_params():>10d} {statistics.median(times[name]):8.2f} "
               f"{min(times[name]):8.2f} {first[name]:9.1f} {peaks[name]:12.2f}")
-    ratio = statistics.median(times["separable"]) / statistics.median(times["dense"])
-    ratio_min = min(times["separable"]) / min(times["dense"])
-    print(f"separable / dense step time: {ratio:.2f} (median), {ratio_min:.2f} (min)   "
-          f"(peak RSS per phase = build + first step of that model, both models alive at "
+    for name in models:
+        if name == "dense":
+            continue
+        ratio = statistics.median(times[name]) / statistics.median(times["dense"])
+        ratio_min = min(times[name]) / min(times["dense"])
+        print(f"{name} / dense step time: {ratio:.2f} (median), {ratio_min:.2f} (min)")
+    print(f"(peak RSS per phase = build + first step of that model; all models alive at "
           f"the end: {overall:.2f} GB)")
 
 

@@ -34,8 +34,12 @@ model:
     with the flipped kernel) and kernel gradient (per tap and channel dot products,
     fixed summation order: bit-identical run to run) are numba kernels too. Only the
     depthwise FLOPs, channels-last rows as SIMD vectors. ``depth_multiplier`` m > 1
-    repeats each input channel m times first. Other dtypes (mixed precision) and
-    other backends fall back to the "auto" choice without numba.
+    repeats each input channel m times first. The layers fall back (with a warning)
+    to the choice "auto" would make without numba under other dtypes (mixed
+    precision) and other backends; :func:`depthwise_conv3d` raises ``TypeError``.
+    Not exportable as a SavedModel / XLA (``tf.numpy_function``); ``.keras`` files are
+    unaffected (weights and config only). The first call compiles the kernels (cached
+    on disk by numba afterwards).
 
 ``implementation="auto"`` (default) picks per call from the static input shape with
 :func:`choose_implementation`, a heuristic fitted to measurements on a 2-core CPU
