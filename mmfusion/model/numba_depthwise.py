@@ -44,6 +44,13 @@ def _fma_row2(acc, x0, k0, x1, k1):
 
 
 @numba.njit(**_ROW)
+def _fma_row4(acc, x0, k0, x1, k1, x2, k2, x3, k3):
+    """Four products in one pass over ``acc``."""
+    for e in range(acc.shape[0]):
+        acc[e] = acc[e] + x0[e] * k0[e] + x1[e] * k1[e] + x2[e] * k2[e] + x3[e] * k3[e]
+
+
+@numba.njit(**_ROW)
 def _fma_row3(acc, x0, k0, x1, k1, x2, k2):
     """Three taps in one pass over ``acc``."""
     for e in range(acc.shape[0]):
@@ -114,6 +121,15 @@ def _grad_taps_row(acc, xrow, grow, channels):
 
 
 @numba.njit(**_ROW)
+def _grad_taps_row4(acc, x0, g0, x1, g1, x2, g2, x3, g3, channels):
+    """:func:`_grad_taps_row` for four (x row, upstream row) pairs in one pass over ``acc``."""
+    kw, n = acc.shape
+    for k in range(kw):
+        a = k * channels
+        _fma_row4(acc[k], x0[a:a + n], g0, x1[a:a + n], g1, x2[a:a + n], g2, x3[a:a + n], g3)
+
+
+@numba.njit(**_ROW)
 def _grad_taps_row2(acc, xrow0, grow0, xrow1, grow1, channels):
     """:func:`_grad_taps_row` for two (x row, upstream row) pairs in one pass over ``acc``."""
     kw, n = acc.shape
@@ -140,12 +156,16 @@ def _kernel_grad_slabs(x, g, pads, channels, partial):
                 acc[:] = 0.0
                 if 0 <= di < d_in:
                     h_first, h_end = max(0, pad_h - j), min(h_out, h_in + pad_h - j)
-                    for h in range(h_first, h_end - 1, 2):  # two output rows per pass
-                        _grad_taps_row2(acc, x[b, di, h + j - pad_h], g[b, d, h],
-                                        x[b, di, h + 1 + j - pad_h], g[b, d, h + 1], channels)
-                    if (h_end - h_first) % 2 == 1:
-                        h = h_end - 1
+                    h = h_first
+                    while h + 4 <= h_end:  # four output rows per pass over acc
+                        s = h + j - pad_h
+                        _grad_taps_row4(acc, x[b, di, s], g[b, d, h], x[b, di, s + 1], g[b, d, h + 1],
+                                        x[b, di, s + 2], g[b, d, h + 2], x[b, di, s + 3], g[b, d, h + 3],
+                                        channels)
+                        h += 4
+                    while h < h_end:
                         _grad_taps_row(acc, x[b, di, h + j - pad_h], g[b, d, h], channels)
+                        h += 1
                 for k in range(kw):
                     for c in range(channels):
                         total = np.float32(0.0)
