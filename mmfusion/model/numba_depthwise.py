@@ -22,6 +22,18 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+def _njit(**options):
+    """``numba.njit(**options)``; without on-disk caching where no cache folder is writable
+    (read-only install and home): the kernels then compile once per process."""
+    def decorate(func):
+        try:
+            return numba.njit(**options)(func)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(**{**options, "cache": False})(func)
+
+    return decorate
+
+
 _JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
 _ROW_BLOCK = 8  # output rows accumulated together (8 rows of 96x4 floats: 12 KiB, in L1)
 
@@ -29,35 +41,35 @@ _ROW_BLOCK = 8  # output rows accumulated together (8 rows of 96x4 floats: 12 Ki
 _ROW = dict(fastmath=False, cache=True, nogil=True, inline="always")
 
 
-@numba.njit(**_ROW)
+@_njit(**_ROW)
 def _fma_row(acc, src, weights):
     """acc[e] += src[e] * weights[e] for three equally long contiguous 1D views (SIMD)."""
     for e in range(acc.shape[0]):
         acc[e] += src[e] * weights[e]
 
 
-@numba.njit(**_ROW)
+@_njit(**_ROW)
 def _fma_row2(acc, x0, k0, x1, k1):
     """Two taps in one pass over ``acc`` (fewer loads/stores of the accumulator)."""
     for e in range(acc.shape[0]):
         acc[e] = acc[e] + x0[e] * k0[e] + x1[e] * k1[e]
 
 
-@numba.njit(**_ROW)
+@_njit(**_ROW)
 def _fma_row4(acc, x0, k0, x1, k1, x2, k2, x3, k3):
     """Four products in one pass over ``acc``."""
     for e in range(acc.shape[0]):
         acc[e] = acc[e] + x0[e] * k0[e] + x1[e] * k1[e] + x2[e] * k2[e] + x3[e] * k3[e]
 
 
-@numba.njit(**_ROW)
+@_njit(**_ROW)
 def _fma_row3(acc, x0, k0, x1, k1, x2, k2):
     """Three taps in one pass over ``acc``."""
     for e in range(acc.shape[0]):
         acc[e] = acc[e] + x0[e] * k0[e] + x1[e] * k1[e] + x2[e] * k2[e]
 
 
-@numba.njit(**_ROW)
+@_njit(**_ROW)
 def _taps_row(acc, xrow, ker, channels):
     """acc[e] += sum_k xrow[e + k*C] * ker[k, e]: the kw taps of one kernel row.
 
@@ -80,7 +92,7 @@ def _taps_row(acc, xrow, ker, channels):
             k += 1
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def _correlate(src, tiled, pads, channels, out):
     """src (B, D, H, (Wo+kw-1)*C) W-padded, tiled (kd, kh, kw, Wo*C), pads (2,) int64 (D, H),
     out (B, Do, Ho, Wo*C) (overwritten)."""
@@ -109,7 +121,7 @@ def _correlate(src, tiled, pads, channels, out):
             out[b, d, h0:h0 + rows, :] = acc[:rows]
 
 
-@numba.njit(**_ROW)
+@_njit(**_ROW)
 def _grad_taps_row(acc, xrow, grow, channels):
     """acc[k, e] += xrow[e + k*C] * grow[e] for the kw taps of one kernel row.
 
@@ -120,7 +132,7 @@ def _grad_taps_row(acc, xrow, grow, channels):
         _fma_row(acc[k], xrow[k * channels:k * channels + n], grow)
 
 
-@numba.njit(**_ROW)
+@_njit(**_ROW)
 def _grad_taps_row4(acc, x0, g0, x1, g1, x2, g2, x3, g3, channels):
     """:func:`_grad_taps_row` for four (x row, upstream row) pairs in one pass over ``acc``."""
     kw, n = acc.shape
@@ -129,7 +141,7 @@ def _grad_taps_row4(acc, x0, g0, x1, g1, x2, g2, x3, g3, channels):
         _fma_row4(acc[k], x0[a:a + n], g0, x1[a:a + n], g1, x2[a:a + n], g2, x3[a:a + n], g3)
 
 
-@numba.njit(**_ROW)
+@_njit(**_ROW)
 def _grad_taps_row2(acc, xrow0, grow0, xrow1, grow1, channels):
     """:func:`_grad_taps_row` for two (x row, upstream row) pairs in one pass over ``acc``."""
     kw, n = acc.shape
@@ -138,7 +150,7 @@ def _grad_taps_row2(acc, xrow0, grow0, xrow1, grow1, channels):
         _fma_row2(acc[k], xrow0[a:a + n], grow0, xrow1[a:a + n], grow1)
 
 
-@numba.njit(**_JIT)
+@_njit(**_JIT)
 def _kernel_grad_slabs(x, g, pads, channels, partial):
     """x (B, D, H, (Wo+kw-1)*C) W-padded, g (B, Do, Ho, Wo*C), pads (2,) (D, H)
     -> partial (B*Do, kd, kh, kw, C) (overwritten): the kernel gradient of each output slab."""
@@ -174,7 +186,7 @@ def _kernel_grad_slabs(x, g, pads, channels, partial):
                         partial[slab, i, j, k, c] = total
 
 
-@numba.njit(cache=True, nogil=True)
+@_njit(cache=True, nogil=True)
 def _sum_slabs(partial, out):
     """Sequential (fixed-order) sum over the first axis: (S, ...) -> out (...)."""
     flat_out = out.reshape(-1)
