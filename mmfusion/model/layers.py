@@ -107,10 +107,12 @@ def choose_implementation(input_shape, kernel_size, depth_multiplier: int = 1,
 
     Returns:
         On CPU with the TensorFlow backend and float32: ``"numba"``. Why: on a 2-core
-        AVX-512 CPU (TF 2.21) its forward + backward beat every other path at every
-        shape of the paper model (``bench/bench_layers.py``; e.g. 128x128x96, C = 4:
-        numba ~0.2 s vs 0.28 s for the folded dense conv3d), because it computes only
-        the depthwise FLOPs at a useful fraction of the dense throughput.
+        AVX-512 CPU (TF 2.21, shared, load 8-11) the forward + backward of a
+        SeparableConv3D with it was 1.5-3.6x faster than with the folded dense
+        conv3d at every shape of the paper model (``bench/bench_layers.py``; e.g.
+        128x128x96, C = 4: 0.150 vs 0.267 s; C = 2: 0.100 vs 0.151 s; 8x8x6, C = 64:
+        faster than "sliced" too), because it computes only the depthwise FLOPs; one
+        training step of the paper model: 0.72x the dense model's (fold: 0.99x).
         Otherwise (GPU, other backends, mixed precision): ``"dense"`` when
         :func:`dense_flop_factor` < :data:`DENSE_MAX_FLOP_FACTOR`, else ``"sliced"``
         (``"grouped"`` on a non-TensorFlow backend). Why: on the same CPU, forward +
