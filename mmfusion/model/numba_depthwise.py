@@ -141,15 +141,6 @@ def _grad_taps_row4(acc, x0, g0, x1, g1, x2, g2, x3, g3, channels):
         _fma_row4(acc[k], x0[a:a + n], g0, x1[a:a + n], g1, x2[a:a + n], g2, x3[a:a + n], g3)
 
 
-@_njit(**_ROW)
-def _grad_taps_row2(acc, xrow0, grow0, xrow1, grow1, channels):
-    """:func:`_grad_taps_row` for two (x row, upstream row) pairs in one pass over ``acc``."""
-    kw, n = acc.shape
-    for k in range(kw):
-        a = k * channels
-        _fma_row2(acc[k], xrow0[a:a + n], grow0, xrow1[a:a + n], grow1)
-
-
 @_njit(**_JIT)
 def _kernel_grad_slabs(x, g, pads, channels, partial):
     """x (B, D, H, (Wo+kw-1)*C) W-padded, g (B, Do, Ho, Wo*C), pads (2,) (D, H)
