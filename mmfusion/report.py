@@ -54,6 +54,8 @@ td:first-child,th:first-child{text-align:left}
 .notrun{color:#a33;font-style:italic}.muted{color:#666;font-size:0.9em}
 img{max-width:100%;border:1px solid #ddd;margin:0.4em 0}
 code{background:#f4f4f4;padding:0 3px}
+.keyresults{background:#f5f8fc;border:1px solid #b8c8dc;padding:0.2em 1.2em;margin:1em 0}
+.keyresults h2{margin-top:0.5em;border:none}
 """
 
 
@@ -263,6 +265,36 @@ def _section_caveats(summary: dict | None) -> str:
     return "<ul>" + "".join(f"<li>{_esc(c)}</li>" for c in dict.fromkeys(caveats)) + "</ul>"
 
 
+def _key_results(out: Path) -> str:
+    """The answer in a few lines, above the table of contents (empty when nothing ran)."""
+    items = []
+    sel = _read_json(out / "group" / "strata" / "ap_selection.json")
+    if sel:
+        best = sel["best"]
+        items.append(f"<b>{best['n_clusters']} clusters</b> (sizes {', '.join(map(str, sel['cluster_sizes']))}; "
+                     f"silhouette {best['silhouette']:.3f}) chosen among {sel['counts']['valid']} valid "
+                     f"affinity-propagation fits.")
+    truth = _read_json(out / "group" / "ground_truth" / "comparison.json")
+    if truth:
+        items.append(f"Against the <b>{truth.get('n_planted_strata')} planted strata</b>: adjusted Rand index "
+                     f"<b>{truth.get('adjusted_rand_index', float('nan')):.3f}</b> "
+                     f"({truth.get('n_subjects_compared')} subjects; 1 = identical partition, 0 = chance).")
+    stats = _read_tsv(out / "group" / "stats" / "kruskal_wallis.tsv")
+    if stats is not None and len(stats):
+        kw = [str(f) for f in stats.loc[stats["significant"].astype(bool), "factor"]]
+        perm = [str(f) for f in stats.loc[stats["perm_significant"].astype(bool), "factor"]]
+        items.append(f"Phenotype factors differing between clusters (q &lt; 0.05): Kruskal-Wallis + FDR "
+                     f"<b>{', '.join(kw) or 'none'}</b>, permutation + FDR <b>{', '.join(perm) or 'none'}</b> "
+                     f"(of {len(stats)} factors).")
+    match = _read_tsv(out / "group" / "ground_truth" / "factor_match.tsv")
+    if match is not None and len(match):
+        planted = [f"{r.factor} (~{r.best_latent}, r={r.r:.2f})" for r in match.itertuples() if bool(r.latent_planted)]
+        items.append(f"Factors matching a planted stratum-dependent latent factor: {', '.join(planted) or 'none'}.")
+    if not items:
+        return ""
+    return "<div class='keyresults'><h2>Key results</h2><ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul></div>"
+
+
 # ------------------------------------------------------------------------------ main
 def write_report(output_dir: Path, title: str = "mmfusion group report",
                  provenance: dict | None = None) -> Path:
@@ -291,7 +323,7 @@ def write_report(output_dir: Path, title: str = "mmfusion group report",
     doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
            f"<style>{STYLE}</style></head><body><h1>{_esc(title)}</h1>"
            f"<p class='muted'>mmfusion {_esc(__version__)}, written {_esc(stamp)} from {_esc(out)}</p>"
-           f"<ol>{toc}</ol>{body}</body></html>\n")
+           f"{_key_results(out)}<ol>{toc}</ol>{body}</body></html>\n")
     path = out / REPORT_NAME
     write_text(path, doc)
     log.info("report written: %s", path)

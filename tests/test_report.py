@@ -129,12 +129,17 @@ def test_report_is_self_contained_and_complete(analysed):
         assert heading in text, heading
     assert "metrics_folds.tsv" in text and "reconstruction_sub-000" in text
     assert "not run" not in text
+    key = text[text.index("Key results"):text.index("<ol>")]
+    comparison = json.loads((out / "group" / "ground_truth" / "comparison.json").read_text())
+    assert f"adjusted Rand index <b>{comparison['adjusted_rand_index']:.3f}</b>" in key
+    assert "clusters</b>" in key and "Kruskal-Wallis + FDR" in key
 
 
 def test_report_without_outputs_says_not_run(tmp_path):
     text = report.write_report(tmp_path).read_text()
     assert text.count("not run") >= 8
     assert re.search(r"<h2[^>]*>11\. Caveats", text) is None and "Caveats" in text
+    assert "Key results" not in text
 
 
 def test_embeddings_with_nan_are_refused(tmp_path):
