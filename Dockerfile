@@ -4,15 +4,15 @@
 # template (nilearn ships MNI152 2009 inside its wheel), so nothing is downloaded at run time.
 #
 #   docker build -t mmfusion:$(cat version) --build-arg VERSION=$(cat version) .
-#   docker run --rm mmfusion:0.1.0                      # --help
+#   docker run --rm mmfusion:0.2.0                      # --help
 #   docker run --rm --gpus all -v /data/bids:/bids:ro -v /data/out:/out \
-#       mmfusion:0.1.0 /bids /out participant --participant-label 01
+#       mmfusion:0.2.0 /bids /out participant --participant-label 01
 #
 # Versions are pinned to the environment the test suite ran in; Singularity.def carries the
 # same pins (tests/test_hpc.py keeps the two and pyproject.toml in step).
 FROM python:3.11.7-slim-bookworm
 
-ARG VERSION=0.1.0
+ARG VERSION=0.2.0
 
 LABEL org.opencontainers.image.title="mmfusion" \
       org.opencontainers.image.description="BIDS-App: multimodal 3D brain MRI -> learned embeddings and data-driven subject strata" \
