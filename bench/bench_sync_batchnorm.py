@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import init_tensorflow  # noqa: E402
+from _common import init_tensorflow, time_steps  # noqa: E402
 
 MODALITIES = ("JAC", "NDI")
 
@@ -87,12 +87,7 @@ def main():
         t0 = time.perf_counter()
         model.train_on_batch(x, y)  # trace + warm-up
         first[name] = time.perf_counter() - t0
-    times = {name: [] for name in models}
-    for _ in range(args.steps):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            model.train_on_batch(x, y)
-            times[name].append(time.perf_counter() - t0)
+    times = time_steps(models, x, y, args.steps)
     w_diff = max(float(np.abs(a - b).max()) for a, b in zip(plain.get_weights(), synced.get_weights()))
     device = "GPU" if tf.config.list_physical_devices("GPU") else f"CPU ({args.threads} threads)"
     n_bn = sum(isinstance(lay, keras.layers.BatchNormalization) for lay in synced.layers)

@@ -55,7 +55,7 @@ def _peak_rss_gb() -> float:
     return float("nan")
 
 
-from _common import init_tensorflow  # noqa: E402  (bench/ is on sys.path)
+from _common import init_tensorflow, time_steps  # noqa: E402  (bench/ is on sys.path)
 
 
 def main():
@@ -92,12 +92,7 @@ def main():
         first[name] = time.perf_counter() - t0
         peaks[name] = _peak_rss_gb() if resettable else float("nan")
 
-    times = {name: [] for name in models}
-    for _ in range(args.steps):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            model.train_on_batch(x, y)
-            times[name].append(time.perf_counter() - t0)
+    times = time_steps(models, x, y, args.steps)
     # peak of the whole run (both models alive) for reference
     overall = _peak_rss_gb()
 

@@ -125,17 +125,20 @@ def test_bad_arguments_raise():
         DepthwiseConv3D((3, 3))
 
 
+def _round_trip(model, x, tmp_path):
+    """Save ``model`` as .keras and load it back: (loaded model, x, model's prediction of x)."""
+    before = model.predict(x, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    return keras.models.load_model(path), x, before
+
+
 def test_keras_file_round_trip(tmp_path):
     inp = keras.Input((8, 8, 6, 2))
     y = DepthwiseConv3D((3, 4, 3), depth_multiplier=2, implementation="sliced",
                         depthwise_regularizer=keras.regularizers.L2(1e-4))(inp)
     y = SeparableConv3D(3, (5, 6, 5), name="sep")(y)
-    model = keras.Model(inp, y)
-    x = _data((2, 8, 8, 6, 2), seed=3)
-    before = model.predict(x, verbose=0)
-    path = tmp_path / "m.keras"
-    model.save(path)
-    loaded = keras.models.load_model(path)
+    loaded, x, before = _round_trip(keras.Model(inp, y), _data((2, 8, 8, 6, 2), seed=3), tmp_path)
     assert isinstance(loaded.get_layer("sep"), SeparableConv3D)
     assert loaded.layers[1].implementation == "sliced"
     assert loaded.layers[1].get_config()["depthwise_regularizer"] is not None
@@ -205,11 +208,6 @@ def test_numba_forward_and_gradients_are_bit_identical_run_to_run(monkeypatch):
 def test_numba_layer_keras_file_round_trip(tmp_path):
     inp = keras.Input((8, 9, 6, 3))
     y = SeparableConv3D(4, (5, 6, 5), depth_multiplier=2, implementation="numba", name="sep")(inp)
-    model = keras.Model(inp, y)
-    x = _data((2, 8, 9, 6, 3), seed=10)
-    before = model.predict(x, verbose=0)
-    path = tmp_path / "m.keras"
-    model.save(path)
-    loaded = keras.models.load_model(path)
+    loaded, x, before = _round_trip(keras.Model(inp, y), _data((2, 8, 9, 6, 3), seed=10), tmp_path)
     assert loaded.get_layer("sep").implementation == "numba"
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), before)
