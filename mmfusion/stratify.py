@@ -290,19 +290,13 @@ def _ap_batch_numba_py(Sn, sdiags, dampings, max_iter, convergence_iter, E_out, 
         converged[p] = conv
 
 
-def _jit(fn, **options):
-    """numba.njit with an on-disk cache where one can be written (else compile per run)."""
-    try:
-        return numba.njit(cache=True, **options)(fn)
-    except RuntimeError:  # no writable cache location (read-only install, no HOME)
-        return numba.njit(cache=False, **options)(fn)
-
-
 if HAVE_NUMBA:
+    from mmfusion.numba_jit import njit_cached
+
     _FM = {"nnan", "nsz"}  # no NaNs in S; no reassociation, no contraction: exact IEEE ops
-    _rowmax = _jit(_rowmax_py, nogil=True, fastmath=_FM)
-    _ap_fit_numba = _jit(_ap_fit_numba_py, nogil=True, fastmath=_FM)
-    _ap_batch_numba = _jit(_ap_batch_numba_py, parallel=True)
+    _rowmax = njit_cached(nogil=True, fastmath=_FM)(_rowmax_py)
+    _ap_fit_numba = njit_cached(nogil=True, fastmath=_FM)(_ap_fit_numba_py)
+    _ap_batch_numba = njit_cached(parallel=True)(_ap_batch_numba_py)
 
 
 def final_labels(Sn: np.ndarray, sdiag: np.ndarray, E: np.ndarray) -> np.ndarray:

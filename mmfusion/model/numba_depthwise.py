@@ -22,54 +22,44 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-def _njit(**options):
-    """``numba.njit(**options)``; without on-disk caching where no cache folder is writable
-    (read-only install and home): the kernels then compile once per process."""
-    def decorate(func):
-        try:
-            return numba.njit(**options)(func)
-        except RuntimeError:  # "cannot cache function ...: no locator available"
-            return numba.njit(**{**options, "cache": False})(func)
+from mmfusion.numba_jit import njit_cached
 
-    return decorate
-
-
-_JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
+_JIT = dict(parallel=True, fastmath=False, nogil=True)
 _ROW_BLOCK = 8  # output rows accumulated together (8 rows of 96x4 floats: 12 KiB, in L1)
 
 
-_ROW = dict(fastmath=False, cache=True, nogil=True, inline="always")
+_ROW = dict(fastmath=False, nogil=True, inline="always")
 
 
-@_njit(**_ROW)
+@njit_cached(**_ROW)
 def _fma_row(acc, src, weights):
     """acc[e] += src[e] * weights[e] for three equally long contiguous 1D views (SIMD)."""
     for e in range(acc.shape[0]):
         acc[e] += src[e] * weights[e]
 
 
-@_njit(**_ROW)
+@njit_cached(**_ROW)
 def _fma_row2(acc, x0, k0, x1, k1):
     """Two taps in one pass over ``acc`` (fewer loads/stores of the accumulator)."""
     for e in range(acc.shape[0]):
         acc[e] = acc[e] + x0[e] * k0[e] + x1[e] * k1[e]
 
 
-@_njit(**_ROW)
+@njit_cached(**_ROW)
 def _fma_row4(acc, x0, k0, x1, k1, x2, k2, x3, k3):
     """Four products in one pass over ``acc``."""
     for e in range(acc.shape[0]):
         acc[e] = acc[e] + x0[e] * k0[e] + x1[e] * k1[e] + x2[e] * k2[e] + x3[e] * k3[e]
 
 
-@_njit(**_ROW)
+@njit_cached(**_ROW)
 def _fma_row3(acc, x0, k0, x1, k1, x2, k2):
     """Three taps in one pass over ``acc``."""
     for e in range(acc.shape[0]):
         acc[e] = acc[e] + x0[e] * k0[e] + x1[e] * k1[e] + x2[e] * k2[e]
 
 
-@_njit(**_ROW)
+@njit_cached(**_ROW)
 def _taps_row(acc, xrow, ker, channels):
     """acc[e] += sum_k xrow[e + k*C] * ker[k, e]: the kw taps of one kernel row.
 
@@ -92,7 +82,7 @@ def _taps_row(acc, xrow, ker, channels):
             k += 1
 
 
-@_njit(**_JIT)
+@njit_cached(**_JIT)
 def _correlate(src, tiled, pads, channels, out):
     """src (B, D, H, (Wo+kw-1)*C) W-padded, tiled (kd, kh, kw, Wo*C), pads (2,) int64 (D, H),
     out (B, Do, Ho, Wo*C) (overwritten)."""
@@ -121,7 +111,7 @@ def _correlate(src, tiled, pads, channels, out):
             out[b, d, h0:h0 + rows, :] = acc[:rows]
 
 
-@_njit(**_ROW)
+@njit_cached(**_ROW)
 def _grad_taps_row(acc, xrow, grow, channels):
     """acc[k, e] += xrow[e + k*C] * grow[e] for the kw taps of one kernel row.
 
@@ -132,7 +122,7 @@ def _grad_taps_row(acc, xrow, grow, channels):
         _fma_row(acc[k], xrow[k * channels:k * channels + n], grow)
 
 
-@_njit(**_ROW)
+@njit_cached(**_ROW)
 def _grad_taps_row4(acc, x0, g0, x1, g1, x2, g2, x3, g3, channels):
     """:func:`_grad_taps_row` for four (x row, upstream row) pairs in one pass over ``acc``."""
     kw, n = acc.shape
@@ -141,7 +131,7 @@ def _grad_taps_row4(acc, x0, g0, x1, g1, x2, g2, x3, g3, channels):
         _fma_row4(acc[k], x0[a:a + n], g0, x1[a:a + n], g1, x2[a:a + n], g2, x3[a:a + n], g3)
 
 
-@_njit(**_JIT)
+@njit_cached(**_JIT)
 def _kernel_grad_slabs(x, g, pads, channels, partial):
     """x (B, D, H, (Wo+kw-1)*C) W-padded, g (B, Do, Ho, Wo*C), pads (2,) (D, H)
     -> partial (B*Do, kd, kh, kw, C) (overwritten): the kernel gradient of each output slab."""
@@ -177,7 +167,7 @@ def _kernel_grad_slabs(x, g, pads, channels, partial):
                         partial[slab, i, j, k, c] = total
 
 
-@_njit(cache=True, nogil=True)
+@njit_cached(nogil=True)
 def _sum_slabs(partial, out):
     """Sequential (fixed-order) sum over the first axis: (S, ...) -> out (...)."""
     flat_out = out.reshape(-1)
