@@ -136,6 +136,11 @@ def choose_implementation(input_shape, kernel_size, depth_multiplier: int = 1,
     return "sliced" if keras.backend.backend() == "tensorflow" else "grouped"
 
 
+def _device() -> str:
+    """``"gpu"`` or ``"cpu"``: where the Keras backend computes (for choose_implementation)."""
+    return "gpu" if _on_gpu() else "cpu"
+
+
 def _on_gpu() -> bool:
     """True when the Keras backend computes on a GPU (TensorFlow, JAX or PyTorch)."""
     backend = keras.backend.backend()
@@ -381,7 +386,7 @@ def depthwise_conv3d(x, kernel, padding: str = "same", implementation: str = "au
     """
     if implementation == "auto":
         implementation = choose_implementation(
-            x.shape, kernel.shape[:3], int(kernel.shape[4]), None, "gpu" if _on_gpu() else "cpu",
+            x.shape, kernel.shape[:3], int(kernel.shape[4]), None, _device(),
             dtype=keras.backend.standardize_dtype(x.dtype),
         )
     return _FUNCS[implementation](x, kernel, padding)
@@ -433,7 +438,7 @@ class _DepthwiseBase(keras.layers.Layer):
         return int(channels)
 
     def _resolve(self, input_shape, filters=None) -> str:
-        device = "gpu" if _on_gpu() else "cpu"
+        device = _device()
         if self.implementation == "numba" and not _numba_usable(self.compute_dtype):
             fallback = choose_implementation(input_shape, self.kernel_size, self.depth_multiplier,
                                              filters, device, dtype=self.compute_dtype)
