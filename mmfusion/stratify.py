@@ -161,47 +161,50 @@ def _ap_iterate_numpy(Sn, sdiag, damping, max_iter, convergence_iter):
     return E, max_iter, False
 
 
-def _rowmax_py(row):
-    """max of row (n,) with 8 independent accumulators (vectorizes; exact, like np.max)."""
-    n = row.shape[0]
-    m0 = row[0]
-    m1 = m0
-    m2 = m0
-    m3 = m0
-    m4 = m0
-    m5 = m0
-    m6 = m0
-    m7 = m0
-    j = 0
-    while j + 8 <= n:
-        v = row[j]
-        m0 = v if v > m0 else m0
-        v = row[j + 1]
-        m1 = v if v > m1 else m1
-        v = row[j + 2]
-        m2 = v if v > m2 else m2
-        v = row[j + 3]
-        m3 = v if v > m3 else m3
-        v = row[j + 4]
-        m4 = v if v > m4 else m4
-        v = row[j + 5]
-        m5 = v if v > m5 else m5
-        v = row[j + 6]
-        m6 = v if v > m6 else m6
-        v = row[j + 7]
-        m7 = v if v > m7 else m7
-        j += 8
-    while j < n:
-        v = row[j]
-        m0 = v if v > m0 else m0
-        j += 1
-    m0 = m1 if m1 > m0 else m0
-    m2 = m3 if m3 > m2 else m2
-    m4 = m5 if m5 > m4 else m4
-    m6 = m7 if m7 > m6 else m6
-    m0 = m2 if m2 > m0 else m0
-    m4 = m6 if m6 > m4 else m4
-    return m4 if m4 > m0 else m0
+def _a_row_py(Ai, Ri, Si, cs_old, damping, one_m, lo):
+    """Availability update of one row, in place; returns max(A_new + S) over the row.
+
+    Ai, Ri, Si, cs_old (n,) float64: row i of A, R, S and the column sums of the previous
+    iteration. The caller sets Ai[i] = -inf first (the diagonal is updated apart), so
+    that entry stays -inf and takes no part in the max. ``_fmax`` compiles to a
+    vectorized max reduction; a max is exact in any order.
+    """
+    m = lo
+    for j in range(Ai.shape[0]):
+        r = Ri[j]
+        t = (r if r > 0.0 else 0.0) - cs_old[j]
+        t = t if t > 0.0 else 0.0
+        a = Ai[j] * damping - t * one_m
+        Ai[j] = a
+        m = _fmax(m, a + Si[j])
+    return m
+
+
+def _r_row_py(Ai, Ri, Si, cs_new, best, damping, one_m, lo):
+    """Responsibility update of one row, in place, plus the row's top-2 bookkeeping.
+
+    R_new = R*d + (S - best)*(1-d) and ``cs_new += max(R_new, 0)`` everywhere except
+    where A + S >= best (the argmax and its ties, and nothing else since best is the
+    row max): those entries are left unchanged and unsummed for the caller to patch.
+    Returns (max of A + S below best, first index where A + S == best, how many).
+    Every piece is a reduction or a select, so the loop vectorizes; no reassociation.
+    """
+    n = Ri.shape[0]
+    below = lo
+    first = n
+    count = 0
+    for j in range(n):
+        s = Si[j]
+        v = Ai[j] + s
+        top = v >= best
+        below = _fmax(below, v if v < best else lo)
+        first = min(first, j if top else n)
+        count += top
+        r0 = Ri[j]
+        r = r0 * damping + (s - best) * one_m
+        Ri[j] = r0 if top else r
+        cs_new[j] += r if (r > 0.0 and not top) else 0.0
+    return below, first, count
 
 
 def _ap_fit_numba_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out):
@@ -209,66 +212,67 @@ def _ap_fit_numba_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out):
 
     Same float operations in the same order, but ONE sweep over the (n, n) messages per
     iteration instead of ~15: sweep k applies, row by row, iteration k-1's availability
-    update and then iteration k's responsibility update, accumulating iteration k's column
-    sums (double-buffered) on the way; the column sums come out in row order, exactly like
-    numpy's ``sum(axis=0)``. The diagonal and the argmax column are patched after
-    vectorizable row loops, so S (n, n) is shared read-only by all threads.
+    update and then iteration k's responsibility update (two vectorized loops over the
+    row, :func:`_a_row_py` and :func:`_r_row_py`), accumulating iteration k's column
+    sums (double-buffered) on the way; the column sums come out in row order, exactly
+    like numpy's ``sum(axis=0)``. Row i of A and of R lie next to each other (one
+    (n, 2, n) array: one memory stream per row, and A[i] and R[i] never share cache
+    sets). The diagonal and the argmax entries are patched after the row loops, so S
+    (n, n) is shared read-only by all threads.
     Writes the final exemplar mask into E_out (n,) and returns (n_iter, converged).
     """
     n = Sn.shape[0]
-    A = np.zeros((n, n))
-    R = np.zeros((n, n))
+    AR = np.zeros((n, 2, n))  # AR[i, 0] = A[i], AR[i, 1] = R[i]
     cs_old = np.zeros(n)      # column sums of max(R, 0) (diagonal: R) of iteration k-1
     cs_new = np.zeros(n)      # ... of iteration k, accumulated during this sweep
-    row = np.empty(n)
     e = np.zeros((n, convergence_iter), dtype=np.uint8)
+    lo = -np.inf
     one_m = 1.0 - damping
     for k in range(max_iter + 1):
-        do_a = k >= 1
-        do_r = k < max_iter
         cs_new[:] = 0.0
         n_e = 0
         for i in range(n):
-            if do_a:
-                # A = A*d - clip(max(R, 0) - colsum, 0)*(1-d); diagonal R - colsum, unclipped
-                a_ii = A[i, i]
-                for j in range(n):
-                    v = R[i, j]
-                    t = (v if v > 0.0 else 0.0) - cs_old[j]
-                    t = t if t > 0.0 else 0.0
-                    A[i, j] = A[i, j] * damping - t * one_m
-                A[i, i] = a_ii * damping - (R[i, i] - cs_old[i]) * one_m
-                ei = (A[i, i] + R[i, i]) > 0.0
+            Ai = AR[i, 0]
+            Ri = AR[i, 1]
+            Si = Sn[i]
+            a_ii = Ai[i]
+            r_ii = Ri[i]
+            # A = A*d - clip(max(R, 0) - colsum, 0)*(1-d); diagonal R - colsum, unclipped.
+            # At k = 0 (A = R = colsum = 0) this leaves A = 0, as it must.
+            Ai[i] = lo
+            best = _a_row(Ai, Ri, Si, cs_old, damping, one_m, lo)
+            a_ii = a_ii * damping - (r_ii - cs_old[i]) * one_m
+            if k >= 1:
+                ei = (a_ii + r_ii) > 0.0
                 E_out[i] = ei
                 e[i, (k - 1) % convergence_iter] = 1 if ei else 0
                 n_e += 1 if ei else 0
-            if do_r:
-                # best / first argmax / second best of A[i] + S[i]
-                for j in range(n):
-                    row[j] = A[i, j] + Sn[i, j]
-                row[i] = A[i, i] + sdiag[i]
-                best = _rowmax(row)
-                arg = 0
-                while row[arg] != best:
-                    arg += 1
-                row[arg] = -np.inf
-                second = _rowmax(row)
-                # R = R*d + (S - best)*(1-d); at the argmax S - second
-                r_ii = R[i, i]
-                r_arg = R[i, arg]
-                for j in range(n):
-                    R[i, j] = R[i, j] * damping + (Sn[i, j] - best) * one_m
-                if arg == i:
-                    R[i, i] = r_ii * damping + (sdiag[i] - second) * one_m
-                else:
-                    R[i, i] = r_ii * damping + (sdiag[i] - best) * one_m
-                    R[i, arg] = r_arg * damping + (Sn[i, arg] - second) * one_m
+            if k < max_iter:
+                # R = R*d + (S - best)*(1-d); at the first argmax of A + S: S - second
+                v_ii = a_ii + sdiag[i]
+                best = _fmax(best, v_ii)
                 cs_ii = cs_new[i]
-                for j in range(n):
-                    v = R[i, j]
-                    cs_new[j] += v if v > 0.0 else 0.0
-                cs_new[i] = cs_ii + R[i, i]  # diagonal: R itself, unclipped
-        if do_a and k - 1 >= convergence_iter:
+                second, arg, count = _r_row(Ai, Ri, Si, cs_new, best, damping, one_m, lo)
+                if v_ii == best:
+                    arg = i if i < arg else arg
+                else:
+                    second = _fmax(second, v_ii)
+                left = count                       # off-diagonal entries equal to best
+                if count + (1 if v_ii == best else 0) >= 2:
+                    second = best                  # a tie: np.max after masking one copy
+                j = arg
+                while left > 0:
+                    if j != i and Ai[j] + Si[j] >= best:
+                        r = Ri[j] * damping + (Si[j] - (second if j == arg else best)) * one_m
+                        Ri[j] = r
+                        cs_new[j] += r if r > 0.0 else 0.0
+                        left -= 1
+                    j += 1
+                r = r_ii * damping + (sdiag[i] - (second if arg == i else best)) * one_m
+                Ri[i] = r
+                cs_new[i] = cs_ii + r             # diagonal: R itself, unclipped
+            Ai[i] = a_ii
+        if k >= 1 and k - 1 >= convergence_iter:
             stable = 0
             for i in range(n):
                 se = 0
@@ -291,10 +295,26 @@ def _ap_batch_numba_py(Sn, sdiags, dampings, max_iter, convergence_iter, E_out, 
 
 
 if HAVE_NUMBA:
+    from llvmlite import ir as _llir
+    from numba.core import cgutils as _cgutils
+    from numba.extending import intrinsic as _intrinsic
+
     from mmfusion.numba_jit import njit_cached
 
+    @_intrinsic
+    def _fmax(typingctx, a, b):
+        """max(a, b) of two float64 as ``llvm.maxnum`` (no NaNs here), which LLVM vectorizes
+        as a reduction; numba's ``a if a > b else b`` stays scalar."""
+        def codegen(context, builder, signature, args):
+            fnty = _llir.FunctionType(_llir.DoubleType(), [_llir.DoubleType()] * 2)
+            fn = _cgutils.get_or_insert_function(builder.module, fnty, "llvm.maxnum.f64")
+            return builder.call(fn, args)
+
+        return numba.types.float64(numba.types.float64, numba.types.float64), codegen
+
     _FM = {"nnan", "nsz"}  # no NaNs in S; no reassociation, no contraction: exact IEEE ops
-    _rowmax = njit_cached(nogil=True, fastmath=_FM)(_rowmax_py)
+    _a_row = njit_cached(nogil=True, fastmath=_FM)(_a_row_py)
+    _r_row = njit_cached(nogil=True, fastmath=_FM)(_r_row_py)
     _ap_fit_numba = njit_cached(nogil=True, fastmath=_FM)(_ap_fit_numba_py)
     _ap_batch_numba = njit_cached(parallel=True)(_ap_batch_numba_py)
 
