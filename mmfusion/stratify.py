@@ -208,7 +208,17 @@ def _r_row_py(Ai, Ri, Si, cs_new, best, damping, one_m, lo):
 
 
 def _ap_fit_numba_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out):
-    """One AP fit (numba-compiled below), bit-identical to scikit-learn's.
+    """One AP fit (numba-compiled below), bit-identical to scikit-learn's: see
+    :func:`_ap_run_py`. Writes the final exemplar mask into E_out (n,) and returns
+    (n_iter, converged)."""
+    n = Sn.shape[0]
+    return _ap_run(Sn, sdiag, damping, max_iter, convergence_iter, E_out, np.empty((n, 2, n)))
+
+
+def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
+    """One AP fit in the caller's message buffer AR (n, 2, n), overwritten. A fit that runs
+    all ``max_iter`` iterations leaves A in AR[:, 0] and R in AR[:, 1], bit-identical to
+    scikit-learn's after ``max_iter`` iterations (after convergence R is one update ahead).
 
     Same float operations in the same order, but ONE sweep over the (n, n) messages per
     iteration instead of ~15: sweep k applies, row by row, iteration k-1's availability
@@ -222,7 +232,7 @@ def _ap_fit_numba_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out):
     Writes the final exemplar mask into E_out (n,) and returns (n_iter, converged).
     """
     n = Sn.shape[0]
-    AR = np.zeros((n, 2, n))  # AR[i, 0] = A[i], AR[i, 1] = R[i]
+    AR[:] = 0.0               # AR[i, 0] = A[i], AR[i, 1] = R[i]
     cs_old = np.zeros(n)      # column sums of max(R, 0) (diagonal: R) of iteration k-1
     cs_new = np.zeros(n)      # ... of iteration k, accumulated during this sweep
     e = np.zeros((n, convergence_iter), dtype=np.uint8)
@@ -315,6 +325,7 @@ if HAVE_NUMBA:
     _FM = {"nnan", "nsz"}  # no NaNs in S; no reassociation, no contraction: exact IEEE ops
     _a_row = njit_cached(nogil=True, fastmath=_FM)(_a_row_py)
     _r_row = njit_cached(nogil=True, fastmath=_FM)(_r_row_py)
+    _ap_run = njit_cached(nogil=True, fastmath=_FM)(_ap_run_py)
     _ap_fit_numba = njit_cached(nogil=True, fastmath=_FM)(_ap_fit_numba_py)
     _ap_batch_numba = njit_cached(parallel=True)(_ap_batch_numba_py)
 

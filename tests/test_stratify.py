@@ -116,3 +116,72 @@ def test_tie_breaking_is_deterministic():
                          "n_clusters": [3, 3, 3, 4], "silhouette": [0.5, 0.5, 0.5, 0.5],
                          "valid": [True, True, True, True]})
     assert st.select_best(grid) == 1
+
+
+def _sklearn_messages(S, damping, n_iter):
+    """A and R after ``n_iter`` iterations of scikit-learn's AP loop (verbatim, S has the
+    preferences on its diagonal already)."""
+    n = S.shape[0]
+    A, R, tmp, ind = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n)), np.arange(n)
+    for _ in range(n_iter):
+        np.add(A, S, tmp)
+        I = np.argmax(tmp, axis=1)
+        Y = tmp[ind, I]
+        tmp[ind, I] = -np.inf
+        Y2 = np.max(tmp, axis=1)
+        np.subtract(S, Y[:, None], tmp)
+        tmp[ind, I] = S[ind, I] - Y2
+        tmp *= 1 - damping
+        R *= damping
+        R += tmp
+        np.maximum(R, 0, out=tmp)
+        tmp.flat[:: n + 1] = R.flat[:: n + 1]
+        tmp -= np.sum(tmp, axis=0)
+        dA = np.diag(tmp).copy()
+        tmp.clip(0, np.inf, tmp)
+        tmp.flat[:: n + 1] = dA
+        tmp *= 1 - damping
+        A *= damping
+        A -= tmp
+    return A, R
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_kernel_messages_bit_identical_after_each_iteration(ties):
+    # n = 150 is not a multiple of the vector width; with ties, A + S has many equal
+    # maxima per row (integer similarities), which exercises the tie handling
+    X, _ = _blobs(n=150, d=6, std=3.0, seed=4)
+    S = st.similarity_matrix(X)
+    Sn, zd = st.noised_similarity(S, seed=0)
+    if ties:
+        Sn = np.round(Sn / 4.0)
+    for damping, q in [(0.5, 5), (0.7, 50), (0.93, 95)]:
+        sdiag = st.noised_diagonal(np.percentile(S, q), zd)
+        if ties:
+            sdiag = np.round(sdiag / 4.0)
+        full = Sn.copy()
+        np.fill_diagonal(full, sdiag)
+        AR = np.empty((150, 2, 150))
+        for n_iter in (1, 2, 9):
+            E = np.zeros(150, dtype=bool)
+            it, conv = st._ap_run(Sn, sdiag, damping, n_iter, n_iter + 1, E, AR)
+            A, R = _sklearn_messages(full, damping, n_iter)
+            assert (it, conv) == (n_iter, False)
+            assert np.array_equal(AR[:, 0], A) and np.array_equal(AR[:, 1], R), (damping, q, n_iter)
+            np.testing.assert_array_equal(E, np.diag(A) + np.diag(R) > 0)
+
+
+def test_n150_labels_and_iterations_identical_to_sklearn():
+    X, _ = _blobs(n=150, d=10, centers=6, std=3.0, seed=7)
+    S = st.similarity_matrix(X)
+    Sn, zd = st.noised_similarity(S, seed=11)
+    pairs = [(0.5, 10.0), (0.5, 50.0), (0.66, 30.0), (0.8, 2.0), (0.9, 50.0), (0.97, 20.0)]
+    dd = np.array([d for d, _ in pairs])
+    pp = np.array([np.percentile(S, q) for _, q in pairs])
+    labels, n_iter, conv = st.ap_fits(Sn, zd, dd, pp, max_iter=300, convergence_iter=15, n_threads=2)
+    for k in range(len(pairs)):
+        ref, ref_conv, ref_iter = st.sklearn_reference_labels(X, dd[k], pp[k], 11, 300, 15)
+        assert (conv[k], n_iter[k]) == (ref_conv, ref_iter), pairs[k]
+        if ref_conv:
+            np.testing.assert_array_equal(labels[k], ref)
+    assert conv.sum() >= 4
