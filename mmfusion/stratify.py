@@ -232,7 +232,6 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
     Writes the final exemplar mask into E_out (n,) and returns (n_iter, converged).
     """
     n = Sn.shape[0]
-    AR[:] = 0.0               # AR[i, 0] = A[i], AR[i, 1] = R[i]
     cs_old = np.zeros(n)      # column sums of max(R, 0) (diagonal: R) of iteration k-1
     cs_new = np.zeros(n)      # ... of iteration k, accumulated during this sweep
     e = np.zeros((n, convergence_iter), dtype=np.uint8)
@@ -242,7 +241,9 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
         cs_new[:] = 0.0
         n_e = 0
         for i in range(n):
-            Ai = AR[i, 0]
+            if k == 0:
+                AR[i] = 0.0   # zeroed row by row, just before its first use
+            Ai = AR[i, 0]     # AR[i, 0] = A[i], AR[i, 1] = R[i]
             Ri = AR[i, 1]
             Si = Sn[i]
             a_ii = Ai[i]
@@ -297,11 +298,24 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
 
 
 def _ap_batch_numba_py(Sn, sdiags, dampings, max_iter, convergence_iter, E_out, n_iter, converged):
-    """Independent fits in parallel over grid points (one fit per thread, no barriers)."""
-    for p in numba.prange(sdiags.shape[0]):
-        it, conv = _ap_fit_numba(Sn, sdiags[p], dampings[p], max_iter, convergence_iter, E_out[p])
-        n_iter[p] = it
-        converged[p] = conv
+    """Independent fits in parallel over grid points (one fit per thread, no barriers).
+
+    Workers take the next fit from a shared atomic counter (fits differ in length) and
+    reuse one message buffer for all their fits (no fresh pages per fit). There are as
+    many workers as fits; those beyond the thread count find the counter exhausted.
+    """
+    n, P = Sn.shape[0], sdiags.shape[0]
+    next_fit = np.zeros(1, dtype=np.int64)
+    for _ in numba.prange(P):
+        AR = np.empty((0, 2, n))
+        p = _fetch_add(next_fit)
+        while p < P:
+            if AR.shape[0] == 0:
+                AR = np.empty((n, 2, n))
+            it, conv = _ap_run(Sn, sdiags[p], dampings[p], max_iter, convergence_iter, E_out[p], AR)
+            n_iter[p] = it
+            converged[p] = conv
+            p = _fetch_add(next_fit)
 
 
 if HAVE_NUMBA:
@@ -321,6 +335,16 @@ if HAVE_NUMBA:
             return builder.call(fn, args)
 
         return numba.types.float64(numba.types.float64, numba.types.float64), codegen
+
+    @_intrinsic
+    def _fetch_add(typingctx, counter):
+        """Atomically ``counter[0] += 1``; returns the old value (counter: (1,) int64)."""
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            one = context.get_constant(numba.types.int64, 1)
+            return builder.atomic_rmw("add", ary.data, one, "seq_cst")
+
+        return numba.types.int64(counter), codegen
 
     _FM = {"nnan", "nsz"}  # no NaNs in S; no reassociation, no contraction: exact IEEE ops
     _a_row = njit_cached(nogil=True, fastmath=_FM)(_a_row_py)
