@@ -234,12 +234,14 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
     n = Sn.shape[0]
     cs_old = np.zeros(n)      # column sums of max(R, 0) (diagonal: R) of iteration k-1
     cs_new = np.zeros(n)      # ... of iteration k, accumulated during this sweep
-    e = np.zeros((n, convergence_iter), dtype=np.uint8)
+    e = np.zeros((n, convergence_iter), dtype=np.uint8)  # exemplar flags, last iterations
+    se = np.zeros(n, dtype=np.int64)                     # their row sums
     lo = -np.inf
     one_m = 1.0 - damping
     for k in range(max_iter + 1):
         cs_new[:] = 0.0
         n_e = 0
+        stable = 0
         for i in range(n):
             if k == 0:
                 AR[i] = 0.0   # zeroed row by row, just before its first use
@@ -256,8 +258,11 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
             if k >= 1:
                 ei = (a_ii + r_ii) > 0.0
                 E_out[i] = ei
-                e[i, (k - 1) % convergence_iter] = 1 if ei else 0
+                slot = (k - 1) % convergence_iter
+                se[i] += (1 if ei else 0) - e[i, slot]
+                e[i, slot] = 1 if ei else 0
                 n_e += 1 if ei else 0
+                stable += 1 if (se[i] == convergence_iter or se[i] == 0) else 0
             if k < max_iter:
                 # R = R*d + (S - best)*(1-d); at the first argmax of A + S: S - second
                 v_ii = a_ii + sdiag[i]
@@ -283,16 +288,8 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
                 Ri[i] = r
                 cs_new[i] = cs_ii + r             # diagonal: R itself, unclipped
             Ai[i] = a_ii
-        if k >= 1 and k - 1 >= convergence_iter:
-            stable = 0
-            for i in range(n):
-                se = 0
-                for c in range(convergence_iter):
-                    se += e[i, c]
-                if se == convergence_iter or se == 0:
-                    stable += 1
-            if stable == n and n_e > 0:
-                return k, True
+        if k >= 1 and k - 1 >= convergence_iter and stable == n and n_e > 0:
+            return k, True
         cs_old, cs_new = cs_new, cs_old
     return max_iter, False
 
