@@ -161,8 +161,9 @@ def _ap_iterate_numpy(Sn, sdiag, damping, max_iter, convergence_iter):
     return E, max_iter, False
 
 
-def _a_row_py(Ai, Ri, Si, cs_old, damping, one_m, lo):
-    """Availability update of one row, in place; returns max(A_new + S) over the row.
+def _a_row_py(Ai, Ri, Si, cs_old, c, damping, one_m, lo):
+    """Availability update of one row, in place; returns max(A_new + S) over the row
+    except at index c (the row's previous argmax, looked at apart).
 
     Ai, Ri, Si, cs_old (n,) float64: row i of A, R, S and the column sums of the previous
     iteration. The caller sets Ai[i] = -inf first (the diagonal is updated apart), so
@@ -176,35 +177,33 @@ def _a_row_py(Ai, Ri, Si, cs_old, damping, one_m, lo):
         t = t if t > 0.0 else 0.0
         a = Ai[j] * damping - t * one_m
         Ai[j] = a
-        m = _fmax(m, a + Si[j])
+        v = a + Si[j]
+        m = _fmax(m, v if j != c else lo)
     return m
 
 
-def _r_row_py(Ai, Ri, Si, cs_new, best, damping, one_m, lo):
-    """Responsibility update of one row, in place, plus the row's top-2 bookkeeping.
-
-    R_new = R*d + (S - best)*(1-d) and ``cs_new += max(R_new, 0)`` everywhere except
-    where A + S >= best (the argmax and its ties, and nothing else since best is the
-    row max): those entries are left unchanged and unsummed for the caller to patch.
-    Returns (max of A + S below best, first index where A + S == best, how many).
-    Every piece is a reduction or a select, so the loop vectorizes; no reassociation.
-    """
-    n = Ri.shape[0]
+def _top_row_py(Ai, Si, best, lo):
+    """For A + S (n,) with row max ``best`` (diagonal -inf in Ai): (max below best, first
+    index equal to best (n if none), how many equal best). Reductions only: vectorizes."""
+    n = Ai.shape[0]
     below = lo
     first = n
     count = 0
     for j in range(n):
-        s = Si[j]
-        v = Ai[j] + s
+        v = Ai[j] + Si[j]
         top = v >= best
         below = _fmax(below, v if v < best else lo)
         first = min(first, j if top else n)
         count += top
-        r0 = Ri[j]
-        r = r0 * damping + (s - best) * one_m
-        Ri[j] = r0 if top else r
-        cs_new[j] += r if (r > 0.0 and not top) else 0.0
     return below, first, count
+
+
+def _r_row_py(Ri, Si, cs_new, best, damping, one_m):
+    """R = R*d + (S - best)*(1-d) over the row, in place, and cs_new += max(R, 0)."""
+    for j in range(Ri.shape[0]):
+        r = Ri[j] * damping + (Si[j] - best) * one_m
+        Ri[j] = r
+        cs_new[j] += r if r > 0.0 else 0.0
 
 
 def _ap_fit_numba_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out):
@@ -225,10 +224,15 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
     update and then iteration k's responsibility update (two vectorized loops over the
     row, :func:`_a_row_py` and :func:`_r_row_py`), accumulating iteration k's column
     sums (double-buffered) on the way; the column sums come out in row order, exactly
-    like numpy's ``sum(axis=0)``. Row i of A and of R lie next to each other (one
-    (n, 2, n) array: one memory stream per row, and A[i] and R[i] never share cache
-    sets). The diagonal and the argmax entries are patched after the row loops, so S
-    (n, n) is shared read-only by all threads.
+    like numpy's ``sum(axis=0)``. The row's first argmax of A + S and its second max
+    come for free when the row's previous argmax ``c`` is still the unique argmax: the
+    A loop returns the max over the row but c, and comparing it with A + S at c decides;
+    otherwise (ties, a new argmax: a few percent of the rows once the first iterations
+    are done) one more vectorized pass over the row, :func:`_top_row_py`, finds them,
+    exactly as ``np.argmax`` and ``np.max`` after masking would. Row i of A
+    and of R lie next to each other (one (n, 2, n) array: one memory stream per row,
+    and A[i] and R[i] never share cache sets). The diagonal and the argmax entries are
+    patched after the row loops, so S (n, n) is shared read-only by all threads.
     Writes the final exemplar mask into E_out (n,) and returns (n_iter, converged).
     """
     n = Sn.shape[0]
@@ -236,6 +240,7 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
     cs_new = np.zeros(n)      # ... of iteration k, accumulated during this sweep
     e = np.zeros((n, convergence_iter), dtype=np.uint8)  # exemplar flags, last iterations
     se = np.zeros(n, dtype=np.int64)                     # their row sums
+    hint = np.arange(n)       # each row's first argmax of A + S in the previous iteration
     lo = -np.inf
     one_m = 1.0 - damping
     for k in range(max_iter + 1):
@@ -253,7 +258,8 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
             # A = A*d - clip(max(R, 0) - colsum, 0)*(1-d); diagonal R - colsum, unclipped.
             # At k = 0 (A = R = colsum = 0) this leaves A = 0, as it must.
             Ai[i] = lo
-            best = _a_row(Ai, Ri, Si, cs_old, damping, one_m, lo)
+            c = hint[i]
+            others = _a_row(Ai, Ri, Si, cs_old, c, damping, one_m, lo)  # max of A + S but at c
             a_ii = a_ii * damping - (r_ii - cs_old[i]) * one_m
             if k >= 1:
                 ei = (a_ii + r_ii) > 0.0
@@ -264,26 +270,34 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
                 n_e += 1 if ei else 0
                 stable += 1 if (se[i] == convergence_iter or se[i] == 0) else 0
             if k < max_iter:
-                # R = R*d + (S - best)*(1-d); at the first argmax of A + S: S - second
+                # best, first argmax and second (max after masking the argmax) of A + S
                 v_ii = a_ii + sdiag[i]
-                best = _fmax(best, v_ii)
-                cs_ii = cs_new[i]
-                second, arg, count = _r_row(Ai, Ri, Si, cs_new, best, damping, one_m, lo)
-                if v_ii == best:
-                    arg = i if i < arg else arg
+                v_c = v_ii if c == i else Ai[c] + Si[c]
+                if c != i:
+                    others = _fmax(others, v_ii)
+                best = _fmax(v_c, others)
+                if v_c > others:                   # c is still the unique argmax
+                    arg = c
+                    second = others
                 else:
-                    second = _fmax(second, v_ii)
-                left = count                       # off-diagonal entries equal to best
-                if count + (1 if v_ii == best else 0) >= 2:
-                    second = best                  # a tie: np.max after masking one copy
-                j = arg
-                while left > 0:
-                    if j != i and Ai[j] + Si[j] >= best:
-                        r = Ri[j] * damping + (Si[j] - (second if j == arg else best)) * one_m
-                        Ri[j] = r
-                        cs_new[j] += r if r > 0.0 else 0.0
-                        left -= 1
-                    j += 1
+                    second, arg, count = _top_row(Ai, Si, best, lo)
+                    if v_ii == best:
+                        arg = i if i < arg else arg
+                        count += 1
+                    else:
+                        second = _fmax(second, v_ii)
+                    if count >= 2:
+                        second = best              # a tie: np.max after masking one copy
+                    hint[i] = arg
+                # R = R*d + (S - best)*(1-d); at the argmax S - second
+                cs_ii = cs_new[i]
+                cs_arg = cs_new[arg]
+                r_arg = Ri[arg]
+                _r_row(Ri, Si, cs_new, best, damping, one_m)
+                if arg != i:
+                    r = r_arg * damping + (Si[arg] - second) * one_m
+                    Ri[arg] = r
+                    cs_new[arg] = cs_arg + (r if r > 0.0 else 0.0)
                 r = r_ii * damping + (sdiag[i] - (second if arg == i else best)) * one_m
                 Ri[i] = r
                 cs_new[i] = cs_ii + r             # diagonal: R itself, unclipped
@@ -345,6 +359,7 @@ if HAVE_NUMBA:
 
     _FM = {"nnan", "nsz"}  # no NaNs in S; no reassociation, no contraction: exact IEEE ops
     _a_row = njit_cached(nogil=True, fastmath=_FM)(_a_row_py)
+    _top_row = njit_cached(nogil=True, fastmath=_FM)(_top_row_py)
     _r_row = njit_cached(nogil=True, fastmath=_FM)(_r_row_py)
     _ap_run = njit_cached(nogil=True, fastmath=_FM)(_ap_run_py)
     _ap_fit_numba = njit_cached(nogil=True, fastmath=_FM)(_ap_fit_numba_py)
