@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import keras
 
 from mmfusion.model.layers import SeparableConv3D
+from mmfusion.model.normalization import BatchNorm3D
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,18 @@ class BlockSettings:
         return keras.regularizers.L2(self.l2) if self.l2 > 0 else None
 
 
-def batch_norm(settings: BlockSettings, name: str) -> keras.layers.BatchNormalization:
+def batch_norm(settings: BlockSettings, name: str) -> BatchNorm3D:
     """BatchNormalization over the channel axis, named ``name``.
+
+    A :class:`~mmfusion.model.normalization.BatchNorm3D`: Keras' layer with a fused
+    training kernel on TensorFlow (same weights, same results up to float rounding).
 
     ``synchronized=settings.sync_batchnorm``: in training under a strategy with several
     replicas the mean and variance (per channel, over batch and the 3 spatial axes) are
     those of the global batch; at inference the layer uses its moving statistics and
     the flag changes nothing (a saved model loads and runs on one device).
     """
-    return keras.layers.BatchNormalization(synchronized=bool(settings.sync_batchnorm), name=name)
+    return BatchNorm3D(synchronized=bool(settings.sync_batchnorm), name=name)
 
 
 def _norm_act(x, settings: BlockSettings, name: str, dropout: bool = True):
