@@ -2,12 +2,14 @@
 registered to (participant level).
 
 Choice, in order: ``--template PATH`` (mask: a sibling ``*desc-brain_mask*`` file, else
-derived by registering the MNI mask) > the study template in ``output_dir/template/`` >
+derived by registering the MNI mask, once per output directory: see
+:func:`user_template_mask`) > the study template in ``output_dir/template/`` >
 the built-in MNI152 2009 template that nilearn ships (offline). Every output records
 which (``source``), its space label and a content hash.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import tempfile
@@ -21,6 +23,7 @@ import numpy as np
 from mmfusion import __version__
 from mmfusion.atomic import atomic_path, write_json
 from mmfusion.config import config_hash
+from mmfusion.derivatives import res_label
 from mmfusion.errors import MissingInputError
 from mmfusion.provenance import reuse_existing
 from mmfusion.images import load_3d
@@ -55,7 +58,6 @@ class TemplateInfo:
 
 
 def study_template_paths(output_dir: Path, resolution: float) -> dict[str, Path]:
-    from mmfusion.derivatives import res_label
     folder = Path(output_dir) / "template"
     res = res_label(resolution)
     return {"dir": folder, "t1w": folder / f"tpl-{STUDY_SPACE}_res-{res}_T1w.nii.gz",
@@ -109,8 +111,7 @@ def resolve_template(ctx, params: dict) -> TemplateInfo:
             mask = _resample_iso(ants.from_nibabel_nifti(load_3d(siblings[0], "template mask")), res, 1)
             mask = ants.threshold_image(ants.resample_image_to_target(mask, img, interp_type="nearestNeighbor"), 0.5, 1e9, 1, 0)
         else:
-            with tempfile.TemporaryDirectory(prefix="mmf_tplmask_", dir=_work(ctx)) as tmp:
-                mask = _mask_by_mni(img, params, Path(tmp))
+            mask = user_template_mask(ctx, img, params, res)
         ctx.provenance.add_inputs([path])
         return TemplateInfo(img, mask, "user", USER_SPACE, path.resolve().as_uri(), image_hash(img))
     study = study_template_paths(ctx.output_dir, res)
@@ -122,6 +123,35 @@ def resolve_template(ctx, params: dict) -> TemplateInfo:
     img, mask = builtin_mni(res)
     return TemplateInfo(img, mask, "builtin", MNI_SPACE,
                         "nilearn MNI152 2009 (load_mni152_template)", image_hash(img))
+
+
+def user_template_mask(ctx, img: ants.ANTsImage, params: dict, res: float) -> ants.ANTsImage:
+    """Brain mask of a user template that has none: the MNI mask registered to it, ONCE.
+
+    Cached as ``output_dir/template/tpl-custom<hash>_res-<r>_desc-brain_mask.nii.gz``
+    (``<hash>``: 12 hex digits of the resampled template's voxels and grid plus the
+    registration parameters), so the subjects of an array job don't each repeat the
+    registration (~1-2 CPU minutes). An exclusive lock on a ``.lock`` file next to it
+    makes tasks that start together wait for the first one instead of computing it
+    too; every task reads the mask back from the file, so all subjects use the same
+    mask. Written atomically.
+    """
+    key = hashlib.sha256((image_hash(img) + json.dumps(params, sort_keys=True)).encode()).hexdigest()[:12]
+    folder = Path(ctx.output_dir) / "template"
+    path = folder / f"tpl-{USER_SPACE}{key}_res-{res_label(res)}_desc-brain_mask.nii.gz"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            log.info("user template has no brain mask next to it: registering the MNI mask to it "
+                     "(once; cached in %s)", path)
+            with tempfile.TemporaryDirectory(prefix="mmf_tplmask_", dir=_work(ctx)) as tmp:
+                mask = _mask_by_mni(img, params, Path(tmp))
+            with atomic_path(path) as tmp_path:
+                ants.image_write(mask, str(tmp_path))
+        else:
+            log.info("user template mask: reusing %s", path)
+    return ants.image_read(str(path))
 
 
 def _work(ctx) -> Path:

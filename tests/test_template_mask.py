@@ -1,0 +1,66 @@
+"""A user template without a brain mask: the MNI mask is registered to it once per output dir."""
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import ants
+import numpy as np
+
+from mmfusion.spatial import registration as reg
+from mmfusion.spatial import template as tp
+
+
+class _Inputs:
+    def __init__(self):
+        self.paths = []
+
+    def add_inputs(self, paths):
+        self.paths.extend(paths)
+
+
+def _ctx(tmp_path: Path, template: Path):
+    return SimpleNamespace(config={"spatial": {"registration_resolution": 4.0}}, template=template,
+                           output_dir=tmp_path / "out", work_dir=tmp_path / "work", provenance=_Inputs())
+
+
+def test_user_template_mask_is_computed_once_and_shared(tmp_path, monkeypatch):
+    reg.set_ants_threads(2, 1)
+    mni, mni_mask = tp.builtin_mni(4.0)
+    path = tmp_path / "tpl" / "mytemplate_T1w.nii.gz"
+    path.parent.mkdir()
+    ants.image_write(mni, str(path))
+    calls = []
+    real = tp._mask_by_mni
+
+    def counting(*args, **kwargs):
+        calls.append(time.time())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tp, "_mask_by_mni", counting)
+    params = reg.resolve_preset("fast-test")
+    results = [None, None]
+
+    def resolve(k):
+        results[k] = tp.resolve_template(_ctx(tmp_path, path), params)
+
+    threads = [threading.Thread(target=resolve, args=(k,)) for k in range(2)]  # two array tasks at once
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    cached = list((tmp_path / "out" / "template").glob("tpl-custom*_res-4_desc-brain_mask.nii.gz"))
+    assert len(cached) == 1
+    a, b = (r.mask.numpy() for r in results)
+    np.testing.assert_array_equal(a, b)
+    # the registered MNI mask on the MNI image itself: close to the MNI mask
+    m = mni_mask.numpy() > 0.5
+    dice = 2 * (m & (a > 0.5)).sum() / (m.sum() + (a > 0.5).sum())
+    assert dice > 0.9, dice
+    # a later run reuses the file; other registration parameters get their own mask
+    tp.resolve_template(_ctx(tmp_path, path), params)
+    assert len(calls) == 1
+    tp.resolve_template(_ctx(tmp_path, path), dict(params, reg_iterations=[2, 0]))
+    assert len(calls) == 2
+    assert len(list((tmp_path / "out" / "template").glob("tpl-custom*_desc-brain_mask.nii.gz"))) == 2
