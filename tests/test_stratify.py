@@ -119,30 +119,12 @@ def test_tie_breaking_is_deterministic():
 
 
 def _sklearn_messages(S, damping, n_iter):
-    """A and R after ``n_iter`` iterations of scikit-learn's AP loop (verbatim, S has the
+    """A and R after ``n_iter`` iterations of scikit-learn's AP loop (S has the
     preferences on its diagonal already)."""
     n = S.shape[0]
-    A, R, tmp, ind = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n)), np.arange(n)
+    A, R, tmp = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n))
     for _ in range(n_iter):
-        np.add(A, S, tmp)
-        I = np.argmax(tmp, axis=1)
-        Y = tmp[ind, I]
-        tmp[ind, I] = -np.inf
-        Y2 = np.max(tmp, axis=1)
-        np.subtract(S, Y[:, None], tmp)
-        tmp[ind, I] = S[ind, I] - Y2
-        tmp *= 1 - damping
-        R *= damping
-        R += tmp
-        np.maximum(R, 0, out=tmp)
-        tmp.flat[:: n + 1] = R.flat[:: n + 1]
-        tmp -= np.sum(tmp, axis=0)
-        dA = np.diag(tmp).copy()
-        tmp.clip(0, np.inf, tmp)
-        tmp.flat[:: n + 1] = dA
-        tmp *= 1 - damping
-        A *= damping
-        A -= tmp
+        st.sklearn_iteration(A, R, S, tmp, damping)
     return A, R
 
 
