@@ -45,6 +45,7 @@ RUN pip install --no-cache-dir \
         "matplotlib==3.11.2" \
         "pandas==3.1.1" \
         "numba==0.68.1" \
+        "llvmlite==0.50.0" \
         "bids-validator-deno==3.0.2"
 
 # The package itself (deps already satisfied: --no-deps keeps the pins above authoritative).
