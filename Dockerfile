@@ -8,8 +8,9 @@
 #   docker run --rm --gpus all -v /data/bids:/bids:ro -v /data/out:/out \
 #       mmfusion:0.2.0 /bids /out participant --participant-label 01
 #
-# Versions are pinned to the environment the test suite ran in; Singularity.def carries the
-# same pins (tests/test_hpc.py keeps the two and pyproject.toml in step).
+# Versions: requirements.lock (the one locked set that the README commands, CI and both images
+# install; scripts/refresh_lock.sh refreshes it). Singularity.def installs the same way
+# (tests/test_hpc.py keeps the images, the lock and pyproject.toml in step).
 FROM python:3.11.7-slim-bookworm
 
 ARG VERSION=0.2.0
@@ -28,29 +29,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NUMBA_CACHE_DIR=/tmp/numba \
     TF_CPP_MIN_LOG_LEVEL=1
 
-# Third-party dependencies first (one cached layer); pins = the tested environment.
-RUN pip install --no-cache-dir \
-        "tensorflow[and-cuda]==2.21.0" \
-        "keras==3.15.1" \
-        "antspyx==0.6.3" \
-        "nibabel==5.4.2" \
-        "pybids==0.22.0" \
-        "h5py==3.14.0" \
-        "numpy==2.3.5" \
-        "scipy==1.15.3" \
-        "scikit-learn==1.9.1" \
-        "statsmodels==0.15.0" \
-        "PyYAML==6.0.3" \
-        "nilearn==0.14.1" \
-        "matplotlib==3.11.2" \
-        "pandas==3.1.1" \
-        "numba==0.68.1" \
-        "llvmlite==0.50.0" \
-        "bids-validator-deno==3.0.2"
-
-# The package itself (deps already satisfied: --no-deps keeps the pins above authoritative).
+# Third-party dependencies first (one cached layer): pyproject's dependencies, plus the CUDA
+# wheels of tensorflow[and-cuda], at exactly the versions of requirements.lock.
 WORKDIR /opt/mmfusion
-COPY version pyproject.toml README.md run.py ./
+COPY requirements.lock pyproject.toml ./
+# hadolint ignore=DL3013
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/deps.txt \
+    && pip install --no-cache-dir -c requirements.lock -r /tmp/deps.txt "tensorflow[and-cuda]" \
+    && rm /tmp/deps.txt
+# (DL3013 "pin versions": every version comes from the constraints file requirements.lock)
+
+# The package itself (deps already satisfied: --no-deps keeps the locked versions authoritative).
+COPY version README.md run.py ./
 COPY mmfusion ./mmfusion
 RUN test "$(cat version)" = "${VERSION}" \
         || { echo "build-arg VERSION=${VERSION} differs from the version file ($(cat version)); pass --build-arg VERSION=\$(cat version)" >&2; exit 1; } \

@@ -30,7 +30,6 @@ GROUP = REPO / "slurm" / "group.sbatch"
 TINY_CONFIG = Path(os.environ.get("MMFUSION_TINY_CONFIG", REPO / "tests" / "data" / "tiny_config.yaml"))
 N_SUBJECTS = 5  # the last one is broken on purpose; the group level then has 4 (AP needs > 3)
 BROKEN = f"{N_SUBJECTS:02d}"
-PIN = re.compile(r'"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^"]+)"')
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
             "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
@@ -38,31 +37,54 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 # ---------------------------------------------------------------------------------------
 # Container recipes
 # ---------------------------------------------------------------------------------------
-def _pins(path: Path) -> dict[str, str]:
-    return {canonicalize_name(name): version for name, version in PIN.findall(path.read_text())}
+LOCK = REPO / "requirements.lock"
+LOCK_INSTALL = "pip install --no-cache-dir -c requirements.lock -r /tmp/deps.txt \"tensorflow[and-cuda]\""
 
 
-def test_docker_and_singularity_pin_the_same_versions():
-    docker, apptainer = _pins(REPO / "Dockerfile"), _pins(REPO / "Singularity.def")
-    assert len(docker) >= 14
-    assert docker == apptainer
+def _lock() -> dict[str, str]:
+    """requirements.lock as {canonical name: version}."""
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"requirements.lock: '{line}' is not name==version"
+            pins[canonicalize_name(name)] = version
+    return pins
 
 
-def test_every_pyproject_dependency_is_pinned_within_its_range():
+def test_both_images_install_exactly_the_lock():
+    for recipe in ("Dockerfile", "Singularity.def"):
+        text = (REPO / recipe).read_text()
+        assert LOCK_INSTALL in text, f"{recipe} does not install with -c requirements.lock"
+        assert not re.search(r'"[A-Za-z0-9_.\-]+(\[[^\]]*\])?==', text), f"{recipe} pins versions of its own"
+    assert "COPY requirements.lock" in (REPO / "Dockerfile").read_text()
+    assert "requirements.lock /opt/mmfusion/requirements.lock" in (REPO / "Singularity.def").read_text()
+
+
+def test_the_lock_pins_every_dependency_within_pyproject_ranges():
     import tomllib
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    pins = _pins(REPO / "Dockerfile")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["test"]
+    lock = _lock()
+    assert len(lock) >= 60 and "nvidia-cudnn-cu12" in lock  # the images' CUDA wheels too
     for dep in map(Requirement, deps):
         name = canonicalize_name(dep.name)
-        assert name in pins, f"{dep.name} (pyproject.toml) is not pinned in the Dockerfile"
-        assert dep.specifier.contains(pins[name]), f"{name}=={pins[name]} violates pyproject's {dep}"
+        assert name in lock, f"{dep.name} (pyproject.toml) is not in requirements.lock: run scripts/refresh_lock.sh"
+        assert dep.specifier.contains(lock[name]), f"requirements.lock {name}=={lock[name]} violates pyproject's {dep}"
 
 
-def test_pins_are_the_versions_the_tests_ran_with():
-    for name, version in _pins(REPO / "Dockerfile").items():
-        installed = importlib.metadata.version(name)
-        assert installed == version, f"Dockerfile pins {name}=={version}, tests run with {installed}"
+def test_the_test_environment_is_the_lock():
+    """The README commands install with -c requirements.lock, so every locked package that is
+    installed here has the locked version (a new release elsewhere changes nothing)."""
+    lock = _lock()
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    drift = {n: (v, installed[n]) for n, v in lock.items() if n in installed and installed[n] != v}
+    assert not drift, (f"installed versions differ from requirements.lock (locked, installed): {drift}; "
+                       "install with: python -m pip install -c requirements.lock -e \".[test]\"")
+    missing = [n for n in lock if n not in installed and not n.startswith("nvidia-")]
+    assert not missing, f"locked but not installed: {missing}"
 
 
 def test_every_third_party_module_the_package_imports_is_in_the_images():
@@ -82,10 +104,10 @@ def test_every_third_party_module_the_package_imports_is_in_the_images():
     third_party = sorted(modules - stdlib - {"mmfusion"} - optional_backends)
     assert "tensorflow" in third_party and "ants" in third_party
     dists = importlib.metadata.packages_distributions()
-    pins = _pins(REPO / "Dockerfile")
+    pins = _lock()
     for module in third_party:
         names = {canonicalize_name(d) for d in dists.get(module, [])}
-        assert names & set(pins), f"mmfusion imports {module} ({sorted(names)}), not pinned in the images"
+        assert names & set(pins), f"mmfusion imports {module} ({sorted(names)}), not in requirements.lock"
 
 
 def test_images_carry_the_version_file_as_oci_label():
