@@ -235,13 +235,18 @@ def check_is_bids(bids_dir: Path) -> None:
 
 def run_validator(bids_dir: Path) -> None:
     """Run the official BIDS validator (bids-validator-deno); raise ValidationError on errors."""
+    import os
     import shutil
     import subprocess
+    import sys
 
-    exe = shutil.which("bids-validator-deno")
+    # next to this Python first: a venv's mmfusion called by its full path (batch scripts)
+    # has its bin/ off PATH
+    beside = Path(sys.executable).parent / "bids-validator-deno"
+    exe = str(beside) if os.access(beside, os.X_OK) else shutil.which("bids-validator-deno")
     if exe is None:
-        raise ValidationError("bids-validator-deno is not installed: `pip install bids-validator-deno`, "
-                              "or pass --skip-bids-validation")
+        raise ValidationError("bids-validator-deno is not installed (a dependency of mmfusion): reinstall with "
+                              "`python -m pip install -c requirements.lock -e .`, or pass --skip-bids-validation")
     proc = subprocess.run([exe, "--json", str(bids_dir)], capture_output=True, text=True)
     try:
         issues = json.loads(proc.stdout).get("issues", {}).get("issues", [])

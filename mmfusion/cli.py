@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from mmfusion import __version__
-from mmfusion.errors import (EXIT_CODES, MmfusionError, NotImplementedLevelError, OutputError,
-                             UnknownLevelError, UsageError)
+from mmfusion.errors import (EXIT_CODES, BrokenInstallError, MmfusionError, NotImplementedLevelError,
+                             OutputError, UnknownLevelError, UsageError)
 
 LEVELS = ("template", "participant", "group")
 MODALITIES = ("t1", "jac", "fa", "ndi")
@@ -191,19 +191,32 @@ def run_level(ctx) -> int:
     }[ctx.level]
     try:
         module = importlib.import_module(entry[0])
-        func = getattr(module, entry[1])
-    except (ImportError, AttributeError) as exc:
-        raise NotImplementedLevelError(f"the {ctx.level} level is not implemented yet in mmfusion "
-                                       f"{__version__} ({exc})") from exc
+    except ImportError as exc:
+        raise _import_failure(exc, ctx.level) from exc
+    func = getattr(module, entry[1], None)
+    if func is None:
+        raise NotImplementedLevelError(f"the {ctx.level} level is not implemented yet in mmfusion {__version__}")
     status = "failed"
     try:
         func(ctx)
         status = "success"
+    except ImportError as exc:  # a dependency imported lazily inside the level
+        raise _import_failure(exc, ctx.level) from exc
     finally:
         ctx.provenance.extra["status"] = status
         path = ctx.provenance.write(ctx.logs_dir)
         ctx.logger.info("provenance: %s", path)
     return 0
+
+
+def _import_failure(exc: ImportError, level: str) -> BrokenInstallError:
+    """The one-line error for a dependency that does not import: which module, and how to
+    repair the environment (reinstalling from the lock brings the tested versions back)."""
+    module = exc.name or "a dependency"
+    return BrokenInstallError(
+        f"the {level} level cannot import {module} ({exc}); the installation is broken or incomplete: "
+        f"reinstall with `python -m pip install --force-reinstall -c requirements.lock -e .` "
+        f"from the mmfusion checkout (or use the container image); see docs/installation.md")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,10 +234,14 @@ def _simulate(argv: list[str]) -> int:
 
 
 def _bids_app(argv: list[str]) -> int:
+    from mmfusion.runlog import native_output_to
+
     args = build_parser().parse_args(argv)
     validate_paths(args)
     ctx = make_context(args, ["mmfusion", *argv])
-    return run_level(ctx)
+    # ANTs/ITK and TensorFlow print from C++: into the log file, unless -vv
+    with native_output_to(ctx.log_file if args.verbose < 2 else None):
+        return run_level(ctx)
 
 
 def _run_guarded(func) -> int:

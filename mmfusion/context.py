@@ -46,6 +46,11 @@ class RunContext:
         return self.output_dir / "logs"
 
     @property
+    def log_file(self) -> Path:
+        """This run's log file, ``output_dir/logs/<run_id>.log`` (also gets the C++ libraries' output)."""
+        return self.logs_dir / f"{self.provenance.run_id}.log"
+
+    @property
     def group_dir(self) -> Path:
         """Where group-level outputs go: ``output_dir/group``."""
         return self.output_dir / "group"

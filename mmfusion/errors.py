@@ -17,6 +17,7 @@ EXIT_CODES = {
     69: "analysis level or feature not implemented yet",
     73: "cannot create or write an output (output_dir not writable or inside bids_dir)",
     75: "refused: outputs exist from a different config/template (use --force)",
+    78: "broken installation: a dependency fails to import (reinstall from requirements.lock)",
     130: "interrupted (Ctrl-C / SIGINT)",
 }
 
@@ -70,3 +71,9 @@ class OutputError(MmfusionError):
 
 class StaleOutputError(MmfusionError):
     exit_code = 75
+
+
+class BrokenInstallError(MmfusionError):
+    """A dependency (TensorFlow, ANTsPy, ...) is installed but does not import."""
+
+    exit_code = 78

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmfusion.errors import MissingInputError
-from mmfusion.runlog import get_logger
+from mmfusion.runlog import get_logger, terminal_print
 from mmfusion.shards import split_stem
 
 log = get_logger(__name__)
@@ -68,5 +68,5 @@ def run_group_level(ctx) -> Path | None:
     ctx.provenance.add_inputs(p for p in tables if p.is_file())
     path = report.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
     log.info("report: %s", path)
-    print(f"mmfusion report: {path}")
+    terminal_print(f"mmfusion report: {path}")
     return path

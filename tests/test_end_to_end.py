@@ -5,6 +5,8 @@ Real ANTs registrations and real TensorFlow training (tiny config: 4 mm data, a 
 grid at 5 mm, a 3-level model, 2 folds, 2 epochs). Takes a few minutes on 2 cores.
 """
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +20,16 @@ from mmfusion.shards import read_shard
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "data" / "tiny_config.yaml"
 N_SUBJECTS = 6
+TERMINAL: dict[str, subprocess.CompletedProcess] = {}  # level -> its CLI run (stdout, stderr)
+
+
+OUR_LINE = re.compile(r"^(\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) +mmfusion[\w.]*: |mmfusion report: )")
 
 
 def mmfusion(*args, timeout=900):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP_")}  # TF's chatter left on
     proc = subprocess.run([sys.executable, "-m", "mmfusion.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env={**__import__("os").environ,
-                                                           "MMFUSION_PLAIN_PROGRESS": "1"})
+                          text=True, timeout=timeout, env={**env, "MMFUSION_PLAIN_PROGRESS": "1"})
     assert proc.returncode == 0, f"{args[:3]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     return proc
 
@@ -34,10 +40,19 @@ def pipeline(tmp_path_factory):
     bids, out = root / "bids", root / "out"
     mmfusion("simulate", bids, "--n-subjects", N_SUBJECTS, "--n-strata", 2, "--voxel-size", 4, "--seed", 3)
     common = ["--config", TINY, "--seed", 3, "--omp-nthreads", 2]
-    mmfusion(bids, out, "template", *common)
-    mmfusion(bids, out, "participant", *common, "--skip-bids-validation")
+    TERMINAL["template"] = mmfusion(bids, out, "template", *common)
+    TERMINAL["participant"] = mmfusion(bids, out, "participant", *common, "--skip-bids-validation")
     group = mmfusion(bids, out, "group", "--modalities", "jac", "ndi", *common, "--skip-bids-validation")
+    TERMINAL["group"] = group
     return bids, out, group
+
+
+def test_the_terminal_shows_only_mmfusion_lines(pipeline):
+    """ANTs/ITK and TensorFlow print from C++; that goes to the run's log file, not the terminal."""
+    assert sorted(TERMINAL) == ["group", "participant", "template"]
+    for level, proc in TERMINAL.items():
+        foreign = [line for line in (proc.stdout + proc.stderr).splitlines() if not OUR_LINE.match(line)]
+        assert not foreign, f"{level}: {len(foreign)} terminal line(s) not from mmfusion, e.g. {foreign[:5]}"
 
 
 def test_template_and_shards(pipeline):
