@@ -151,7 +151,7 @@ def test_shard_path_pattern_is_documented():
 
 # ------------------------------------------------------------ the method specification
 #: the internal specification's file name, spelled so that this file does not match itself
-INTERNAL_SPEC = "SP" + "EC.md"
+INTERNAL_DOC = "SP" + "EC.md"
 METHOD_ANCHOR = re.compile(r"method\.md#([A-Za-z0-9_-]+)")
 _SKIP_DIRS = {".git", "build", "dist", "node_modules", "__pycache__"}
 
@@ -185,9 +185,9 @@ def test_no_file_points_at_the_internal_spec():
         if rel == "CHANGELOG.md":
             continue
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-            if INTERNAL_SPEC in line:
+            if INTERNAL_DOC in line:
                 offenders.append(f"{rel}:{number}")
-    assert not offenders, (f"{INTERNAL_SPEC} is not in the repository; point at a section of "
+    assert not offenders, (f"{INTERNAL_DOC} is not in the repository; point at a section of "
                            f"docs/method.md instead: {offenders}")
 
 
