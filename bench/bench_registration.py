@@ -1,4 +1,4 @@
-"""Registration accuracy and cost against planted truth (SPEC.md section 1, issue 3).
+"""Registration accuracy and cost against planted truth (docs/method.md#1-spatial-normalization, issue 3).
 
 Each subject is the template deformed by a known smooth diffeomorphic warp plus a small
 affine, times a smooth multiplicative bias field, plus Gaussian noise. The pipeline

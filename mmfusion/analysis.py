@@ -1,8 +1,9 @@
 """Group-level analysis of the embeddings: strata, phenotype factors, statistics.
 
-Orchestration only (SPEC.md section 5): :mod:`mmfusion.stratify` (AP grid search),
-:mod:`mmfusion.phenotypes` (tables, PCA + varimax), :mod:`mmfusion.stats` (Kruskal-Wallis,
-FDR, permutation test, profiles). Everything goes to ``ctx.group_dir``::
+Orchestration only (docs/method.md#6-clustering, docs/method.md#7-phenotypes-and-statistics):
+:mod:`mmfusion.stratify` (AP grid search), :mod:`mmfusion.phenotypes` (tables, PCA + varimax),
+:mod:`mmfusion.stats` (Kruskal-Wallis, FDR, permutation test, profiles).
+Everything goes to ``ctx.group_dir``::
 
     group/strata/       labels.tsv, ap_grid.tsv, ap_grid.png, ap_selection.json
     group/phenotypes/   variables.tsv, missing.tsv, factors.tsv, loadings.tsv,

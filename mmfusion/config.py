@@ -1,4 +1,4 @@
-"""The YAML configuration: defaults (= the paper, SPEC.md), user overrides, validation.
+"""The YAML configuration: defaults (= the paper, docs/method.md#8-deviations), user overrides, validation.
 
 Defaults live in ``mmfusion/defaults/<section>.yaml``, one file per section (the file
 stem is the section name, e.g. ``model.yaml`` -> ``cfg["model"]``). A user's

@@ -1,4 +1,4 @@
-"""Reconstruction quality of the autoencoder: MSE, NormDiff and CNR (SPEC.md section 4).
+"""Reconstruction quality of the autoencoder: MSE, NormDiff and CNR (docs/method.md#4-cross-validation-and-metrics).
 
 All functions take one subject's real and reconstructed image of one modality, both
 float (X, Y, Z) on the normalized [0, 1] scale, plus a boolean ``background`` mask

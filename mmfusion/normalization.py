@@ -1,4 +1,4 @@
-"""Population robust min-max normalization (SPEC.md section 2).
+"""Population robust min-max normalization (docs/method.md#2-intensity-normalization).
 
 Per modality, the values at the ``lower_percentile`` (0.1) and ``upper_percentile``
 (99.9) percentiles of ALL voxels of ALL training subjects map to 0 and 1; values are

@@ -1,4 +1,4 @@
-"""Phenotype tables and their factor analysis (group level). SPEC.md section 5.
+"""Phenotype tables and their factor analysis (group level). See docs/method.md#7-phenotypes-and-statistics.
 
 Loading (:func:`load_phenotypes`)
     Either a user table (``--phenotypes FILE``; ``.csv`` is comma-separated, anything else

@@ -1,4 +1,4 @@
-"""Between-cluster statistics on the phenotype factors (group level). SPEC.md section 5.
+"""Between-cluster statistics on the phenotype factors (group level). See docs/method.md#7-phenotypes-and-statistics.
 
 - Kruskal-Wallis H per factor across clusters (scipy), Benjamini-Hochberg FDR across
   factors (statsmodels ``multipletests(method='fdr_bh')``), significant at q < ``alpha``.

@@ -1,6 +1,6 @@
 """Affinity-propagation (AP) grid search over (damping, preference), chosen by silhouette.
 
-SPEC.md section 5. The similarity is the negative squared Euclidean distance between
+docs/method.md#6-clustering. The similarity is the negative squared Euclidean distance between
 embeddings, computed once (:func:`similarity_matrix`). The grid is ``damping_n`` damping
 values equally spaced in ``[damping_min, 1)`` times ``preference_n`` preferences equally
 spaced between two percentiles of the off-diagonal similarities (config section

@@ -72,7 +72,7 @@ def test_separable_mid_flow_has_20x_fewer_parameters():
         assert dense / sep >= 20, (channels, dense, sep)
     whole_dense = build_autoencoder(_cfg(separable=False), ["JAC", "NDI"]).count_params()
     whole_sep = build_autoencoder(_cfg(), ["JAC", "NDI"]).count_params()
-    assert whole_sep < whole_dense / 3  # conv/up/down blocks stay dense (SPEC)
+    assert whole_sep < whole_dense / 3  # conv/up/down blocks stay dense (docs/method.md#separable-convolutions)
 
 
 def _np(tensors):

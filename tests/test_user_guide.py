@@ -4,10 +4,15 @@
 - every relative link points to an existing file (and, for the user-guide pages, to an
   existing heading when it carries a #fragment);
 - every exit code of mmfusion.errors.EXIT_CODES has its section in troubleshooting.md;
-- the HDF5 shard schema documented in outputs.md is exactly what mmfusion.shards writes.
+- the HDF5 shard schema documented in outputs.md is exactly what mmfusion.shards writes;
+- the method is in the repository: no file points at the internal specification that users
+  never get, and every ``method.md#<anchor>`` in code, config and docs names a heading of
+  docs/method.md.
 """
 import inspect
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 #: pages of the user guide whose headings #fragments are checked
 GUIDE = ("index.md", "installation.md", "inputs.md", "outputs.md", "troubleshooting.md",
-         "performance.md", "citing.md")
+         "performance.md", "citing.md", "method.md")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
@@ -142,3 +147,66 @@ def test_shard_path_pattern_is_documented():
     assert pattern in shard_section()
     assert shards.shard_path(Path("out"), "<label>").as_posix() == "out/shards/sub-<label>.h5"
     assert shards.shard_path(Path("out"), "<label>", "<label>").as_posix() == "out/shards/sub-<label>_ses-<label>.h5"
+
+
+# ------------------------------------------------------------ the method specification
+#: the internal specification's file name, spelled so that this file does not match itself
+INTERNAL_DOC = "SP" + "EC.md"
+METHOD_ANCHOR = re.compile(r"method\.md#([A-Za-z0-9_-]+)")
+_SKIP_DIRS = {".git", "build", "dist", "node_modules", "__pycache__"}
+
+
+def tracked_text_files() -> list[Path]:
+    """The repository's tracked text files (``git ls-files``; a walk when git is absent)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+        paths = [REPO / p for p in out.decode().split("\0") if p]
+    except (OSError, subprocess.CalledProcessError):
+        paths = []
+        for root, dirs, files in os.walk(REPO):
+            dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith((".", "venv"))
+                       and not d.endswith(".egg-info")]
+            paths += [Path(root) / f for f in files]
+    texts = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError:  # a tracked file deleted in the working tree
+            continue
+        if b"\0" not in data:
+            texts.append(path)
+    return sorted(texts)
+
+
+def test_no_file_points_at_the_internal_spec():
+    offenders = []
+    for path in tracked_text_files():
+        rel = path.relative_to(REPO).as_posix()
+        if rel == "CHANGELOG.md":
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+            if INTERNAL_DOC in line:
+                offenders.append(f"{rel}:{number}")
+    assert not offenders, (f"{INTERNAL_DOC} is not in the repository; point at a section of "
+                           f"docs/method.md instead: {offenders}")
+
+
+def test_every_method_anchor_names_a_heading():
+    headings = anchors(DOCS / "method.md")
+    seen, broken = 0, []
+    for path in tracked_text_files():
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+            for anchor in METHOD_ANCHOR.findall(line):
+                seen += 1
+                if anchor not in headings:
+                    broken.append(f"{path.relative_to(REPO).as_posix()}:{number}: method.md#{anchor}")
+    assert seen, "found no link into a section of method.md: is the repository readable?"
+    assert not broken, f"no such heading in docs/method.md: {broken}"
+
+
+def test_method_has_the_numbered_sections_code_points_at():
+    headings = anchors(DOCS / "method.md")
+    for anchor in ("1-spatial-normalization", "2-intensity-normalization", "3-autoencoder",
+                   "4-cross-validation-and-metrics", "5-embeddings", "6-clustering",
+                   "7-phenotypes-and-statistics", "8-deviations", "9-known-shortfalls"):
+        assert anchor in headings, f"docs/method.md lost its section #{anchor}"

@@ -1,4 +1,4 @@
-"""The multimodal autoencoder (SPEC.md section 3) and its fast separable 3D layers.
+"""The multimodal autoencoder (docs/method.md#3-autoencoder) and its fast separable 3D layers.
 
 Importing this package registers the custom layers (package ``mmfusion``) so that
 ``keras.models.load_model("model.keras")`` works.

@@ -1,4 +1,4 @@
-"""The multimodal fusion autoencoder (SPEC.md section 3).
+"""The multimodal fusion autoencoder (docs/method.md#3-autoencoder).
 
 Shapes for the default config (``mmfusion/defaults/model.yaml``: input 128x128x96,
 5 levels, filters 2,4,8,16,32, kernel 5x6x5, embedding_filters 32), M modalities::

@@ -1,4 +1,4 @@
-"""The building blocks of the autoencoder (SPEC.md section 3), as functional helpers.
+"""The building blocks of the autoencoder (docs/method.md#blocks), as functional helpers.
 
 Every helper takes a 5D tensor ``(B, d1, d2, d3, C)`` and returns one, creating
 standard Keras layers (plus :class:`~mmfusion.model.layers.SeparableConv3D`) named

@@ -2,7 +2,7 @@
 
 Keras 3 has no ``SeparableConv3D`` and ``Conv3D(groups=C)`` on the TensorFlow backend
 runs through XLA on CPU, ~36x slower than a dense ``Conv3D`` with C times the FLOPs
-(SPEC.md section 3). This module computes the depthwise 3D convolution in one of
+(docs/method.md#separable-convolutions). This module computes the depthwise 3D convolution in one of
 four mathematically identical ways, all reading the SAME weights
 (``depthwise_kernel`` ``(kd, kh, kw, C, depth_multiplier)``; SeparableConv3D adds
 ``pointwise_kernel`` ``(1, 1, 1, C*m, filters)``), so the choice never changes a saved

@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "flatten_sigma_mm": 5.0,
         "crop_margin_mm": 10.0,
     },
-    # SPEC.md section 1 (the paper): CC radius 4, gradient step 0.12, 4 levels
+    # The paper (docs/method.md#8-deviations): CC radius 4, gradient step 0.12, 4 levels
     # (shrink 8,4,2,1 in ANTsPy's SyN stage: 6,4,2,1 is not expressible there),
     # smoothing 3,2,1,0 vox, histogram matching. Expensive: see docs/registration.md.
     "paper": {
