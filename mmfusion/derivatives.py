@@ -28,7 +28,7 @@ from mmfusion.atomic import write_json, write_text_once
 
 # bids-validator-deno matches these like .gitignore, but a trailing '/' stops a folder matching
 BIDSIGNORE = [
-    "shards", "template", "logs", "work", "group", "figures", "sub-*.html",
+    "shards", "template", "logs", "work", "group", "figures", "sub-*.html", "mmfusion_report.html",
     "*_desc-logjac_jacobian.*", "*_mdp.*", "*_xfm.*",
 ]
 
