@@ -12,7 +12,8 @@ class SubjectRecord:
     ``subject``/``session`` are labels without ``sub-``/``ses-`` (session '' if the
     dataset has none). ``t1w`` is the raw T1w; ``fa``/``ndi`` are derivative maps in the
     subject's T1w space (None when absent; ``missing`` then says which pattern was
-    expected).
+    expected). ``choices`` holds, per modality that had several candidates, all of them
+    in :func:`choice_key` order (the one used first).
     """
 
     subject: str
@@ -175,7 +176,7 @@ def discover(
 def participants_tsv_labels(bids_dir: Path) -> list[str]:
     """``participant_id`` labels (without 'sub-') of ``bids_dir/participants.tsv``, [] if none."""
     table = Path(bids_dir) / "participants.tsv"
-    lines = table.read_text().splitlines() if table.is_file() else []
+    lines = table.read_text(encoding="utf-8-sig").splitlines() if table.is_file() else []
     header = lines[0].split("\t") if lines else []
     if "participant_id" not in header:
         return []
@@ -235,16 +236,13 @@ def _has_anat(layout, record: SubjectRecord) -> bool:
 def _skip_sessions_without_anat(records: list[SubjectRecord], layout) -> list[SubjectRecord]:
     """Drop sessions without any T1w (INFO), unless that leaves the subject with none:
     a subject with no T1w at all stays, to be reported as missing its T1w."""
-    if records[0].session == "":
+    has_anat = [_has_anat(layout, r) for r in records]
+    if records[0].session == "" or not any(has_anat):
         return records
-    kept = [r for r in records if _has_anat(layout, r)]
-    if not kept:
-        return records
-    for rec in records:
-        if rec not in kept:
-            log.info("%s: skipped, the session has no T1w image (e.g. MEG, behavioural or functional "
-                     "data only); select it with --session-label to make this an error", rec.key)
-    return kept
+    for rec in (r for r, ok in zip(records, has_anat) if not ok):
+        log.info("%s: skipped, the session has no T1w image (e.g. MEG, behavioural or functional "
+                 "data only); select it with --session-label to make this an error", rec.key)
+    return [r for r, ok in zip(records, has_anat) if ok]
 
 
 def _require_anat(records: list[SubjectRecord], layout, bids_dir: Path) -> list[SubjectRecord]:
