@@ -12,7 +12,8 @@ class SubjectRecord:
     ``subject``/``session`` are labels without ``sub-``/``ses-`` (session '' if the
     dataset has none). ``t1w`` is the raw T1w; ``fa``/``ndi`` are derivative maps in the
     subject's T1w space (None when absent; ``missing`` then says which pattern was
-    expected).
+    expected). ``choices`` holds, per modality that had several candidates, all of them
+    in :func:`choice_key` order (the one used first).
     """
 
     subject: str
@@ -21,6 +22,7 @@ class SubjectRecord:
     fa: Path | None = None
     ndi: Path | None = None
     missing: dict = field(default_factory=dict)  # modality -> expected filename pattern
+    choices: dict = field(default_factory=dict)  # modality -> all candidates, the used one first
 
     @property
     def key(self) -> str:
@@ -62,19 +64,44 @@ def strip_prefix(label: str, prefix: str) -> str:
     return label[len(prefix):] if label.startswith(prefix) else label
 
 
-def find_derivative_datasets(bids_dir: Path, given: list[Path] | None) -> list[Path]:
-    """``--derivatives`` paths, or every dataset under ``bids_dir/derivatives/`` if none given."""
+def generated_by(dataset: Path) -> list[str]:
+    """``GeneratedBy[].Name`` of the dataset_description.json in ``dataset`` ([] if none/unreadable)."""
+    try:
+        desc = json.loads((Path(dataset) / "dataset_description.json").read_text())
+        return [g["Name"] for g in desc.get("GeneratedBy", []) if isinstance(g, dict) and "Name" in g]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
+def is_own_output(dataset: Path, output_dir: Path | None) -> bool:
+    """True for ``output_dir`` and a dataset holding it, and for any dataset GeneratedBy mmfusion."""
+    dataset = Path(dataset).resolve()
+    holds_output = output_dir is not None and dataset in (out := Path(output_dir).resolve(), *out.parents)
+    return holds_output or "mmfusion" in generated_by(dataset)
+
+
+def find_derivative_datasets(bids_dir: Path, given: list[Path] | None,
+                             output_dir: Path | None = None) -> list[Path]:
+    """``--derivatives`` paths, or every dataset under ``bids_dir/derivatives/`` except
+    mmfusion's own outputs (``output_dir`` and datasets GeneratedBy mmfusion)."""
     if given:
         for path in given:
             if not (Path(path) / "dataset_description.json").is_file():
                 raise MissingInputError(
                     f"{path}: not a BIDS derivatives dataset (no dataset_description.json); "
                     "pass the folder that holds dataset_description.json to --derivatives")
+            if is_own_output(path, output_dir):
+                raise UsageError(f"{path}: is (or holds) mmfusion's own output, not an input; give --derivatives "
+                                 "the datasets holding FA/NDI maps (e.g. QSIRecon outputs)")
         return [Path(p).resolve() for p in given]
     root = bids_dir / "derivatives"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / "dataset_description.json").is_file())
+    found = sorted(p.resolve() for p in root.iterdir() if (p / "dataset_description.json").is_file())
+    own = [p for p in found if is_own_output(p, output_dir)]
+    if own:
+        log.info("not searching mmfusion's own outputs for FA/NDI: %s", " ".join(str(p) for p in own))
+    return [p for p in found if p not in own]
 
 
 def load_filter_file(path: Path | None) -> dict:
@@ -112,25 +139,32 @@ def discover(
     participant_labels: list[str] | None = None,
     session_labels: list[str] | None = None,
     filters: dict | None = None,
+    output_dir: Path | None = None,
 ) -> list[SubjectRecord]:
     """One :class:`SubjectRecord` per selected subject/session that has a T1w or derivatives.
 
+    Subjects are those with imaging data (participants.tsv rows without a ``sub-*``
+    folder are phenotype only and ignored). Without ``session_labels``, sessions with no
+    T1w image at all are skipped (INFO) unless no session of the subject has one.
+    ``output_dir`` (mmfusion's own outputs) is never searched for FA/NDI.
+
     Raises NoFilesSelectedError (exit 18) if a requested participant/session label does
-    not exist (the message lists those that do) or the filters select no T1w at all.
+    not exist (the message lists those that do) or the filters select no T1w at all, and
+    MissingInputError (exit 66) if a session requested by label has no T1w image.
     """
     bids_dir = Path(bids_dir).resolve()
     filters = filters or {}
-    deriv = find_derivative_datasets(bids_dir, derivatives)
+    deriv = find_derivative_datasets(bids_dir, derivatives, output_dir)
     layout = _layout(bids_dir, deriv)
-    all_subjects = _all_subjects(layout, bids_dir)
-    subjects = _select_labels(all_subjects, participant_labels, "sub-", "participant", bids_dir)
+    subjects = _select_subjects(layout, bids_dir, participant_labels)
     records: list[SubjectRecord] = []
     for sub in subjects:
         sessions = sorted(layout.get_sessions(subject=sub, scope="raw")) or [""]
-        chosen = _select_labels(sessions, session_labels, "ses-", f"session (of sub-{sub})", bids_dir) \
-            if session_labels and sessions != [""] else sessions
-        for ses in chosen:
-            records.append(_record(layout, sub, ses, filters))
+        if session_labels and sessions != [""]:
+            chosen = _select_labels(sessions, session_labels, "ses-", f"session (of sub-{sub})", bids_dir)
+            records += _require_anat([_record(layout, sub, ses, filters) for ses in chosen], layout, bids_dir)
+        else:
+            records += _skip_sessions_without_anat([_record(layout, sub, ses, filters) for ses in sessions], layout)
     if not any(r.t1w for r in records):
         raise NoFilesSelectedError(f"{bids_dir}: the selection (labels/filters) matched no T1w image; "
                                    f"expected {EXPECTED_NAMES['t1w']}")
@@ -139,16 +173,46 @@ def discover(
     return records
 
 
-def _all_subjects(layout, bids_dir: Path) -> list[str]:
-    """Subjects with raw files, a ``sub-*`` folder, or a row in participants.tsv."""
-    found = set(layout.get_subjects(scope="raw"))
-    found |= {p.name[4:] for p in bids_dir.glob("sub-*") if p.is_dir()}
-    table = bids_dir / "participants.tsv"
-    if table.is_file():
-        lines = table.read_text().splitlines()
-        if lines and lines[0].split("\t")[0] == "participant_id":
-            found |= {strip_prefix(line.split("\t")[0], "sub-") for line in lines[1:] if line.strip()}
+def participants_tsv_labels(bids_dir: Path) -> list[str]:
+    """``participant_id`` labels (without 'sub-') of ``bids_dir/participants.tsv``, [] if none."""
+    table = Path(bids_dir) / "participants.tsv"
+    lines = table.read_text(encoding="utf-8-sig").splitlines() if table.is_file() else []
+    header = lines[0].split("\t") if lines else []
+    if "participant_id" not in header:
+        return []
+    col = header.index("participant_id")
+    rows = [line.split("\t") for line in lines[1:] if line.strip()]
+    return sorted({strip_prefix(row[col].strip(), "sub-") for row in rows if len(row) > col and row[col].strip()})
+
+
+def imaged_subjects(bids_dir: Path, layout=None) -> list[str]:
+    """Subjects with a ``sub-*`` folder (and, given a pybids ``layout``, with raw files)."""
+    found = {p.name[4:] for p in Path(bids_dir).glob("sub-*") if p.is_dir()}
+    if layout is not None:
+        found |= set(layout.get_subjects(scope="raw"))
     return sorted(found)
+
+
+def phenotype_only_subjects(bids_dir: Path, imaged: list[str] | None = None) -> list[str]:
+    """participants.tsv labels not among ``imaged`` (default: the ``sub-*`` folders):
+    phenotype-only rows, never imaged."""
+    imaged = imaged_subjects(bids_dir) if imaged is None else imaged
+    return sorted(set(participants_tsv_labels(bids_dir)) - set(imaged))
+
+
+def _select_subjects(layout, bids_dir: Path, wanted: list[str] | None) -> list[str]:
+    """The imaged subjects, restricted to ``wanted``; phenotype-only rows are logged, and
+    asking for one by label is an error (exit 18) that says so."""
+    existing = imaged_subjects(bids_dir, layout)
+    pheno_only = phenotype_only_subjects(bids_dir, existing)
+    if pheno_only:
+        log.info("%d participant(s) of participants.tsv have no imaging folder (phenotype only), ignored: %s",
+                 len(pheno_only), " ".join(f"sub-{s}" for s in pheno_only[:20]))
+    asked = [f"sub-{strip_prefix(w, 'sub-')}" for w in wanted or [] if strip_prefix(w, "sub-") in pheno_only]
+    if asked:
+        raise NoFilesSelectedError(f"{bids_dir}: {' '.join(asked)}: listed in participants.tsv but has no "
+                                   "imaging folder (phenotype only); leave it out of --participant-label")
+    return _select_labels(existing, wanted, "sub-", "participant", bids_dir)
 
 
 def _select_labels(existing: list[str], wanted: list[str] | None, prefix: str, what: str,
@@ -164,23 +228,75 @@ def _select_labels(existing: list[str], wanted: list[str] | None, prefix: str, w
     return [e for e in existing if e in wanted]
 
 
-def _one(files: list[str], what: str, key: str) -> Path | None:
-    files = sorted(files)
+def _has_anat(layout, record: SubjectRecord) -> bool:
+    """Whether the record's session holds any T1w image (whatever the filters select)."""
+    return record.t1w is not None or bool(_t1w_files(layout, record.subject, record.session, {}))
+
+
+def _skip_sessions_without_anat(records: list[SubjectRecord], layout) -> list[SubjectRecord]:
+    """Drop sessions without any T1w (INFO), unless that leaves the subject with none:
+    a subject with no T1w at all stays, to be reported as missing its T1w."""
+    has_anat = [_has_anat(layout, r) for r in records]
+    if records[0].session == "" or not any(has_anat):
+        return records
+    for rec in (r for r, ok in zip(records, has_anat) if not ok):
+        log.info("%s: skipped, the session has no T1w image (e.g. MEG, behavioural or functional "
+                 "data only); select it with --session-label to make this an error", rec.key)
+    return [r for r, ok in zip(records, has_anat) if ok]
+
+
+def _require_anat(records: list[SubjectRecord], layout, bids_dir: Path) -> list[SubjectRecord]:
+    """Sessions asked for with --session-label must hold a T1w image (exit 66 otherwise)."""
+    bad = [r.key for r in records if not _has_anat(layout, r)]
+    if bad:
+        raise MissingInputError(f"{bids_dir}: {' '.join(bad)}: no T1w image in the session given with "
+                                "--session-label (expected anat/<...>_T1w.nii[.gz]); leave it out of "
+                                "--session-label")
+    return records
+
+
+#: entities that decide between several images of one subject/session, in this order
+CHOICE_ENTITIES = ("acq", "ce", "rec", "run", "echo", "part")
+
+
+def choice_key(path: str | Path) -> tuple:
+    """Sort key of the several-images rule: for each of :data:`CHOICE_ENTITIES` in turn, an
+    image without the entity comes first, then numeric labels in numeric order, then text
+    labels alphabetically; the file name breaks ties."""
+    name = Path(path).name
+    ents = dict(re.findall(r"(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)(?=_)", name))
+    key = []
+    for entity in CHOICE_ENTITIES:
+        value = ents.get(entity)
+        key.append((0, 0, 0, "") if value is None else
+                   (1, 0, int(value), value) if value.isdigit() else (1, 1, 0, value))
+    return (*key, name)
+
+
+def _one(files: list[str], what: str, key: str) -> tuple[Path | None, tuple[Path, ...]]:
+    """The chosen file by :func:`choice_key` and, when there were several, all candidates
+    (chosen first); a warning names the choice."""
+    files = sorted(files, key=choice_key)
     if len(files) > 1:
-        log.warning("%s: %d candidate %s images, using %s (select one with --bids-filter-file)",
-                    key, len(files), what, Path(files[0]).name)
-    return Path(files[0]) if files else None
+        log.warning("%s: %d candidate %s images (%s), using %s by the choice rule (docs/inputs.md); "
+                    "select another with --bids-filter-file", key, len(files), what,
+                    ", ".join(Path(f).name for f in files), Path(files[0]).name)
+    return (Path(files[0]) if files else None), (tuple(Path(f) for f in files) if len(files) > 1 else ())
+
+
+def _t1w_files(layout, sub: str, ses: str, query: dict) -> list[str]:
+    """Raw T1w NIfTIs of one subject/session matching the pybids ``query``."""
+    ses_q = {"session": ses} if ses else {}
+    files = layout.get(subject=sub, suffix="T1w", datatype="anat", extension=[".nii", ".nii.gz"],
+                       scope="raw", return_type="file", invalid_filters="allow", **ses_q, **query)
+    return [f for f in files if f"ses-{ses}" in Path(f).name] if ses else files
 
 
 def _record(layout, sub: str, ses: str, filters: dict) -> SubjectRecord:
     key = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
     ses_q = {"session": ses} if ses else {}
-    t1w = layout.get(subject=sub, suffix="T1w", datatype="anat", extension=[".nii", ".nii.gz"],
-                     scope="raw", return_type="file", invalid_filters="allow",
-                     **ses_q, **_entities_query(filters, "t1w"))
-    if ses:
-        t1w = [f for f in t1w if f"ses-{ses}" in Path(f).name]
-    maps = {}
+    chosen, choices = {}, {}
+    chosen["t1w"], choices["t1w"] = _one(_t1w_files(layout, sub, ses, _entities_query(filters, "t1w")), "T1w", key)
     candidates = layout.get(subject=sub, suffix="dwimap", extension=[".nii", ".nii.gz"],
                             scope="derivatives", return_type="file", invalid_filters="allow", **ses_q)
     for modality, pattern in DERIVATIVE_PATTERNS.items():
@@ -188,15 +304,22 @@ def _record(layout, sub: str, ses: str, filters: dict) -> SubjectRecord:
         if ses:
             hits = [f for f in hits if f"_ses-{ses}_" in Path(f).name]
         hits = _apply_name_filters(hits, filters.get(modality, {}))
-        maps[modality] = _one(hits, modality.upper(), key)
+        chosen[modality], choices[modality] = _one(hits, modality.upper(), key)
     missing = {}
-    t1w_path = _one(t1w, "T1w", key)
-    if t1w_path is None:
+    if chosen["t1w"] is None:
         missing["t1w"] = EXPECTED_NAMES["t1w"].replace("<label>", sub, 1)
     for modality in ("fa", "ndi"):
-        if maps[modality] is None:
+        if chosen[modality] is None:
             missing[modality] = EXPECTED_NAMES[modality]
-    return SubjectRecord(sub, ses, t1w_path, maps["fa"], maps["ndi"], missing)
+    return SubjectRecord(sub, ses, chosen["t1w"], chosen["fa"], chosen["ndi"], missing,
+                         {m: c for m, c in choices.items() if c})
+
+
+def choices_summary(records: list[SubjectRecord]) -> dict:
+    """For provenance: ``{key: {modality: {"used": name, "not_used": [names]}}}`` where a
+    record had several candidates."""
+    return {r.key: {m: {"used": c[0].name, "not_used": [p.name for p in c[1:]]} for m, c in r.choices.items()}
+            for r in records if r.choices}
 
 
 _ENTITY_KEYS = {"acquisition": "acq", "reconstruction": "rec", "run": "run", "space": "space",

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("bids_dir", type=Path, help="root of the BIDS dataset (holds dataset_description.json)")
-    p.add_argument("output_dir", type=Path, help="where outputs go (must not be inside bids_dir)")
+    p.add_argument("output_dir", type=Path,
+                   help="where outputs go: a folder outside bids_dir, or one directly in "
+                        "bids_dir/derivatives/ (e.g. bids_dir/derivatives/mmfusion)")
     p.add_argument("analysis_level", help=f"processing stage: one of {', '.join(LEVELS)}")
     p.add_argument("--version", action="version", version=f"mmfusion {__version__}")
 
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "keys t1w, fa, ndi")
     g.add_argument("--derivatives", nargs="+", type=Path, default=[], metavar="PATH",
                    help="derivative datasets holding FA/NDI maps (QSIRecon naming); "
-                        "default: every dataset in bids_dir/derivatives/")
+                        "default: every dataset in bids_dir/derivatives/ except mmfusion's own outputs")
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                    help="do not run the BIDS validator on bids_dir")
     g.add_argument("--phenotypes", type=Path, metavar="FILE",
@@ -114,9 +116,35 @@ def _inside(child: Path, parent: Path) -> bool:
         return False
 
 
+def check_output_location(path: Path, bids_dir: Path, what: str = "output_dir") -> None:
+    """Refuse ``path`` inside the raw dataset: allowed are folders outside ``bids_dir`` and
+    ``bids_dir/derivatives/<name>`` (the work dir also anywhere below it). Exit 73."""
+    if path != bids_dir and not _inside(path, bids_dir):
+        return
+    parts = path.relative_to(bids_dir).parts
+    depth_ok = len(parts) == 2 if what == "output_dir" else len(parts) >= 2
+    if parts[:1] == ("derivatives",) and depth_ok:
+        return
+    raise OutputError(f"{path}: {what} must not be bids_dir or inside its raw data; use "
+                      f"{bids_dir / 'derivatives' / 'mmfusion'} or a folder outside {bids_dir}")
+
+
+def check_output_owner(output_dir: Path, bids_dir: Path) -> None:
+    """Refuse an output_dir that is another pipeline's derivative dataset (exit 73): our
+    outputs would mix with (and, in bids_dir/derivatives, be searched as) its files."""
+    from mmfusion.bids import generated_by
+
+    owners = generated_by(output_dir)
+    if owners and "mmfusion" not in owners:
+        raise OutputError(f"{output_dir}: output_dir holds another pipeline's dataset ({', '.join(owners)}); "
+                          f"choose a new folder, e.g. {bids_dir / 'derivatives' / 'mmfusion'}")
+
+
 def validate_paths(args: argparse.Namespace) -> None:
-    """Level known, bids_dir a dataset, output_dir outside bids_dir and writable."""
+    """Level known, bids_dir a dataset, output_dir outside the raw data, writable and
+    initialised as mmfusion's derivative dataset (dataset_description.json, .bidsignore)."""
     from mmfusion.bids import check_is_bids
+    from mmfusion.derivatives import init_output_dir
 
     if args.analysis_level not in LEVELS:
         raise UnknownLevelError(f"unknown analysis level '{args.analysis_level}'; choose one of "
@@ -124,9 +152,10 @@ def validate_paths(args: argparse.Namespace) -> None:
     args.bids_dir = args.bids_dir.resolve()
     args.output_dir = args.output_dir.resolve()
     check_is_bids(args.bids_dir)
-    if args.output_dir == args.bids_dir or _inside(args.output_dir, args.bids_dir):
-        raise OutputError(f"{args.output_dir}: output_dir must not be bids_dir or inside it; "
-                          "choose a folder outside the raw dataset")
+    check_output_location(args.output_dir, args.bids_dir)
+    check_output_owner(args.output_dir, args.bids_dir)
+    if args.work_dir is not None:
+        check_output_location(args.work_dir.resolve(), args.bids_dir, "work dir")
     for path, what in ((args.output_dir, "output_dir"), (args.work_dir, "work dir")):
         if path is None:
             continue
@@ -140,6 +169,7 @@ def validate_paths(args: argparse.Namespace) -> None:
                       (args.phenotypes, "--phenotypes"), (args.bids_filter_file, "--bids-filter-file")):
         if path is not None and not path.is_file():
             raise UsageError(f"{path}: file given to {opt} does not exist")
+    init_output_dir(args.output_dir, args.bids_dir)
 
 
 def make_context(args: argparse.Namespace, argv: list[str]):
@@ -176,7 +206,8 @@ def make_context(args: argparse.Namespace, argv: list[str]):
     if ctx.level in ("template", "participant"):
         filters = bids.load_filter_file(args.bids_filter_file)
         ctx.records = bids.discover(args.bids_dir, ctx.derivatives, ctx.participant_labels,
-                                    ctx.session_labels, filters)
+                                    ctx.session_labels, filters, output_dir=args.output_dir)
+        prov.extra["input_choices"] = bids.choices_summary(ctx.records)
     return ctx
 
 

@@ -13,6 +13,7 @@ Layout (one subject, ``<tpl>`` = the template's space label, ``2p5`` = grid voxe
       sub-X[_ses-Y]_from-T1w_to-<tpl>_mode-image_desc-{affine,warp}_xfm.*     [bidsignored]
     sub-X/figures/sub-X[_ses-Y]_desc-registration_qc.png                      [bidsignored]
     sub-X[_ses-Y].html                                                        [bidsignored]
+    mmfusion_report.html (group level)                                        [bidsignored]
     shards/ template/ logs/ work/ group/                                      [bidsignored]
 
 Every writer here is atomic; the two shared files are created exactly once even when
@@ -28,7 +29,7 @@ from mmfusion.atomic import write_json, write_text_once
 
 # bids-validator-deno matches these like .gitignore, but a trailing '/' stops a folder matching
 BIDSIGNORE = [
-    "shards", "template", "logs", "work", "group", "figures", "sub-*.html",
+    "shards", "template", "logs", "work", "group", "figures", "sub-*.html", "mmfusion_report.html",
     "*_desc-logjac_jacobian.*", "*_mdp.*", "*_xfm.*",
 ]
 

@@ -15,7 +15,7 @@ EXIT_CODES = {
     65: "bad input data (unreadable/empty/4D/mismatched image, NaN in a shard, bad table)",
     66: "required input missing (no bids_dir, no T1w, missing modality or shards)",
     69: "analysis level or feature not implemented yet",
-    73: "cannot create or write an output (output_dir not writable or inside bids_dir)",
+    73: "cannot create or write an output (output_dir not writable, or inside bids_dir's raw data)",
     75: "refused: outputs exist from a different config/template (use --force)",
     78: "broken installation: a dependency fails to import (reinstall from requirements.lock)",
     130: "interrupted (Ctrl-C / SIGINT)",

@@ -50,12 +50,26 @@ def check_shards(ctx) -> list[str]:
     return available
 
 
+def count_phenotype_only(ctx) -> list[str]:
+    """participants.tsv rows without an imaging folder: logged, and recorded in the
+    provenance (the report shows their count as "phenotype only")."""
+    from mmfusion.bids import phenotype_only_subjects
+
+    labels = [f"sub-{s}" for s in phenotype_only_subjects(ctx.bids_dir)]
+    if labels:
+        log.info("%d participant(s) of participants.tsv are phenotype only (no imaging folder): %s",
+                 len(labels), " ".join(labels[:20]) + (" ..." if len(labels) > 20 else ""))
+    ctx.provenance.extra["phenotype_only_participants"] = labels
+    return labels
+
+
 def run_group_level(ctx) -> Path | None:
     """Run the whole group level; returns the path of the HTML report (None on a
     non-chief worker of a multi-worker run, which only trains)."""
     from mmfusion import analysis, distribute, report, training
 
     ctx.participant_labels = check_shards(ctx)
+    count_phenotype_only(ctx)
     log.info("group level on %d subject(s), modalities %s", len(ctx.participant_labels), " ".join(ctx.modalities))
     distribute.make_strategy()  # a multi-worker strategy must exist before any other TF op
     learning = training.run_learning(ctx)

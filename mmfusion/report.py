@@ -101,13 +101,18 @@ def _kv(pairs: list[tuple[str, object]]) -> str:
 
 
 # -------------------------------------------------------------------------- sections
-def _section_provenance(out: Path, summary: dict | None, prov: dict | None) -> str:
-    """The group run's provenance: ``prov`` (the running group level passes its own), else
-    the newest ``logs/group-*_provenance.json``."""
-    parts = []
+def _group_provenance(out: Path, prov: dict | None) -> dict | None:
+    """``prov`` (the running group level passes its own), else the newest
+    ``logs/group-*_provenance.json`` (None if there is none)."""
     if prov is None:
         provs = sorted((out / "logs").glob("group-*_provenance.json"), key=lambda p: p.stat().st_mtime)
         prov = _read_json(provs[-1]) if provs else None
+    return prov
+
+
+def _section_provenance(out: Path, summary: dict | None, prov: dict | None) -> str:
+    """The group run's provenance (see :func:`_group_provenance`) and the analysis inputs."""
+    parts = []
     if prov:
         libs = prov.get("libraries", {})
         parts.append(_kv([("run id", prov.get("run_id")), ("command line", " ".join(map(str, prov.get("command_line", [])))),
@@ -123,7 +128,9 @@ def _section_provenance(out: Path, summary: dict | None, prov: dict | None) -> s
     return "".join(parts)
 
 
-def _section_cohort(out: Path, summary: dict | None) -> str:
+def _section_cohort(out: Path, summary: dict | None, prov: dict | None = None) -> str:
+    """Subject counts; ``prov`` adds the phenotype-only participants (participants.tsv rows
+    without imaging data), which are among 'phenotypes but no embedding'."""
     if not summary:
         return _not_run("no group/analysis_summary.json (the analysis did not run)")
     pheno = _read_json(out / "group" / "phenotypes" / "summary.json") or {}
@@ -135,6 +142,9 @@ def _section_cohort(out: Path, summary: dict | None) -> str:
                  ("participants with both (analysed)", counts.get("both")),
                  ("embedding but no phenotypes", len(counts.get("only_embeddings", []))),
                  ("phenotypes but no embedding", len(counts.get("only_phenotypes", [])))]
+    pheno_only = (prov or {}).get("phenotype_only_participants")
+    if pheno_only is not None:
+        rows.append(("phenotype only (in participants.tsv, never imaged)", len(pheno_only)))
     if pheno:
         rows += [("phenotype variables used", len(pheno.get("variables_used", []))),
                  ("missing values", f"{pheno.get('missing_policy')}: "
@@ -305,9 +315,10 @@ def write_report(output_dir: Path, title: str = "mmfusion group report",
     """
     out = Path(output_dir)
     summary = _read_json(out / "group" / "analysis_summary.json")
+    provenance = _group_provenance(out, provenance)
     sections = [
         ("Inputs and provenance", _section_provenance(out, summary, provenance)),
-        ("Cohort", _section_cohort(out, summary)),
+        ("Cohort", _section_cohort(out, summary, provenance)),
         ("Cross-validated reconstruction metrics", _section_cv(out)),
         ("Model figures and example reconstructions", _section_figures(out)),
         ("Affinity propagation grid and the chosen clustering", _section_strata(out)),

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mmfusion.errors import EXIT_CODES
+from mmfusion.cli import check_output_location
+from mmfusion.errors import EXIT_CODES, OutputError
 from tests.bids_fixtures import make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,11 +54,62 @@ def test_unknown_level_exits_17(dataset, tmp_path):
     assert_one_line_error(err, "unknown analysis level 'subject'; choose one of template, participant, group")
 
 
-def test_output_inside_bids_dir_exits_73(dataset):
-    code, _, err = run_cli(dataset, dataset / "derivatives" / "mmfusion", "participant")
+@pytest.mark.parametrize("rel,what,ok", [
+    ("derivatives/mmfusion", "output_dir", True), ("derivatives/mmfusion-0.2", "output_dir", True),
+    ("derivatives/mmfusion/work", "work dir", True), ("derivatives/a/b/work", "work dir", True),
+    (".", "output_dir", False), ("derivatives", "output_dir", False), ("sub-01/mmfusion", "output_dir", False),
+    ("sourcedata/mmfusion", "output_dir", False), ("derivatives/qsirecon/mmfusion", "output_dir", False),
+    ("derivatives", "work dir", False), ("sub-01/work", "work dir", False)])
+def test_output_locations_inside_bids_dir(tmp_path, rel, what, ok):
+    bids_dir = tmp_path / "ds"
+    path = (bids_dir / rel).resolve()
+    if ok:
+        check_output_location(path, bids_dir, what)
+    else:
+        with pytest.raises(OutputError, match=rf"{what} must not be bids_dir or inside its raw data; "
+                                              rf"use {bids_dir}/derivatives/mmfusion or a folder outside"):
+            check_output_location(path, bids_dir, what)
+    check_output_location(tmp_path / "elsewhere" / "out", bids_dir, what)  # outside: always fine
+
+
+def test_output_inside_raw_data_exits_73(dataset):
+    code, _, err = run_cli(dataset, dataset / "sub-01" / "mmfusion", "participant")
     assert code == 73
-    assert_one_line_error(err, "must not be bids_dir or inside it")
-    assert not (dataset / "derivatives" / "mmfusion").exists()
+    assert_one_line_error(err, rf"must not be bids_dir or inside its raw data; use {dataset}/derivatives/mmfusion")
+    assert not (dataset / "sub-01" / "mmfusion").exists()
+
+
+def test_output_in_another_pipelines_dataset_exits_73(dataset):
+    code, _, err = run_cli(dataset, dataset / "derivatives" / "qsirecon", "participant")
+    assert code == 73
+    assert_one_line_error(err, r"qsirecon: output_dir holds another pipeline's dataset \(qsirecon\); "
+                               r"choose a new folder, e\.g\. .*derivatives/mmfusion")
+
+
+def test_output_in_bids_derivatives_is_accepted_and_a_derivative_dataset(dataset):
+    out = dataset / "derivatives" / "mmfusion"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "sub-01.h5").write_bytes(b"x")
+    (out / "mmfusion_report.html").write_text("<html></html>")
+    code, _, err = run_cli(dataset, out, "group")  # the validator runs on bids_dir and passes
+    assert code == 66  # past the path checks and the validator: sub-02 has no shard
+    assert_one_line_error(err, r"no shard for 1 subject\(s\): sub-02")
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "mmfusion"
+    assert "mmfusion_report.html" in (out / ".bidsignore").read_text().split()
+
+
+def test_t1w_choice_is_recorded_in_provenance(tmp_path):
+    root = make_dataset(tmp_path / "ds", missing_t1w=("02",))
+    anat = root / "sub-01" / "anat"
+    (anat / "sub-01_run-2_T1w.nii.gz").write_bytes((anat / "sub-01_T1w.nii.gz").read_bytes())
+    out = root / "derivatives" / "mmfusion"
+    code, _, err = run_cli(root, out, "participant", "--skip-bids-validation")
+    assert code == 66  # sub-02 has no T1w: refused before any subject is processed
+    assert "using sub-01_T1w.nii.gz by the choice rule" in err
+    [prov] = (out / "logs").glob("participant-*_provenance.json")
+    assert json.loads(prov.read_text())["input_choices"] == {
+        "sub-01": {"t1w": {"used": "sub-01_T1w.nii.gz", "not_used": ["sub-01_run-2_T1w.nii.gz"]}}}
 
 
 def test_output_equal_to_bids_dir_exits_73(dataset):

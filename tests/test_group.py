@@ -1,10 +1,11 @@
-"""Group level: which subjects are analysed when some shards are missing."""
+"""Group level: which subjects are analysed when some shards are missing; phenotype-only rows."""
 from types import SimpleNamespace
 
 import pytest
 
 from mmfusion.errors import MissingInputError
-from mmfusion.group import check_shards
+from mmfusion import report
+from mmfusion.group import check_shards, count_phenotype_only
 from mmfusion.provenance import Provenance
 from mmfusion.shards import shard_stem, split_stem
 
@@ -34,6 +35,17 @@ def test_allow_missing_analyses_the_others_and_records_them(tmp_path):
 
 def test_participant_labels_restrict_the_expected_subjects(tmp_path):
     assert check_shards(_ctx(tmp_path, allow_missing=False, labels=["03"])) == ["03"]
+
+
+def test_phenotype_only_participants_are_counted_and_reported(tmp_path):
+    ctx = _ctx(tmp_path, allow_missing=True)
+    (ctx.bids_dir / "participants.tsv").write_text("participant_id\tage\nsub-01\t3\nsub-02\t4\nsub-03\t5\n"
+                                                   "sub-04\t6\n05\t7\n")
+    assert check_shards(ctx) == ["01", "03"]  # the phenotype-only 04, 05 are not expected to have shards
+    assert count_phenotype_only(ctx) == ["sub-04", "sub-05"]
+    assert ctx.provenance.extra["phenotype_only_participants"] == ["sub-04", "sub-05"]
+    html = report._section_cohort(ctx.output_dir, {"n_embeddings": 2}, ctx.provenance.as_dict())
+    assert "<th>phenotype only (in participants.tsv, never imaged)</th><td>2</td>" in html
 
 
 def test_shard_stem_round_trip():
