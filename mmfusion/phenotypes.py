@@ -54,6 +54,8 @@ from mmfusion.runlog import get_logger
 log = get_logger(__name__)
 
 NA_VALUES = ["n/a", "N/A", "NA", "na", "", "NaN", "nan"]
+#: The values of ``phenotypes.missing`` (see "Missing values" above).
+MISSING_POLICIES = ("median", "drop")
 
 # Documented encodings of common categorical phenotypes (lower-cased cell -> code).
 CATEGORICAL_CODES = {
@@ -223,7 +225,7 @@ def _impute(df: pd.DataFrame, policy: str, dropped: dict, source: str) -> Phenot
             raise PhenotypeError(f"{source}: listwise deletion left {len(df)} subject(s); "
                                  "set phenotypes.missing: median or choose fewer variables")
     else:
-        raise PhenotypeError(f"{source}: phenotypes.missing must be 'median' or 'drop', got '{policy}'")
+        raise PhenotypeError(f"{source}: phenotypes.missing must be one of {MISSING_POLICIES}, got '{policy}'")
     constant = [c for c in df.columns if df[c].nunique() < 2]
     for c in constant:
         dropped[c] = "zero variance after missing-value handling"

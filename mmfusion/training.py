@@ -497,7 +497,7 @@ def load_final_model(model_dir: Path):
     from mmfusion.model.autoencoder import build_autoencoder
 
     meta = json.loads((Path(model_dir) / "model.json").read_text())
-    model = build_autoencoder(meta["model"], meta["modalities"])
+    model = build_autoencoder(meta["model"], meta["modalities"])  # keys it lacks: the defaults
     model.load_weights(Path(model_dir) / "final.weights.h5")
     return model, PopulationNormalizer.load(Path(model_dir) / "normalization.json"), meta["modalities"]
 
