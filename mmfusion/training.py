@@ -263,7 +263,7 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
     strategy = distribution_strategy()  # first: a multi-worker strategy must precede other TF ops
     state = _read_state(ckpt_dir, run_hash, resume)
     set_determinism(seed)
-    _set_precision(bool(train_cfg.get("mixed_precision", False)))
+    _set_precision(bool(train_cfg["mixed_precision"]))
     with strategy.scope():
         model = build()
         compile_autoencoder(model, float(train_cfg["learning_rate"]))
