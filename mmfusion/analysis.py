@@ -22,6 +22,7 @@ their first session (sorted label), since phenotypes are per participant.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,15 +64,60 @@ def read_embeddings(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     return ids, X
 
 
+@dataclass
+class PhenotypeInput:
+    """The phenotype tables of a run: ``raw`` (text cells, index participant_id) and the
+    ``files`` read, or ``raw`` None and ``skipped`` saying why (no tables in bids_dir)."""
+
+    raw: pd.DataFrame | None
+    files: list[Path] = field(default_factory=list)
+    skipped: str = ""
+
+
+def load_phenotype_input(ctx) -> PhenotypeInput:
+    """``--phenotypes`` or participants.tsv + phenotype/*.tsv of bids_dir; without
+    ``--phenotypes`` missing tables only skip the statistics (logged), with it they are an error."""
+    try:
+        raw, files = ph.load_phenotypes(ctx.bids_dir, ctx.phenotypes_file)
+    except MissingInputError as exc:
+        if ctx.phenotypes_file is not None:
+            raise
+        log.warning("no phenotypes (%s); skipping factor analysis and statistics", exc)
+        return PhenotypeInput(None, skipped=str(exc))
+    return PhenotypeInput(raw, files)
+
+
+def _common_subjects(pheno: PhenotypeInput, participants: list[str]) -> tuple[list[str], dict]:
+    """Participants (``sub-`` labels) with both an embedding and phenotypes, and the
+    counts of :func:`mmfusion.phenotypes.align_subjects`; refuse fewer than 3."""
+    common, counts = ph.align_subjects(participants, list(pheno.raw.index))
+    if len(common) < 3:
+        raise ph.PhenotypeError(f"{pheno.files[0]}: only {len(common)} subject(s) have both an embedding and "
+                                "phenotypes; check that participant_id labels match (e.g. sub-01)")
+    return common, counts
+
+
+def check_phenotype_input(ctx, participants: list[str]) -> PhenotypeInput:
+    """Load the phenotype tables and run every check :func:`run_analysis` will run on
+    them (variables, junk cells, missing-value policy, enough subjects), for the
+    ``participants`` that will get an embedding: called before any model is trained."""
+    pheno = load_phenotype_input(ctx)
+    if pheno.raw is not None:
+        common, _ = _common_subjects(pheno, participants)
+        ph.prepare_variables(pheno.raw.loc[common], ctx.config["phenotypes"], str(pheno.files[0]), pheno.files)
+    return pheno
+
+
 def _one_row_per_participant(ids: pd.DataFrame, labels: np.ndarray) -> pd.Series:
     """Cluster label per participant (first session in sorted order)."""
     df = ids.assign(cluster=labels).sort_values(["participant_id", "session"], kind="mergesort")
     return df.drop_duplicates("participant_id").set_index("participant_id")["cluster"]
 
 
-def run_analysis(ctx, embeddings_tsv: Path) -> dict:
+def run_analysis(ctx, embeddings_tsv: Path, pheno: PhenotypeInput | None = None) -> dict:
     """Strata + phenotype factors + statistics (+ ground truth when simulated).
 
+    ``pheno``: the tables from :func:`check_phenotype_input` (read here when None).
     Returns a dict of output paths and counts (also written as analysis_summary.json).
     """
     group = Path(ctx.group_dir)
@@ -93,20 +139,14 @@ def run_analysis(ctx, embeddings_tsv: Path) -> dict:
                                   "statistics use each subject's first session")
     per_subject = _one_row_per_participant(ids, grid.labels)
 
-    try:
-        raw, files = ph.load_phenotypes(ctx.bids_dir, ctx.phenotypes_file)
-    except MissingInputError as exc:
-        if ctx.phenotypes_file is not None:
-            raise
-        log.warning("no phenotypes (%s); skipping factor analysis and statistics", exc)
-        summary["phenotypes"] = {"status": f"not run: {exc}"}
+    pheno = pheno or load_phenotype_input(ctx)
+    if pheno.raw is None:
+        summary["phenotypes"] = {"status": f"not run: {pheno.skipped}"}
         return _finish(group, summary, ctx, per_subject)
+    raw, files = pheno.raw, pheno.files
     summary["inputs"]["phenotypes"] = {str(f): sha256_file(f) for f in files}
-    common, counts = ph.align_subjects(list(per_subject.index), list(raw.index))
-    if len(common) < 3:
-        raise ph.PhenotypeError(f"{files[0]}: only {len(common)} subject(s) have both an embedding and "
-                                "phenotypes; check that participant_id labels match (e.g. sub-01)")
-    table = ph.prepare_variables(raw.loc[common], cfg["phenotypes"], source=str(files[0]))
+    common, counts = _common_subjects(pheno, list(per_subject.index))
+    table = ph.prepare_variables(raw.loc[common], cfg["phenotypes"], str(files[0]), files)
     fa = ph.factor_analysis(table.data, cfg["phenotypes"]["eigenvalue_threshold"])
     pheno_paths = ph.write_outputs(table, fa, group / "phenotypes", cfg["phenotypes"]["loading_threshold"],
                                    extra_summary={"subject_counts": counts, "files": [str(f) for f in files]})

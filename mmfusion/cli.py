@@ -17,6 +17,12 @@ from mmfusion.errors import (EXIT_CODES, BrokenInstallError, MmfusionError, NotI
 
 LEVELS = ("template", "participant", "group")
 MODALITIES = ("t1", "jac", "fa", "ndi")
+#: Options that set a config key: option -> (argparse dest, "section.key"). Applied to the
+#: config in one place, :func:`load_run_config`, and checked like the config file.
+CONFIG_OPTIONS = {
+    "--seed": ("seed", "spatial.random_seed"),
+    "--template-subjects": ("template_subjects", "spatial.template_subjects"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,16 +178,39 @@ def validate_paths(args: argparse.Namespace) -> None:
     init_output_dir(args.output_dir, args.bids_dir)
 
 
+def config_overrides(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """The config keys set by command-line options: ({section: {key: value}}, options used).
+
+    An option left unset (None) does not override the config file.
+    """
+    overrides: dict[str, dict] = {}
+    used = []
+    for option, (dest, key) in CONFIG_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            section, name = key.split(".")
+            overrides.setdefault(section, {})[name] = value
+            used.append(option)
+    return overrides, used
+
+
+def load_run_config(args: argparse.Namespace) -> dict:
+    """``--config`` (or the defaults) with the command-line options applied, all checked
+    (exit 64 naming the file or the option, the key, the value and what is allowed)."""
+    from mmfusion.config import load_config
+
+    overrides, used = config_overrides(args)
+    return load_config(args.config, overrides, override_source=f"command line ({', '.join(used)})")
+
+
 def make_context(args: argparse.Namespace, argv: list[str]):
     """Validate the remaining inputs and build the RunContext (logging, provenance, records)."""
     from mmfusion import bids
-    from mmfusion.config import load_config
     from mmfusion.context import RunContext
     from mmfusion.provenance import Provenance
     from mmfusion.runlog import new_run_id, setup_logging
 
-    cfg = load_config(args.config)
-    cfg["spatial"]["random_seed"] = args.seed
+    cfg = load_run_config(args)
     run_id = new_run_id(args.analysis_level)
     logger = setup_logging(args.verbose, args.output_dir / "logs" / f"{run_id}.log")
     logger.info("mmfusion %s, %s level, run %s", __version__, args.analysis_level, run_id)
@@ -195,7 +224,6 @@ def make_context(args: argparse.Namespace, argv: list[str]):
         session_labels=[bids.strip_prefix(x, "ses-") for x in args.session_label],
         derivatives=[d.resolve() for d in args.derivatives], modalities=list(dict.fromkeys(args.modalities)),
         template=args.template.resolve() if args.template else None,
-        template_subjects=args.template_subjects,
         phenotypes_file=args.phenotypes.resolve() if args.phenotypes else None,
         nprocs=nprocs, omp_nthreads=args.omp_nthreads or nprocs, mem_gb=args.mem,
         force=args.force, resume=args.resume, allow_missing=args.allow_missing,

@@ -4,7 +4,10 @@ Defaults live in ``mmfusion/defaults/<section>.yaml``, one file per section (the
 stem is the section name, e.g. ``model.yaml`` -> ``cfg["model"]``). A user's
 ``--config FILE.yaml`` holds any subset of the same nested keys. Unknown sections or
 keys are an error, and so is a value whose type does not match the default's
-(an int is accepted where the default is a float; ``null`` defaults accept anything).
+(an int is accepted where the default is a float; ``null`` defaults accept anything),
+and so is any value that :mod:`mmfusion.config_rules` does not allow (ranges, choices,
+list lengths, rules between keys). Command-line options that set config keys
+(``--seed``) arrive as ``overrides`` and are checked the same way.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ def _type_ok(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def _merge(base: dict, override: dict, where: str, source: str) -> None:
+def _merge(base: dict, override: dict, where: str, source: str, origins: dict[str, str]) -> None:
+    """Merge ``override`` into ``base`` in place, recording ``origins[key path] = source``."""
     for key, value in override.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in base:
@@ -54,7 +58,7 @@ def _merge(base: dict, override: dict, where: str, source: str) -> None:
         if isinstance(default, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{path}' must be a mapping of keys, got {value!r}")
-            _merge(default, value, path, source)
+            _merge(default, value, path, source, origins)
         elif not _type_ok(default, value):
             raise ConfigError(
                 f"{source}: '{path}' must be of type {type(default).__name__} "
@@ -62,14 +66,21 @@ def _merge(base: dict, override: dict, where: str, source: str) -> None:
             )
         else:
             base[key] = value
+            origins[path] = source
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (if any).
+def load_config(path: str | Path | None = None, overrides: dict | None = None,
+                override_source: str = "override") -> dict:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (if any),
+    every value then checked against :mod:`mmfusion.config_rules`.
 
-    Raises :class:`ConfigError` (exit code 64) naming the file and the offending key.
+    Raises :class:`ConfigError` (exit code 64) naming where the offending key was set
+    (the file, ``override_source`` or the defaults), the key, its value and what is allowed.
     """
+    from mmfusion.config_rules import check_config
+
     cfg = default_config()
+    origins: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -83,9 +94,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from exc
         if not isinstance(user, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping of sections")
-        _merge(cfg, user, "", str(path))
+        _merge(cfg, user, "", str(path), origins)
     if overrides:
-        _merge(cfg, copy.deepcopy(overrides), "", "override")
+        _merge(cfg, copy.deepcopy(overrides), "", override_source, origins)
+    check_config(cfg, origins, "the defaults")
     return cfg
 
 

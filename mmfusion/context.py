@@ -15,7 +15,9 @@ class RunContext:
 
     Paths are absolute. ``records`` holds the selected subjects/sessions (participant
     and template levels). ``config`` is the validated nested config dict with
-    ``config['spatial']['random_seed']`` already set from ``--seed``.
+    the command-line options of ``mmfusion.cli.CONFIG_OPTIONS`` already applied (``--seed``
+    is ``config['spatial']['random_seed']``, ``--template-subjects``
+    ``config['spatial']['template_subjects']``).
     """
 
     level: str
@@ -32,7 +34,6 @@ class RunContext:
     derivatives: list[Path] = field(default_factory=list)
     modalities: list[str] = field(default_factory=lambda: ["jac", "ndi"])
     template: Path | None = None          # --template
-    template_subjects: int | None = None  # --template-subjects
     phenotypes_file: Path | None = None   # --phenotypes
     nprocs: int = 1
     omp_nthreads: int = 1

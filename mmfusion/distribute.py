@@ -173,6 +173,20 @@ def is_chief(strategy=None) -> bool:
     return task_type == "worker" and task_id == 0 and not has_chief
 
 
+def parse_sync_batchnorm(setting: bool | str | None) -> bool | str:
+    """``config['model']['sync_batchnorm']`` -> True, False or ``"auto"`` (also for null).
+
+    Strings are case-insensitive (``"True"``, ``"auto"``). Raises ConfigError otherwise.
+    """
+    if isinstance(setting, str) and setting.strip().lower() in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[setting.strip().lower()]
+    if isinstance(setting, bool):
+        return setting
+    if setting is not None:
+        raise ConfigError(f"config {SYNC_BATCHNORM_KEY}={setting!r}: use auto (or null), true or false")
+    return "auto"
+
+
 def sync_batchnorm(setting: bool | str | None = "auto", strategy=None) -> bool:
     """Whether BatchNormalization layers are built with ``synchronized=True``.
 
@@ -187,12 +201,9 @@ def sync_batchnorm(setting: bool | str | None = "auto", strategy=None) -> bool:
     outputs differ by ~3e-5 on one CPU) and gains nothing. Raises ConfigError on any
     other value.
     """
-    if isinstance(setting, str) and setting.strip().lower() in ("auto", "true", "false"):
-        setting = {"auto": "auto", "true": True, "false": False}[setting.strip().lower()]
+    setting = parse_sync_batchnorm(setting)
     if isinstance(setting, bool):
         return setting
-    if setting is not None and setting != "auto":
-        raise ConfigError(f"config {SYNC_BATCHNORM_KEY}={setting!r}: use auto (or null), true or false")
     import tensorflow as tf
 
     strategy = tf.distribute.get_strategy() if strategy is None else strategy

@@ -32,6 +32,8 @@ import zlib
 import numpy as np
 
 METRICS = ("mse", "normdiff", "cnr")
+#: The values of ``evaluation.background`` (see the module docstring).
+BACKGROUNDS = ("mask", "threshold")
 
 
 def mse(real: np.ndarray, rec: np.ndarray) -> float:
@@ -49,7 +51,7 @@ def background_mask(real: np.ndarray, rec: np.ndarray, brain_mask: np.ndarray | 
         return ~np.asarray(brain_mask, bool)
     if how == "threshold":
         return (real <= threshold) & (rec <= threshold)
-    raise ValueError(f"evaluation.background must be 'mask' or 'threshold', got {how!r}")
+    raise ValueError(f"evaluation.background must be one of {BACKGROUNDS}, got {how!r}")
 
 
 def norm_diff(real: np.ndarray, rec: np.ndarray, background: np.ndarray) -> float:

@@ -63,6 +63,25 @@ def count_phenotype_only(ctx) -> list[str]:
     return labels
 
 
+def check_late_inputs(ctx):
+    """Everything the group level would otherwise find wrong only after training, checked
+    before any model is built: the shards (exit 66 naming a shard that lacks a requested
+    modality; their grid vs ``model.input_shape``; ``training.cv_folds`` vs the number of
+    subjects, exit 64) and the phenotype tables (read and type-checked, exit 65 naming the
+    file, column and line of a junk cell). Returns (shard infos, phenotype input)."""
+    from mmfusion import analysis
+    from mmfusion import data as shard_data
+
+    paths = shard_data.discover_shards(ctx.output_dir / "shards", ctx.participant_labels)
+    infos = shard_data.scan_shards(paths, ctx.modalities, ctx.allow_missing)
+    shard_data.check_grid(infos, ctx.config["model"]["input_shape"])
+    shard_data.check_folds(infos, ctx.config["training"]["cv_folds"])
+    participants = [f"sub-{s}" for s in dict.fromkeys(i.subject for i in infos)]
+    pheno = analysis.check_phenotype_input(ctx, participants)
+    ctx.provenance.add_inputs(pheno.files)
+    return infos, pheno
+
+
 def run_group_level(ctx) -> Path | None:
     """Run the whole group level; returns the path of the HTML report (None on a
     non-chief worker of a multi-worker run, which only trains)."""
@@ -70,16 +89,14 @@ def run_group_level(ctx) -> Path | None:
 
     ctx.participant_labels = check_shards(ctx)
     count_phenotype_only(ctx)
+    infos, pheno = check_late_inputs(ctx)
     log.info("group level on %d subject(s), modalities %s", len(ctx.participant_labels), " ".join(ctx.modalities))
     distribute.make_strategy()  # a multi-worker strategy must exist before any other TF op
-    learning = training.run_learning(ctx)
+    learning = training.run_learning(ctx, infos)
     if not distribute.is_chief():
         log.info("non-chief worker: training done; the chief writes the analysis and the report")
         return None
-    analysis.run_analysis(ctx, Path(learning["embeddings_tsv"]))
-    tables = [ctx.phenotypes_file] if ctx.phenotypes_file else \
-        [ctx.bids_dir / "participants.tsv", *sorted((ctx.bids_dir / "phenotype").glob("*.tsv"))]
-    ctx.provenance.add_inputs(p for p in tables if p.is_file())
+    analysis.run_analysis(ctx, Path(learning["embeddings_tsv"]), pheno)
     path = report.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
     log.info("report: %s", path)
     terminal_print(f"mmfusion report: {path}")

@@ -41,8 +41,8 @@ def spatial_hash(config: dict) -> str:
 def run_participant_level(ctx) -> list[Path]:
     """Process every record in ``ctx.records``; return the shard paths written or kept."""
     cfg = ctx.config["spatial"]
-    reg.set_ants_threads(ctx.omp_nthreads, cfg.get("random_seed", ctx.seed))
-    params = reg.resolve_preset(cfg["preset"], cfg.get("registration_overrides"))
+    reg.set_ants_threads(ctx.omp_nthreads, cfg["random_seed"])
+    params = reg.resolve_preset(cfg["preset"], cfg["registration_overrides"])
     for record in ctx.records:  # fail fast, before any subject is processed
         if record.t1w is None:
             raise MissingInputError(

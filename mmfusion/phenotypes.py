@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,8 @@ from mmfusion.runlog import get_logger
 log = get_logger(__name__)
 
 NA_VALUES = ["n/a", "N/A", "NA", "na", "", "NaN", "nan"]
+#: The values of ``phenotypes.missing`` (see "Missing values" above).
+MISSING_POLICIES = ("median", "drop")
 
 # Documented encodings of common categorical phenotypes (lower-cased cell -> code).
 CATEGORICAL_CODES = {
@@ -89,7 +92,9 @@ class FactorResult:
 
 
 # ----------------------------------------------------------------------------- loading
-def _read_table(path: Path) -> pd.DataFrame:
+def _read_table(path: Path, keep_duplicates: bool = False) -> pd.DataFrame:
+    """One table, text cells, indexed by participant_id (with 'sub-'); first row kept per
+    participant unless ``keep_duplicates``."""
     sep = "," if path.suffix.lower() == ".csv" else "\t"
     try:
         df = pd.read_csv(path, sep=sep, na_values=NA_VALUES, keep_default_na=False, dtype=str)
@@ -102,7 +107,7 @@ def _read_table(path: Path) -> pd.DataFrame:
                              "add one with the BIDS subject labels, e.g. sub-01")
     df["participant_id"] = df["participant_id"].astype(str).str.strip()
     df["participant_id"] = [p if p.startswith("sub-") else f"sub-{p}" for p in df["participant_id"]]
-    if df["participant_id"].duplicated().any():
+    if not keep_duplicates and df["participant_id"].duplicated().any():
         dup = int(df["participant_id"].duplicated().sum())
         log.warning("%s: %d repeated participant_id row(s); keeping each participant's first row", path, dup)
         df = df.drop_duplicates("participant_id", keep="first")
@@ -134,6 +139,19 @@ def load_phenotypes(bids_dir: Path | None = None, phenotypes_file: Path | None =
     return table, files
 
 
+def locate_cell(files: Sequence[Path], column: str, participant: str) -> tuple[Path, int] | None:
+    """(file, line number) of ``participant``'s cell in ``column`` of the joined table
+    (``column`` may carry the file-stem prefix :func:`load_phenotypes` adds on a clash);
+    None if not found. Reads the files again: meant for error messages only."""
+    for path in files:
+        df = _read_table(path, keep_duplicates=True)
+        names = [column] + ([column[len(path.stem) + 1:]] if column.startswith(f"{path.stem}_") else [])
+        rows = [i for i, pid in enumerate(df.index) if pid == participant]
+        if rows and any(n in df.columns for n in names):
+            return path, rows[0] + 2  # line 1 is the header
+    return None
+
+
 # ------------------------------------------------------------------ selection/encoding
 def _encode_text(col: pd.Series) -> pd.Series | None:
     """Documented code for a text column, or None when it is not a usable categorical."""
@@ -148,15 +166,17 @@ def _encode_text(col: pd.Series) -> pd.Series | None:
     return None
 
 
-def prepare_variables(raw: pd.DataFrame, cfg: dict, source: str = "phenotypes") -> PhenotypeTable:
+def prepare_variables(raw: pd.DataFrame, cfg: dict, source: str = "phenotypes",
+                      files: Sequence[Path] = ()) -> PhenotypeTable:
     """Select, encode, check and impute the variables (``cfg`` = config ``phenotypes``).
 
     ``raw``: text cells, one row per participant (only the analysed subjects). Returns a
     :class:`PhenotypeTable` with float data. Raises :class:`PhenotypeError` for junk in a
-    numeric column, unknown requested variables, or nothing usable left.
+    numeric column (naming the file and line among ``files``, the tables ``raw`` was
+    read from, else ``source``), unknown requested variables, or nothing usable left.
     """
-    exclude = set(cfg.get("exclude") or []) | {"participant_id"}
-    requested = cfg.get("variables")
+    exclude = set(cfg["exclude"] or []) | {"participant_id"}
+    requested = cfg["variables"]
     if requested:
         unknown = [v for v in requested if v not in raw.columns]
         if unknown:
@@ -174,10 +194,7 @@ def prepare_variables(raw: pd.DataFrame, cfg: dict, source: str = "phenotypes") 
             data[name] = numeric.astype(float)
             continue
         if numeric.notna().sum() >= junk.sum():
-            bad = col[junk].iloc[0]
-            raise PhenotypeError(f"{source}: column '{name}' is numeric but has non-numeric value "
-                                 f"'{bad}' (participant {col[junk].index[0]}, {int(junk.sum())} cell(s)); "
-                                 "fix it or mark missing values as n/a")
+            raise _junk_error(col[junk], name, source, files)
         encoded = _encode_text(col)
         if encoded is None:
             if requested:
@@ -198,7 +215,17 @@ def prepare_variables(raw: pd.DataFrame, cfg: dict, source: str = "phenotypes") 
     if df.shape[1] < 2:
         raise PhenotypeError(f"{source}: {df.shape[1]} usable phenotype variable(s) after checks "
                              f"(dropped: {dropped}); factor analysis needs at least 2")
-    return _impute(df, cfg.get("missing", "median"), dropped, source)
+    return _impute(df, cfg["missing"], dropped, source)
+
+
+def _junk_error(junk: pd.Series, name: str, source: str, files: Sequence[Path]) -> PhenotypeError:
+    """The one-line error for the non-numeric cells ``junk`` of numeric column ``name``."""
+    participant = junk.index[0]
+    found = locate_cell(files, name, participant) if files else None
+    where, line = (str(found[0]), f", line {found[1]}") if found else (source, "")
+    return PhenotypeError(f"{where}: column '{name}' is numeric but has non-numeric value '{junk.iloc[0]}' "
+                          f"(participant {participant}{line}; {len(junk)} such cell(s)); "
+                          "fix it or mark missing values as n/a")
 
 
 def _impute(df: pd.DataFrame, policy: str, dropped: dict, source: str) -> PhenotypeTable:
@@ -223,7 +250,7 @@ def _impute(df: pd.DataFrame, policy: str, dropped: dict, source: str) -> Phenot
             raise PhenotypeError(f"{source}: listwise deletion left {len(df)} subject(s); "
                                  "set phenotypes.missing: median or choose fewer variables")
     else:
-        raise PhenotypeError(f"{source}: phenotypes.missing must be 'median' or 'drop', got '{policy}'")
+        raise PhenotypeError(f"{source}: phenotypes.missing must be one of {MISSING_POLICIES}, got '{policy}'")
     constant = [c for c in df.columns if df[c].nunique() < 2]
     for c in constant:
         dropped[c] = "zero variance after missing-value handling"

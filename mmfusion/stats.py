@@ -141,11 +141,11 @@ def run_stats(scores: pd.DataFrame, labels: np.ndarray, cfg: dict, seed: int = 0
               source: str = "scores") -> StatsResult:
     """All statistics for factor scores (n x k, index participant_id) and cluster labels (n,)."""
     _check_labels(labels, source)
-    alpha = float(cfg.get("alpha", 0.05))
+    alpha = float(cfg["alpha"])
     values = scores.to_numpy(float)
     H, p = kruskal_wallis(values, labels)
     sig, q = fdr(p, alpha)
-    h_obs, null = permutation_null(values, labels, int(cfg.get("n_permutations", 10000)), seed)
+    h_obs, null = permutation_null(values, labels, int(cfg["n_permutations"]), seed)
     pp = permutation_pvalues(h_obs, null)
     psig, pq = fdr(pp, alpha)
     table = pd.DataFrame({"factor": scores.columns, "H": H, "p": p, "q": q, "significant": sig,

@@ -39,6 +39,7 @@ import pandas as pd
 from sklearn.metrics import euclidean_distances
 
 from mmfusion.atomic import atomic_path, write_json
+from mmfusion.config_rules import DAMPING_MIN_RANGE
 from mmfusion.errors import InputDataError
 from mmfusion.runlog import get_logger, progress
 
@@ -85,8 +86,9 @@ def distance_matrix(S: np.ndarray) -> np.ndarray:
 
 def damping_grid(n: int, damping_min: float = 0.5) -> np.ndarray:
     """``n`` damping values equally spaced in ``[damping_min, 1)`` (1.0 excluded)."""
-    if not 0.5 <= damping_min < 1.0 or n < 1:
-        raise ValueError(f"damping_min must be in [0.5, 1) and damping_n >= 1, got {damping_min}, {n}")
+    low, high = DAMPING_MIN_RANGE
+    if not low <= damping_min < high or n < 1:
+        raise ValueError(f"damping_min must be in [{low}, {high}) and damping_n >= 1, got {damping_min}, {n}")
     return np.linspace(damping_min, 1.0, n, endpoint=False)
 
 

@@ -263,7 +263,7 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
     strategy = distribution_strategy()  # first: a multi-worker strategy must precede other TF ops
     state = _read_state(ckpt_dir, run_hash, resume)
     set_determinism(seed)
-    _set_precision(bool(train_cfg.get("mixed_precision", False)))
+    _set_precision(bool(train_cfg["mixed_precision"]))
     with strategy.scope():
         model = build()
         compile_autoencoder(model, float(train_cfg["learning_rate"]))
@@ -497,7 +497,7 @@ def load_final_model(model_dir: Path):
     from mmfusion.model.autoencoder import build_autoencoder
 
     meta = json.loads((Path(model_dir) / "model.json").read_text())
-    model = build_autoencoder(meta["model"], meta["modalities"])
+    model = build_autoencoder(meta["model"], meta["modalities"])  # keys it lacks: the defaults
     model.load_weights(Path(model_dir) / "final.weights.h5")
     return model, PopulationNormalizer.load(Path(model_dir) / "normalization.json"), meta["modalities"]
 
@@ -556,31 +556,36 @@ def write_reconstructions(learner: Learner, model, norm: PopulationNormalizer) -
     return written
 
 
-def run_learning(ctx) -> dict:
+def run_learning(ctx, infos: Sequence[shard_data.ShardInfo] | None = None) -> dict:
     """The learning half of the group level (see the module docstring for the outputs).
 
-    ``ctx`` is a :class:`mmfusion.context.RunContext`. Returns {'embeddings_tsv',
+    ``ctx`` is a :class:`mmfusion.context.RunContext`; ``infos`` the shards already
+    scanned by :func:`mmfusion.group.check_late_inputs` (scanned here when None). Returns {'embeddings_tsv',
     'embeddings_h5', 'model_path', 'normalization', 'metrics_mse', 'metrics_normdiff',
     'metrics_cnr', 'summary', 'figure_*', 'training_curves', 'reconstructions'}.
     """
     out = learn(ctx.output_dir / "shards", ctx.group_dir, list(ctx.modalities), ctx.config, int(ctx.seed),
                 resume=bool(ctx.resume), allow_missing=bool(ctx.allow_missing),
-                participant_labels=list(ctx.participant_labels))
+                participant_labels=list(ctx.participant_labels), infos=infos)
     ctx.provenance.extra["learning"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()
                                         if k != "reconstructions"}
     return out
 
 
 def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict, seed: int, resume: bool = False,
-          allow_missing: bool = False, participant_labels: Sequence[str] = (), builder: Callable | None = None) -> dict:
-    """:func:`run_learning` without a RunContext (``builder`` replaces build_autoencoder in tests)."""
+          allow_missing: bool = False, participant_labels: Sequence[str] = (), builder: Callable | None = None,
+          infos: Sequence[shard_data.ShardInfo] | None = None) -> dict:
+    """:func:`run_learning` without a RunContext (``builder`` replaces build_autoencoder in
+    tests; ``infos``: shards already scanned and checked, else those of ``shard_dir``)."""
     import shutil
 
     group_dir = _worker_group_dir(Path(group_dir), resume)
-    paths = shard_data.discover_shards(shard_dir, participant_labels)
-    infos = shard_data.scan_shards(paths, modalities, allow_missing)
-    shard_data.check_grid(infos, config["model"]["input_shape"])
-    shard_data.check_folds(infos, int(config["training"]["cv_folds"]))
+    if infos is None:
+        paths = shard_data.discover_shards(shard_dir, participant_labels)
+        infos = shard_data.scan_shards(paths, modalities, allow_missing)
+        shard_data.check_grid(infos, config["model"]["input_shape"])
+        shard_data.check_folds(infos, int(config["training"]["cv_folds"]))
+    infos = list(infos)
     log.info("learning on %d shard(s) of %d subject(s), modalities %s, grid %s", len(infos),
              len({i.subject for i in infos}), modalities, infos[0].shape)
     if not resume and (group_dir / "checkpoints").exists():

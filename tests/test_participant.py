@@ -26,7 +26,8 @@ from mmfusion.shards import read_attrs, read_shard, shard_path
 from mmfusion.simulate import simulate_dataset
 
 SMALL = {"spatial": {"preset": "fast-test", "registration_resolution": 4.0, "grid_voxel_size": 5.0,
-                     "grid_shape": [32, 32, 24], "template_iterations": 1}}
+                     "grid_shape": [32, 32, 24], "template_iterations": 1},
+         "model": {"input_shape": [32, 32, 24], "levels": 3, "filters": [2, 4, 8]}}  # = the grid
 ENV = {"OMP_NUM_THREADS": "2", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "2", "MMFUSION_PLAIN_PROGRESS": "1"}
 
 
@@ -112,7 +113,7 @@ def test_second_run_is_a_noop_and_changes_are_detected(pipeline, tmp_path):
     assert time.perf_counter() - t0 < 60
     assert "up to date" in proc.stderr and shard.stat().st_mtime_ns == before
     changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump({"spatial": {**SMALL["spatial"], "n4": False}}))
+    changed.write_text(yaml.safe_dump({**SMALL, "spatial": {**SMALL["spatial"], "n4": False}}))
     args = [a if a != common[1] else changed for a in common]
     proc = cli(bids, out, "participant", "--participant-label", "01", *args, check=False)
     assert proc.returncode == StaleOutputError.exit_code

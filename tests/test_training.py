@@ -273,7 +273,8 @@ def test_end_to_end_real_model_and_resume_after_kill(tmp_path):
     (bids / "dataset_description.json").write_text('{"Name": "toy", "BIDSVersion": "1.9.0"}')
     # 16x16x12 grid, 2 levels: the embedding is still 4x4x3x32 = 1536 values; the real
     # model's train-step trace (the dominant cost, once per process and variant) is ~40% shorter
-    small = {"model": {"input_shape": list(E2E_SHAPE), "levels": 2, "filters": [2, 4]},
+    small = {"spatial": {"grid_shape": list(E2E_SHAPE)},
+             "model": {"input_shape": list(E2E_SHAPE), "levels": 2, "filters": [2, 4]},
              "training": {"epochs": 2, "cv_folds": 2, "n_reconstructions": 1},
              "evaluation": {"cnr_pairs": 200}}
     config = tmp_path / "small.yaml"

@@ -22,7 +22,6 @@ Fusion has no Dropout (the embedding is the subject's representation).
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import keras
 
@@ -42,52 +41,21 @@ LOG = get_logger(__name__)
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _ints(value: Any, key: str) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
-    ):
-        raise ConfigError(f"config model.{key}: must be a list of positive integers, got {value!r}")
-    return [int(v) for v in value]
-
-
 def validate_model_config(model_cfg: dict, modalities: list[str]) -> dict:
     """Check ``config['model']`` and the modality names; return a normalized copy.
 
-    Raises :class:`~mmfusion.errors.ConfigError` (one line naming the key and the fix)
-    when: input_shape is not 3 positive ints divisible by ``2**levels``;
-    ``len(filters) != levels``; kernel_size is not 3 positive ints; embedding_filters
-    < 1; dropout outside [0, 1); l2 < 0; no modalities, duplicated or invalid names.
+    Keys missing from ``model_cfg`` take their value from ``mmfusion/defaults/model.yaml``.
+    The keys are checked by :func:`mmfusion.config_rules.check_model` (the rules
+    ``load_config`` applies: input_shape 3 positive ints divisible by ``2**levels``,
+    one filter count per level, kernel_size 3 positive ints, dropout in [0, 1), ...);
+    raises :class:`~mmfusion.errors.ConfigError` (one line naming the key and the fix)
+    for those and for no modalities, duplicated or invalid modality names.
     """
-    required = ("input_shape", "levels", "filters", "kernel_size", "embedding_filters",
-                "skip_connections", "separable", "dropout", "l2")
-    missing = [k for k in required if k not in model_cfg]
-    if missing:
-        raise ConfigError(f"config model: missing keys {missing}; see mmfusion/defaults/model.yaml")
-    cfg = dict(model_cfg)
-    shape = _ints(cfg["input_shape"], "input_shape")
-    kernel = _ints(cfg["kernel_size"], "kernel_size")
-    filters = _ints(cfg["filters"], "filters")
-    levels = cfg["levels"]
-    if len(shape) != 3 or len(kernel) != 3:
-        raise ConfigError("config model.input_shape and model.kernel_size must have 3 values each")
-    if not isinstance(levels, int) or levels < 1:
-        raise ConfigError(f"config model.levels: must be an integer >= 1, got {levels!r}")
-    if len(filters) != levels:
-        raise ConfigError(
-            f"config model.filters: needs one value per level (levels={levels}), got {filters}"
-        )
-    step = 2**levels
-    if any(d % step for d in shape):
-        raise ConfigError(
-            f"config model.input_shape {shape}: every dimension must be divisible by "
-            f"2**levels = {step}; change input_shape or levels"
-        )
-    if not isinstance(cfg["embedding_filters"], int) or cfg["embedding_filters"] < 1:
-        raise ConfigError("config model.embedding_filters: must be an integer >= 1")
-    if not 0 <= float(cfg["dropout"]) < 1:
-        raise ConfigError(f"config model.dropout: must be in [0, 1), got {cfg['dropout']!r}")
-    if float(cfg["l2"]) < 0:
-        raise ConfigError(f"config model.l2: must be >= 0, got {cfg['l2']!r}")
+    from mmfusion.config import default_config
+    from mmfusion.config_rules import check_model
+
+    cfg = {**default_config()["model"], **model_cfg}
+    check_model(cfg, source="config model")
     if not modalities:
         raise ConfigError("no modalities given: the autoencoder needs at least one")
     if len(set(modalities)) != len(modalities):
@@ -95,7 +63,7 @@ def validate_model_config(model_cfg: dict, modalities: list[str]) -> dict:
     bad = [m for m in modalities if not isinstance(m, str) or not _NAME_OK.match(m)]
     if bad:
         raise ConfigError(f"modality names {bad}: use letters, digits, '_', '-', '.' only")
-    cfg.update(input_shape=shape, kernel_size=kernel, filters=filters, levels=levels)
+    cfg.update({k: [int(v) for v in cfg[k]] for k in ("input_shape", "kernel_size", "filters")})
     return cfg
 
 
@@ -150,8 +118,8 @@ def build_autoencoder(
         dropout=float(cfg["dropout"]),
         l2=float(cfg["l2"]),
         separable=bool(cfg["separable"]),
-        implementation=str(cfg.get("depthwise_implementation", "auto")),
-        sync_batchnorm=sync_batchnorm(cfg.get("sync_batchnorm")),
+        implementation=str(cfg["depthwise_implementation"]),
+        sync_batchnorm=sync_batchnorm(cfg["sync_batchnorm"]),
     )
     inputs, codes, all_skips = {}, [], {}
     for mod in modalities:

@@ -56,9 +56,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from mmfusion.config_rules import DEPTHWISE_IMPLEMENTATIONS as IMPLEMENTATIONS
 from mmfusion.runlog import get_logger
-
-IMPLEMENTATIONS = ("auto", "dense", "sliced", "split", "grouped", "numba")
 
 log = get_logger(__name__)
 

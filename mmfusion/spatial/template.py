@@ -214,9 +214,9 @@ def run_template_level(ctx) -> Path:
     """Template level: build ``output_dir/template/tpl-study_res-<r>_T1w.nii.gz`` + mask +
     provenance JSON. Returns the template folder."""
     cfg = ctx.config["spatial"]
-    reg.set_ants_threads(ctx.omp_nthreads, cfg.get("random_seed", ctx.seed))
-    params = reg.resolve_preset(cfg["preset"], cfg.get("registration_overrides"))
-    n = ctx.template_subjects if ctx.template_subjects is not None else cfg.get("template_subjects")
+    reg.set_ants_threads(ctx.omp_nthreads, cfg["random_seed"])
+    params = reg.resolve_preset(cfg["preset"], cfg["registration_overrides"])
+    n = cfg["template_subjects"]  # --template-subjects sets it (mmfusion.cli.config_overrides)
     chosen = select_template_subjects(ctx.records, n, ctx.seed)
     paths = study_template_paths(ctx.output_dir, float(cfg["registration_resolution"]))
     ctx.logger.info("template level: %d subjects, %d iterations, preset %s",
