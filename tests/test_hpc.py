@@ -470,7 +470,7 @@ def slurm_cluster(tmp_path_factory):
         assert down.returncode == 0, down.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_slurm_cancelled_task_is_recorded_with_143(slurm_cluster, tmp_path):
     """scancel (as at a time limit) reaches the run through participant.sbatch's trap."""
     home = tmp_path / "home"
@@ -552,7 +552,7 @@ def _log(out: Path, pattern: str) -> str:
     return "".join(p.read_text() for p in paths)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_slurm_array_runs_one_task_per_subject_and_records_exit_codes(slurm_run):
     tasks = slurm_run["first"][slurm_run["ids"]["participant_job_id"]]
     by_task = {int(r["ArrayTaskId"]): r for r in tasks}
@@ -577,7 +577,7 @@ def test_slurm_array_runs_one_task_per_subject_and_records_exit_codes(slurm_run)
     assert shards == [f"sub-{label}" for label in good]
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_slurm_group_refuses_missing_subjects_without_allow_missing(slurm_run):
     (group,) = slurm_run["first"][slurm_run["ids"]["group_job_id"]]
     assert group["JobState"] == "FAILED" and group["ExitCode"] != "0:0"
@@ -588,7 +588,7 @@ def test_slurm_group_refuses_missing_subjects_without_allow_missing(slurm_run):
     assert "sub-01" not in refusal[-1]
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_slurm_group_runs_on_the_others_with_allow_missing(slurm_run):
     (group,) = slurm_run["second"][slurm_run["ids2"]["group_job_id"]]
     text = _log(slurm_run["out"], f"mmfusion-group-{slurm_run['ids2']['group_job_id']}.out")

@@ -23,6 +23,7 @@ def test_ci_runs_both_readme_commands_verbatim_in_fresh_venvs():
     assert "run_readme_command 1 " in ci and "run_readme_command 2 " in ci
     assert 'python3 -m venv "$venv"' in ci and "system-site-packages" not in ci.replace("no system site-packages", "")
     assert "check_report.py" in ci
+    assert "python -m pytest -q -m extended tests" in ci  # what README command 2 leaves out
 
 
 def test_readme_commands_install_from_the_lock():

@@ -265,6 +265,7 @@ def _cli_learn(bids: Path, out: Path, config: Path, *extra, env=None):
                           text=True, timeout=900)
 
 
+@pytest.mark.extended
 def test_end_to_end_real_model_and_resume_after_kill(tmp_path):
     import yaml
 
