@@ -5,6 +5,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def subject_stem(subject: str, session: str = "") -> str:
+    """``sub-X`` or ``sub-X_ses-Y``: the BIDS entities prefix of one subject (and session),
+    the stem of its shard and its id at the group level (labels without ``sub-``/``ses-``)."""
+    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
+
+
 @dataclass(frozen=True)
 class SubjectRecord:
     """Everything the participant level needs for one subject (and session).
@@ -26,7 +32,7 @@ class SubjectRecord:
 
     @property
     def key(self) -> str:
-        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+        return subject_stem(self.subject, self.session)
 
     def inputs(self) -> dict[str, Path]:
         """Present inputs by modality name: {'t1w': ..., 'fa': ..., 'ndi': ...}."""
@@ -293,7 +299,7 @@ def _t1w_files(layout, sub: str, ses: str, query: dict) -> list[str]:
 
 
 def _record(layout, sub: str, ses: str, filters: dict) -> SubjectRecord:
-    key = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+    key = subject_stem(sub, ses)
     ses_q = {"session": ses} if ses else {}
     chosen, choices = {}, {}
     chosen["t1w"], choices["t1w"] = _one(_t1w_files(layout, sub, ses, _entities_query(filters, "t1w")), "T1w", key)

@@ -21,6 +21,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from mmfusion.bids import subject_stem
 from mmfusion.errors import InputDataError, MissingInputError, UsageError
 from mmfusion.normalization import PopulationNormalizer, VolumeStats
 from mmfusion.runlog import get_logger, progress
@@ -46,7 +47,7 @@ class ShardInfo:
 
     @property
     def key(self) -> str:
-        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+        return subject_stem(self.subject, self.session)
 
 
 def _listing(paths: Sequence, limit: int = 20) -> str:

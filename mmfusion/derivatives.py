@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mmfusion import __version__
 from mmfusion.atomic import write_json, write_text_once
+from mmfusion.bids import subject_stem
 
 # bids-validator-deno matches these like .gitignore, but a trailing '/' stops a folder matching
 BIDSIGNORE = [
@@ -62,10 +63,6 @@ level. See the mmfusion documentation (docs/registration.md).
 """
 
 
-def entities_prefix(subject: str, session: str = "") -> str:
-    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
-
-
 def subject_dir(output_dir: Path, subject: str, session: str = "") -> Path:
     base = Path(output_dir) / f"sub-{subject}"
     return (base / f"ses-{session}" if session else base) / "anat"
@@ -80,23 +77,23 @@ def res_label(voxel_size_mm: float) -> str:
 def modality_path(output_dir: Path, subject: str, session: str, modality: str, space: str,
                   voxel_size_mm: float) -> Path:
     desc, suffix = MODALITY_NAMES[modality]
-    name = (f"{entities_prefix(subject, session)}_space-{space}_res-{res_label(voxel_size_mm)}"
+    name = (f"{subject_stem(subject, session)}_space-{space}_res-{res_label(voxel_size_mm)}"
             f"_desc-{desc}_{suffix}.nii.gz")
     return subject_dir(output_dir, subject, session) / name
 
 
 def transform_paths(output_dir: Path, subject: str, session: str, space: str) -> dict[str, Path]:
-    stem = f"{entities_prefix(subject, session)}_from-T1w_to-{space}_mode-image"
+    stem = f"{subject_stem(subject, session)}_from-T1w_to-{space}_mode-image"
     folder = subject_dir(output_dir, subject, session)
     return {"affine": folder / f"{stem}_desc-affine_xfm.mat", "warp": folder / f"{stem}_desc-warp_xfm.nii.gz"}
 
 
 def figure_path(output_dir: Path, subject: str, session: str) -> Path:
-    return Path(output_dir) / f"sub-{subject}" / "figures" / f"{entities_prefix(subject, session)}_desc-registration_qc.png"
+    return Path(output_dir) / f"sub-{subject}" / "figures" / f"{subject_stem(subject, session)}_desc-registration_qc.png"
 
 
 def report_path(output_dir: Path, subject: str, session: str) -> Path:
-    return Path(output_dir) / f"{entities_prefix(subject, session)}.html"
+    return Path(output_dir) / f"{subject_stem(subject, session)}.html"
 
 
 def sidecar_path(nifti: Path) -> Path:

@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 
 from mmfusion.atomic import atomic_path
+from mmfusion.bids import subject_stem
 from mmfusion.errors import InputDataError, MissingInputError
 
 SCHEMA_VERSION = 1
@@ -59,21 +60,17 @@ class Shard:
     @property
     def key(self) -> str:
         """``sub-X`` or ``sub-X_ses-Y``: the file stem and the group-level subject id."""
-        return shard_stem(self.subject, self.session)
-
-
-def shard_stem(subject: str, session: str = "") -> str:
-    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
+        return subject_stem(self.subject, self.session)
 
 
 def split_stem(stem: str) -> tuple[str, str]:
-    """``'sub-01_ses-2'`` -> ``('01', '2')``; ``'sub-01'`` -> ``('01', '')`` (inverse of shard_stem)."""
+    """``'sub-01_ses-2'`` -> ``('01', '2')``; ``'sub-01'`` -> ``('01', '')`` (inverse of bids.subject_stem)."""
     subject, _, session = stem.removeprefix("sub-").partition("_ses-")
     return subject, session
 
 
 def shard_path(output_dir: str | Path, subject: str, session: str = "") -> Path:
-    return Path(output_dir) / "shards" / f"{shard_stem(subject, session)}.h5"
+    return Path(output_dir) / "shards" / f"{subject_stem(subject, session)}.h5"
 
 
 def write_shard(path: str | Path, shard: Shard) -> Path:

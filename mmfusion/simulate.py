@@ -41,6 +41,7 @@ import pandas as pd
 
 from mmfusion._version import __version__
 from mmfusion.atomic import atomic_dir
+from mmfusion.bids import subject_stem
 from mmfusion.errors import MmfusionError, OutputError, UsageError
 from mmfusion.runlog import get_logger, progress
 
@@ -823,7 +824,7 @@ def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, re
     for ses in session_labels:
         img = render_session(rng, grid, t1_coeffs, maps, coords, bias=opts["bias_field"],
                              noise=opts["noise"], affine=opts["random_affine"])
-        key = f"sub-{label}" + (f"_ses-{ses}" if ses else "")
+        key = subject_stem(label, ses)
         rel = Path(f"sub-{label}") / (f"ses-{ses}" if ses else "")
         _save_nifti(root / rel / "anat" / f"{key}_T1w.nii.gz", img.t1w, img.affine, dtype=np.int16)
         _write_json(root / rel / "anat" / f"{key}_T1w.json",

@@ -7,7 +7,8 @@ from mmfusion.errors import MissingInputError
 from mmfusion import report
 from mmfusion.group import check_shards, count_phenotype_only
 from mmfusion.provenance import Provenance
-from mmfusion.shards import shard_stem, split_stem
+from mmfusion.bids import subject_stem as shard_stem
+from mmfusion.shards import split_stem
 
 
 def _ctx(tmp_path, allow_missing, labels=()):
