@@ -4,6 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: The BIDS version the datasets mmfusion writes declare (derivatives, ``mmfusion simulate``).
+BIDS_VERSION = "1.10.0"
+#: Image modalities a shard may hold; the group level's ``--modalities`` chooses among them.
+MODALITIES = ("t1", "jac", "fa", "ndi")
+
 
 def subject_stem(subject: str, session: str = "") -> str:
     """``sub-X`` or ``sub-X_ses-Y``: the BIDS entities prefix of one subject (and session),

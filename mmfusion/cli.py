@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 from mmfusion import __version__
+from mmfusion.bids import MODALITIES
 from mmfusion.errors import (EXIT_CODES, BrokenInstallError, MmfusionError, NotImplementedLevelError,
                              OutputError, UnknownLevelError, UsageError)
 
 LEVELS = ("template", "participant", "group")
-MODALITIES = ("t1", "jac", "fa", "ndi")
 #: Options that set a config key: option -> (argparse dest, "section.key"). Applied to the
 #: config in one place, :func:`load_run_config`, and checked like the config file.
 CONFIG_OPTIONS = {
@@ -25,8 +25,8 @@ CONFIG_OPTIONS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UsageError (exit 64) instead of exiting with code 2."""
+class UsageParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (exit 64) instead of exiting with code 2 (also ``mmfusion simulate``)."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
         raise UsageError(f"{message} (see {self.prog} --help)")
@@ -51,7 +51,7 @@ def _memory_gb(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The BIDS-App parser (every option is documented in docs/usage.md)."""
-    p = _Parser(
+    p = UsageParser(
         prog="mmfusion",
         description="mmfusion: multimodal 3D brain MRI -> learned embeddings and data-driven "
                     "subject strata (BIDS-App). Also: 'mmfusion simulate OUT_DIR' writes a "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mmfusion import __version__
 from mmfusion.atomic import write_json, write_text_once
-from mmfusion.bids import subject_stem
+from mmfusion.bids import BIDS_VERSION, subject_stem
 
 # bids-validator-deno matches these like .gitignore, but a trailing '/' stops a folder matching
 BIDSIGNORE = [
@@ -129,7 +129,7 @@ def write_sidecar(nifti: Path, modality: str, sources: list[str], template: dict
 def dataset_description(bids_dir: Path | None) -> dict:
     desc = {
         "Name": "mmfusion spatial normalization",
-        "BIDSVersion": "1.10.0",
+        "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "mmfusion", "Version": __version__,
                          "Description": "N4 + ANTs registration to a T1w template; log-JAC, FA, NDI on a 2.5 mm grid"}],

@@ -36,11 +36,10 @@ import h5py
 import numpy as np
 
 from mmfusion.atomic import atomic_path
-from mmfusion.bids import subject_stem
+from mmfusion.bids import MODALITIES, subject_stem
 from mmfusion.errors import InputDataError, MissingInputError
 
 SCHEMA_VERSION = 1
-MODALITIES = ("t1", "jac", "fa", "ndi")
 _STR_ATTRS = ("subject", "session", "mmfusion_version", "config_hash", "template_hash",
               "template_source", "preset", "jac_kind")
 _JSON_ATTRS = ("input_hashes", "timings_s", "qc")

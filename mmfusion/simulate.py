@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -40,14 +39,14 @@ import numpy as np
 import pandas as pd
 
 from mmfusion._version import __version__
-from mmfusion.atomic import atomic_dir
-from mmfusion.bids import subject_stem
+from mmfusion.atomic import atomic_dir, write_json, write_text
+from mmfusion.bids import BIDS_VERSION, subject_stem
+from mmfusion.cli import UsageParser
 from mmfusion.errors import MmfusionError, OutputError, UsageError
 from mmfusion.runlog import get_logger, progress
 
 log = get_logger(__name__)
 
-BIDS_VERSION = "1.10.0"
 CONTROL_SPACING_MM = 4.0  # spacing of the velocity-field control grid
 SQUARING_STEPS = 4
 T1_SCALE = 1000.0  # template intensities in [0, 1] -> arbitrary scanner units
@@ -634,11 +633,6 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, code: int = 1,
     nib.save(img, path)
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def _write_tsv(path: Path, df: pd.DataFrame, decimals: dict | None = None) -> None:
     """TSV with 'n/a' for missing values and fixed decimals per column."""
     decimals = decimals or {}
@@ -650,8 +644,7 @@ def _write_tsv(path: Path, df: pd.DataFrame, decimals: dict | None = None) -> No
             out[col] = [("n/a" if pd.isna(v) else fmt.format(v)) for v in values]
         else:
             out[col] = ["n/a" if pd.isna(v) else str(v) for v in values]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out.to_csv(path, sep="\t", index=False, lineterminator="\n")
+    write_text(path, out.to_csv(sep="\t", index=False, lineterminator="\n"))
 
 
 README = """# Synthetic mmfusion dataset
@@ -688,17 +681,17 @@ def _description(name: str, dataset_type: str, generated_by: dict) -> dict:
 def _write_metadata(root: Path, labels, pheno: PhenotypeSample, opts: dict) -> None:
     generated = {"Name": "mmfusion simulate", "Version": __version__,
                  "Description": f"synthetic dataset, seed {opts['seed']}"}
-    _write_json(root / "dataset_description.json",
+    write_json(root / "dataset_description.json",
                 _description("mmfusion synthetic dataset", "raw", generated))
     extras = ", ".join(x for x, on in (("bias field", opts["bias_field"]), ("Rician noise", opts["noise"]),
                                        ("random rigid header transform", opts["random_affine"])) if on)
-    (root / "README").write_text(README.format(
+    write_text(root / "README", README.format(
         version=__version__, seed=opts["seed"], n=len(labels), k=opts["n_strata"],
         vs=opts["voxel_size"], extras=f", with {extras}" if extras else ""))
     ids = [f"sub-{lab}" for lab in labels]
     _write_tsv(root / "participants.tsv", pd.concat(
         [pd.DataFrame({"participant_id": ids}), pheno.participants], axis=1), {"bmi": 1})
-    _write_json(root / "participants.json", {
+    write_json(root / "participants.json", {
         "participant_id": {"Description": "Unique participant identifier"},
         "age": {"Description": "Age at the first scan", "Units": "year"},
         "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female"}},
@@ -718,15 +711,15 @@ def _write_metadata(root: Path, labels, pheno: PhenotypeSample, opts: dict) -> N
             if meta[col][9]:
                 entry["Units"] = meta[col][9]
             sidecar[col] = entry
-        _write_json(root / "phenotype" / f"{table}.json", sidecar)
+        write_json(root / "phenotype" / f"{table}.json", sidecar)
     deriv = root / "derivatives" / "qsirecon"
-    _write_json(deriv / "dataset_description.json", _description(
+    write_json(deriv / "dataset_description.json", _description(
         "QSIRecon-style synthetic diffusion maps", "derivative",
         {"Name": "mmfusion simulate", "Version": __version__,
          "Description": "synthetic FA (tensor) and NDI (NODDI ICVF) maps in T1w space"}))
-    (deriv / "README").write_text(DERIVATIVE_README)
+    write_text(deriv / "README", DERIVATIVE_README)
     # QSIRecon's *_dwimap names follow BEP016, not yet in the BIDS schema.
-    (deriv / ".bidsignore").write_text("*_dwimap.nii.gz\n")
+    write_text(deriv / ".bidsignore", "*_dwimap.nii.gz\n")
 
 
 def _check_options(n_subjects, n_strata, voxel_size, sessions) -> None:
@@ -827,7 +820,7 @@ def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, re
         key = subject_stem(label, ses)
         rel = Path(f"sub-{label}") / (f"ses-{ses}" if ses else "")
         _save_nifti(root / rel / "anat" / f"{key}_T1w.nii.gz", img.t1w, img.affine, dtype=np.int16)
-        _write_json(root / rel / "anat" / f"{key}_T1w.json",
+        write_json(root / rel / "anat" / f"{key}_T1w.json",
                     {"Manufacturer": "mmfusion simulate", "MagneticFieldStrength": 3})
         dwi = root / "derivatives" / "qsirecon" / rel / "dwi"
         _save_nifti(dwi / f"{key}_space-T1w_model-tensor_param-fa_dwimap.nii.gz", img.fa, img.affine)
@@ -874,17 +867,12 @@ def _write_truth(truth_dir: Path, grid, labels, strata, regions, pheno, subjects
         **pheno.planted,
         "subjects": subjects_info,
     }
-    _write_json(truth_dir / "planted.json", planted)
+    write_json(truth_dir / "planted.json", planted)
 
 
 # -------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would exit 2; the project uses 64
-        raise UsageError(f"mmfusion simulate: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mmfusion simulate",
+    p = UsageParser(prog="mmfusion simulate",
                 description="Write a synthetic BIDS dataset with planted strata and ground truth.")
     p.add_argument("out_dir", type=Path, help="output folder (must be empty or new)")
     p.add_argument("--n-subjects", type=int, default=12, help="number of subjects (default 12)")
