@@ -106,6 +106,14 @@ def zero_nonfinite(img: nib.Nifti1Image) -> tuple[nib.Nifti1Image, int]:
     return nib.Nifti1Image(data, img.affine, img.header), n_bad
 
 
+def missing_t1w_error(subject_key: str) -> MissingInputError:
+    """The error for a subject (``sub-X`` or ``sub-X_ses-Y``) without a T1w image."""
+    subject, _, session = subject_key.partition("_")
+    folder = f"{subject}/" + (f"{session}/" if session else "")
+    return MissingInputError(f"{subject_key}: no T1w image found (expected {folder}anat/{subject_key}_T1w.nii.gz); "
+                             "add it or leave the subject out of --participant-label")
+
+
 def load_subject_inputs(t1w: str | Path | None, maps: dict[str, str | Path | None],
                         subject_key: str) -> tuple[nib.Nifti1Image, dict[str, nib.Nifti1Image], dict[str, int]]:
     """Load and validate one subject's T1w and its T1w-space maps (e.g. {'fa': p, 'ndi': p}).
@@ -115,8 +123,7 @@ def load_subject_inputs(t1w: str | Path | None, maps: dict[str, str | Path | Non
     grid than the T1w (read through its affine), else 0}). Maps given as None are skipped.
     """
     if t1w is None:
-        raise MissingInputError(f"{subject_key}: no T1w image found (expected anat/{subject_key}_T1w.nii.gz); "
-                                "add it or exclude the subject with --participant-label")
+        raise missing_t1w_error(subject_key)
     t1 = load_3d(t1w, "T1w")
     t1, n_bad_t1 = zero_nonfinite(t1)
     out: dict[str, nib.Nifti1Image] = {}

@@ -19,8 +19,8 @@ import numpy as np
 from mmfusion import __version__, derivatives, qc
 from mmfusion.atomic import atomic_path
 from mmfusion.config import config_hash
-from mmfusion.errors import MissingInputError, StaleOutputError
-from mmfusion.images import load_subject_inputs
+from mmfusion.errors import StaleOutputError
+from mmfusion.images import load_subject_inputs, missing_t1w_error
 from mmfusion.provenance import reuse_existing, sha256_file
 from mmfusion.runlog import get_logger, progress
 from mmfusion.shards import Shard, read_attrs, shard_path, write_shard
@@ -45,10 +45,7 @@ def run_participant_level(ctx) -> list[Path]:
     params = reg.resolve_preset(cfg["preset"], cfg["registration_overrides"])
     for record in ctx.records:  # fail fast, before any subject is processed
         if record.t1w is None:
-            raise MissingInputError(
-                f"{record.key}: no T1w image found (expected {record.key.split('_')[0]}/"
-                f"{'ses-' + record.session + '/' if record.session else ''}anat/{record.key}_T1w.nii.gz); "
-                "add it or leave the subject out of --participant-label")
+            raise missing_t1w_error(record.key)
     derivatives.init_output_dir(ctx.output_dir, ctx.bids_dir)
     template = resolve_template(ctx, params)
     ctx.logger.info("template: %s (space-%s, hash %s); preset %s",
