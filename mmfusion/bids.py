@@ -50,7 +50,7 @@ class SubjectRecord:
 import json
 import re
 
-from mmfusion.errors import (InputDataError, MissingInputError, NoFilesSelectedError,
+from mmfusion.errors import (MissingInputError, NoFilesSelectedError,
                              UsageError, ValidationError)
 from mmfusion.runlog import get_logger
 
@@ -344,18 +344,6 @@ def _apply_name_filters(files: list[str], query: dict) -> list[str]:
         short = _ENTITY_KEYS.get(entity, entity)
         out = [f for f in out if f"_{short}-{value}_" in Path(f).name]
     return out
-
-
-def require_modalities(records: list[SubjectRecord], modalities: list[str]) -> None:
-    """Raise MissingInputError listing each subject that lacks one of ``modalities``.
-
-    ``modalities`` uses input names: 't1w', 'fa', 'ndi'.
-    """
-    problems = [f"{r.key}: no {m.upper()} (expected {r.missing[m]})"
-                for r in records for m in modalities if m in r.missing]
-    if problems:
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise MissingInputError("; ".join(problems[:5]) + more)
 
 
 def check_is_bids(bids_dir: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mmfusion import __version__
 from mmfusion.bids import MODALITIES
-from mmfusion.errors import (EXIT_CODES, BrokenInstallError, MmfusionError, NotImplementedLevelError,
+from mmfusion.errors import (BrokenInstallError, MmfusionError, NotImplementedLevelError,
                              OutputError, UnknownLevelError, UsageError)
 
 LEVELS = ("template", "participant", "group")

@@ -106,8 +106,3 @@ def config_hash(cfg: dict, sections: list[str] | None = None) -> str:
     part = cfg if sections is None else {s: cfg[s] for s in sections}
     blob = json.dumps(part, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def dump_config(cfg: dict) -> str:
-    """The config as YAML text (for provenance and ``--config`` templates)."""
-    return yaml.safe_dump(cfg, sort_keys=True)

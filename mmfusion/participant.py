@@ -19,7 +19,6 @@ import numpy as np
 from mmfusion import __version__, derivatives, qc
 from mmfusion.atomic import atomic_path
 from mmfusion.config import config_hash
-from mmfusion.errors import StaleOutputError
 from mmfusion.images import load_subject_inputs, missing_t1w_error
 from mmfusion.provenance import reuse_existing, sha256_file
 from mmfusion.runlog import get_logger, progress

@@ -29,7 +29,6 @@ Outputs written by :func:`write_outputs` into ``group/strata/``:
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -628,11 +627,6 @@ def plot_grid(grid: pd.DataFrame, best: dict, path: Path) -> Path:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
-
-
-def read_selection(path: Path) -> dict:
-    """Read ``ap_selection.json`` back (for the report)."""
-    return json.loads(Path(path).read_text())
 
 
 def sklearn_reference_labels(X, damping, preference, seed, max_iter=1000, convergence_iter=15):

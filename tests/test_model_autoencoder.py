@@ -12,7 +12,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from mmfusion.config import default_config
 from mmfusion.errors import ConfigError

@@ -273,7 +273,3 @@ def _up_to_date(ctx, paths: dict, chosen: list) -> bool:
     return reuse_existing(paths["t1w"], recorded, expected, ctx.force,
                           "rerun with --force to rebuild it (then also rerun the participant level with "
                           "--force), or use a new output_dir")
-
-
-def describe(info: TemplateInfo) -> str:
-    return json.dumps(info.as_dict())
