@@ -1,4 +1,4 @@
-"""Calibration machinery of bench/bench_fdr_calibration.py on a few small datasets.
+"""Calibration machinery of bench/bench_fdr_calibration.py (mmfusion.analysis) on a few small datasets.
 
 The bench runs the production path (prepare_variables + factor_analysis + run_stats +
 match_factors) over many simulated datasets; here a handful checks that the bookkeeping
@@ -7,23 +7,17 @@ attributed to the planted latent factors, and labels unrelated to the strata giv
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from mmfusion import analysis
 from mmfusion.config import default_config
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_fdr_calibration.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_fdr_calibration", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The calibration helpers the bench uses (in mmfusion.analysis)."""
+    return analysis
 
 
 @pytest.fixture(scope="module")
