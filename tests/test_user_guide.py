@@ -210,3 +210,22 @@ def test_method_has_the_numbered_sections_code_points_at():
                    "4-cross-validation-and-metrics", "5-embeddings", "6-clustering",
                    "7-phenotypes-and-statistics", "8-deviations", "9-known-shortfalls"):
         assert anchor in headings, f"docs/method.md lost its section #{anchor}"
+
+
+# ------------------------------------------------------------ the maintainers' map
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+
+
+def test_architecture_names_only_what_exists():
+    """docs/architecture.md describes the current layout: every repository path it names
+    exists, and every Python name it names is defined in the package."""
+    spans = CODE_SPAN.findall((DOCS / "architecture.md").read_text())
+    paths = [s for s in spans if re.fullmatch(r"(mmfusion|bench|tests|docs|scripts)/[\w/.<>-]*", s)]
+    assert len(paths) > 20, "docs/architecture.md names too few modules: was it rewritten?"
+    missing = [p for p in paths if "<" not in p and not (REPO / p).exists()]
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
+    source = "\n".join(p.read_text() for p in (REPO / "mmfusion").rglob("*.py"))
+    names = {s for s in spans if re.fullmatch(r"[A-Za-z_]\w*", s)}
+    undefined = sorted(n for n in names
+                       if not re.search(rf"^\s*(def|class)\s+{n}\b|^\s*{n}\s*(:[^=\n]*)?=", source, re.M))
+    assert not undefined, f"docs/architecture.md names what the package does not define: {undefined}"
