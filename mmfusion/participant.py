@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ants
@@ -30,6 +31,18 @@ from mmfusion.spatial.template import TemplateInfo, resolve_template
 log = get_logger(__name__)
 
 MAP_MODALITIES = ("fa", "ndi")
+
+
+@dataclass
+class GridImages:
+    """One subject's images resampled to the output grid (what the shard and the
+    derivatives hold). Arrays are (X, Y, Z)."""
+
+    images: dict[str, np.ndarray]  # 't1', 'jac' and the maps present, float32 (the shard's images)
+    template: np.ndarray           # the template on the grid, float32 (QC only)
+    mask: np.ndarray               # template brain mask, uint8
+    affine: np.ndarray             # (4, 4) RAS affine of the grid
+    grid: ants.ANTsImage           # the grid as an ANTs image, the reference for writing NIfTIs
 
 
 def spatial_hash(config: dict) -> str:
@@ -94,8 +107,7 @@ def process_subject(ctx, record, template: TemplateInfo, params: dict) -> Path:
     grids_qc = {**qc_counts, "similarity_t1_template": outputs["similarity"],
                 "template_space": template.space}
     shard = Shard(record.subject, record.session,
-                  images={m: grids[m] for m in ("t1", "jac", *maps.keys())},
-                  mask=grids["mask"].astype(np.uint8), affine=grids["affine"],
+                  images=dict(grids.images), mask=grids.mask.astype(np.uint8), affine=grids.affine,
                   meta={"mmfusion_version": __version__, "config_hash": expected["config_hash"],
                         "template_hash": template.hash, "template_source": template.source,
                         "preset": cfg["preset"], "jac_kind": "log",
@@ -105,11 +117,11 @@ def process_subject(ctx, record, template: TemplateInfo, params: dict) -> Path:
     return shard_file
 
 
-def _register_and_resample(cfg, t1_nii, maps, template: TemplateInfo, params, workdir: Path):
+def _register_and_resample(cfg, t1_nii, maps, template: TemplateInfo, params,
+                           workdir: Path) -> tuple[GridImages, dict, reg.RegistrationResult]:
     """N4, register, log-JAC, warp maps, resample to the output grid.
 
-    Returns ({'t1','jac','fa','ndi','mask','template': float32 (X, Y, Z), 'affine': (4, 4)},
-    timings, registration result).
+    Returns (:class:`GridImages`, timings, registration result).
     """
     timings = {}
     t0 = time.perf_counter()
@@ -126,14 +138,13 @@ def _register_and_resample(cfg, t1_nii, maps, template: TemplateInfo, params, wo
     timings["jac_and_warp_maps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     grid = output_grid(template.image, float(cfg["grid_voxel_size"]), cfg["grid_shape"])
-    grids = {m: to_grid(img, grid).numpy().astype(np.float32) for m, img in in_template.items()}
-    grids["template"] = to_grid(template.image, grid).numpy().astype(np.float32)
-    grids["mask"] = (to_grid(template.mask, grid, "nearestNeighbor").numpy() > 0.5).astype(np.uint8)
+    images = {m: to_grid(img, grid).numpy().astype(np.float32) for m, img in in_template.items()}
+    tpl = to_grid(template.image, grid).numpy().astype(np.float32)
+    mask = (to_grid(template.mask, grid, "nearestNeighbor").numpy() > 0.5).astype(np.uint8)
     for m in MAP_MODALITIES:
-        if m in grids:
-            grids[m] = np.nan_to_num(grids[m], nan=0.0, posinf=0.0, neginf=0.0)
-    grids["affine"] = ras_affine(grid)
-    grids["_grid"] = grid
+        if m in images:
+            images[m] = np.nan_to_num(images[m], nan=0.0, posinf=0.0, neginf=0.0)
+    grids = GridImages(images, tpl, mask, ras_affine(grid), grid)
     timings["resample"] = time.perf_counter() - t0
     return grids, {k: round(v, 2) for k, v in timings.items()}, result
 
@@ -143,20 +154,20 @@ def _write_nifti(path: Path, grid: ants.ANTsImage, arr: np.ndarray) -> None:
         ants.image_write(grid.new_image_like(arr.astype(np.float32)), str(tmp))
 
 
-def _write_derivatives(ctx, record, template: TemplateInfo, grids, reg_out, inputs, timings) -> dict:
+def _write_derivatives(ctx, record, template: TemplateInfo, grids: GridImages, reg_out, inputs, timings) -> dict:
     """NIfTIs + sidecars + transforms + QC figure + HTML. Returns {'similarity': r}."""
     cfg = ctx.config["spatial"]
     out_dir, sub, ses = ctx.output_dir, record.subject, record.session
     vox = float(cfg["grid_voxel_size"])
-    grid = grids["_grid"]
     sources = {m: derivatives.bids_uri(p, ctx.bids_dir) for m, p in inputs.items()}
     t1_src = [sources["t1w"]]
     written = {}
+    arrays = {**grids.images, "mask": grids.mask}
     for m in ("t1", "jac", "fa", "ndi", "mask"):
-        if m not in grids:
+        if m not in arrays:
             continue
         path = derivatives.modality_path(out_dir, sub, ses, m, template.space, vox)
-        _write_nifti(path, grid, grids[m])
+        _write_nifti(path, grids.grid, arrays[m])
         src = t1_src + ([sources[m]] if m in MAP_MODALITIES else [])
         derivatives.write_sidecar(path, m, src, template.as_dict(),
                                   {"Preset": cfg["preset"], "VoxelSizeMM": vox} if m != "mask" else None)
@@ -166,9 +177,9 @@ def _write_derivatives(ctx, record, template: TemplateInfo, grids, reg_out, inpu
             src = reg_out.affine if kind == "affine" else reg_out.warp
             with atomic_path(dst) as tmp:
                 shutil.copyfile(src, tmp)
-    similarity = qc.similarity(grids["t1"], grids["template"], grids["mask"])
+    similarity = qc.similarity(grids.images["t1"], grids.template, grids.mask)
     fig = derivatives.figure_path(out_dir, sub, ses)
-    qc.registration_figure(fig, grids["t1"], grids["template"], grids["jac"], grids["mask"],
+    qc.registration_figure(fig, grids.images["t1"], grids.template, grids.images["jac"], grids.mask,
                            f"{record.key}  template: {template.source} (space-{template.space})  r(T1w, template) = {similarity:.3f}")
     meta = {"subject": sub, "session": ses or "(none)", "template": template.as_dict(), "preset": cfg["preset"],
             "similarity (Pearson r, warped T1w vs template, in mask)": f"{similarity:.4f}",
