@@ -256,28 +256,13 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
     results equal a fresh model's while Keras traces the train step only once (the
     trace of the full model costs minutes; it would otherwise recur per fold).
     """
-    from mmfusion.model.autoencoder import compile_autoencoder
-
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     epochs, patience = int(train_cfg["epochs"]), int(train_cfg["early_stopping_patience"])
     strategy = distribution_strategy()  # first: a multi-worker strategy must precede other TF ops
     state = _read_state(ckpt_dir, run_hash, resume)
     set_determinism(seed)
-    _set_precision(bool(train_cfg["mixed_precision"]))
-    with strategy.scope():
-        model = build()
-        compile_autoencoder(model, float(train_cfg["learning_rate"]))
-        model.optimizer.build(model.trainable_variables)
-        if cache is not None:
-            cached = cache.setdefault(cache_key, model)
-            if cached is not model:
-                for dst, src in zip(_all_variables(cached), _all_variables(model)):
-                    dst.assign(src)
-                model = cached
-        if state is not None:
-            with np.load(ckpt_dir / "variables.npz") as arrays:
-                _assign(_all_variables(model), arrays)
-    _set_precision(False)
+    model = _compiled_model(build, train_cfg, strategy, cache, cache_key,
+                            ckpt_dir / "variables.npz" if state is not None else None)
     history = list(state["history"]) if state else []
     if state and (state["done"] or state.get("stopped_early")):
         log.info("%s: already trained (%d epochs), loaded from %s", label, state["epoch"], ckpt_dir)
@@ -289,16 +274,7 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
     ckpt = _Checkpointer(ckpt_dir, label, run_hash, epochs, patience, monitor, history,
                          float(state["best"]) if state else float("inf"),
                          int(state["wait"]) if state else 0, stop_after_epochs)
-    batch = int(train_cfg["batch_size"])
-    n_batches = -(-len(data.train) // batch)
-    orders = shard_data.epoch_orders(len(data.train), epochs, seed)[start:]
-    if len(orders):
-        train_ds = shard_data.make_dataset(data.train, data.modalities, data.normalizer, data.shape, batch, orders)
-        val_ds = (shard_data.make_dataset(data.val, data.modalities, data.normalizer, data.shape, batch)
-                  if data.val else None)
-        model.fit(train_ds, epochs=epochs, initial_epoch=start, steps_per_epoch=n_batches,
-                  validation_data=val_ds, validation_steps=-(-len(data.val) // batch) if data.val else None,
-                  callbacks=[ckpt.callback], shuffle=False, verbose=0)
+    _train_epochs(model, data, int(train_cfg["batch_size"]), epochs, start, seed, ckpt)
     complete = len(history) >= epochs or ckpt.stopped_early
     if ckpt.stopped_early:
         log.info("%s: early stopping after epoch %d; restoring the best weights", label, len(history))
@@ -306,6 +282,47 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
             _assign(model.variables, arrays)
     ckpt.write_state(done=complete)
     return FitResult(model, history, ckpt.stopped_early, complete)
+
+
+def _compiled_model(build: Callable[[], object], train_cfg: dict, strategy, cache: dict | None,
+                    cache_key: str, variables: Path | None):
+    """Build and compile the model inside ``strategy`` (the cached compiled model, given the
+    fresh one's initial variables, when ``cache`` holds one for ``cache_key``), then load
+    the checkpointed ``variables`` (npz) when resuming."""
+    from mmfusion.model.autoencoder import compile_autoencoder
+
+    _set_precision(bool(train_cfg["mixed_precision"]))
+    with strategy.scope():
+        model = build()
+        compile_autoencoder(model, float(train_cfg["learning_rate"]))
+        model.optimizer.build(model.trainable_variables)
+        if cache is not None:
+            cached = cache.setdefault(cache_key, model)
+            if cached is not model:
+                for dst, src in zip(_all_variables(cached), _all_variables(model)):
+                    dst.assign(src)
+                model = cached
+        if variables is not None:
+            with np.load(variables) as arrays:
+                _assign(_all_variables(model), arrays)
+    _set_precision(False)
+    return model
+
+
+def _train_epochs(model, data: TrainingData, batch: int, epochs: int, start: int, seed: int,
+                  ckpt: _Checkpointer) -> None:
+    """Epochs ``start`` .. ``epochs`` - 1 of ``model.fit``, each in its seeded subject order;
+    ``ckpt.callback`` checkpoints every epoch (and may stop early)."""
+    n_batches = -(-len(data.train) // batch)
+    orders = shard_data.epoch_orders(len(data.train), epochs, seed)[start:]
+    if not len(orders):
+        return
+    train_ds = shard_data.make_dataset(data.train, data.modalities, data.normalizer, data.shape, batch, orders)
+    val_ds = (shard_data.make_dataset(data.val, data.modalities, data.normalizer, data.shape, batch)
+              if data.val else None)
+    model.fit(train_ds, epochs=epochs, initial_epoch=start, steps_per_epoch=n_batches,
+              validation_data=val_ds, validation_steps=-(-len(data.val) // batch) if data.val else None,
+              callbacks=[ckpt.callback], shuffle=False, verbose=0)
 
 
 # ------------------------------------------------------------------------ evaluation
