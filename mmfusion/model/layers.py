@@ -1,8 +1,9 @@
 """Fast depthwise and depthwise-separable 3D convolutions (Keras 3 layers).
 
 Keras 3 has no ``SeparableConv3D`` and ``Conv3D(groups=C)`` on the TensorFlow backend
-runs through XLA on CPU, ~36x slower than a dense ``Conv3D`` with C times the FLOPs
-(docs/method.md#separable-convolutions). This module computes the depthwise 3D convolution in one of
+runs through XLA on CPU, far slower than a dense ``Conv3D`` with C times the FLOPs
+(docs/method.md#separable-convolutions; measured: docs/performance.md, "Separable
+convolution layers"). This module computes the depthwise 3D convolution in one of
 four mathematically identical ways, all reading the SAME weights
 (``depthwise_kernel`` ``(kd, kh, kw, C, depth_multiplier)``; SeparableConv3D adds
 ``pointwise_kernel`` ``(1, 1, 1, C*m, filters)``), so the choice never changes a saved
@@ -43,7 +44,7 @@ model:
 
 ``implementation="auto"`` (default) picks per call from the static input shape with
 :func:`choose_implementation`, a heuristic fitted to measurements on a 2-core CPU
-(``bench/bench_layers.py``; numbers in its docstring). Pass an explicit
+(``bench/bench_layers.py``; its numbers are in docs/performance.md). Pass an explicit
 ``implementation=`` to override.
 
 Only stride 1 is supported (the paper uses stride 1 everywhere); padding is
@@ -106,24 +107,21 @@ def choose_implementation(input_shape, kernel_size, depth_multiplier: int = 1,
 
     Returns:
         On CPU with the TensorFlow backend and float32: ``"numba"``. Why: on a 2-core
-        AVX-512 CPU (TF 2.21, shared, load 8-11) the forward + backward of a
-        SeparableConv3D with it was 1.5-3.6x faster than with the folded dense
-        conv3d at every shape of the paper model (``bench/bench_layers.py``; e.g.
-        128x128x96, C = 4: 0.150 vs 0.267 s; C = 2: 0.100 vs 0.151 s; 8x8x6, C = 64:
-        faster than "sliced" too), because it computes only the depthwise FLOPs; one
-        training step of the paper model: 0.72x the dense model's (fold: 0.99x).
+        CPU the forward + backward of a SeparableConv3D with it was faster than with
+        the folded dense conv3d at every shape of the paper model, because it
+        computes only the depthwise FLOPs (``bench/bench_layers.py``).
         Otherwise (GPU, other backends, mixed precision): ``"dense"`` when
         :func:`dense_flop_factor` < :data:`DENSE_MAX_FLOP_FACTOR`, else ``"sliced"``
         (``"grouped"`` on a non-TensorFlow backend). Why: on the same CPU, forward +
         backward of the folded dense conv3d was as fast as or faster than the sliced
         depthwise path up to C = 32 despite its C-fold FLOPs (TF's depthwise kernels
-        reach a small fraction of oneDNN's dense throughput), and slower at C = 64
-        (factor 45). The same rule holds on GPU: on an NVIDIA H200 (Keras 3.15 on the
-        JAX backend, cuDNN; ``bench/bench_gpu_throughput.py --layers``,
-        ``bench/results/gpu_h200_jax.txt``) the folded dense path was faster than the
-        grouped one at every paper shape (5.6 vs 23.2 ms at 128x128x96x2) except
-        16x16x12x32 (2.4 vs 2.2 ms). The grid size does not enter. "sliced" and
-        "numba" are TensorFlow-only.
+        reach a small fraction of oneDNN's dense throughput), and slower at C = 64.
+        The same rule holds on GPU: on an NVIDIA H200 the folded dense path was faster
+        than the grouped one at every paper shape except 16x16x12x32
+        (``bench/bench_gpu_throughput.py --layers``). The grid size does not enter.
+        "sliced" and "numba" are TensorFlow-only. The measurements: docs/performance.md
+        ("Separable convolution layers", "Earlier layer measurements", "GPU training
+        throughput").
     """
     if device == "cpu" and _numba_usable(dtype):
         return "numba"

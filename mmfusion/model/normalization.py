@@ -2,18 +2,17 @@
 
 Keras 3's :class:`keras.layers.BatchNormalization` computes the batch statistics and the
 normalization with separate element-wise ops (mean, squared difference, mean, multiply,
-add) and differentiates through all of them: on CPU at 128x128x96x4 that is ~27 ms per
-forward+backward, and the float32 gradient of ``gamma`` loses most of its digits to
-cancellation (sum over 1.6 M voxels). TensorFlow's ``FusedBatchNormV3`` does the same
-computation in one forward and one backward kernel (oneDNN on CPU, cuDNN on GPU) — ~10 ms
-at that shape and a more accurate ``gamma`` gradient — but only for 4D tensors on
-oneDNN. A 5D tensor (B, d1, d2, d3, C) is reshaped, without a copy, to the 4D
+add) and differentiates through all of them, and the float32 gradient of ``gamma``
+loses most of its digits to cancellation (sum over 1.6 M voxels at 128x128x96).
+TensorFlow's ``FusedBatchNormV3`` does the same computation in one forward and one
+backward kernel (oneDNN on CPU, cuDNN on GPU), faster and with a more accurate ``gamma``
+gradient, but only for 4D tensors on oneDNN. A 5D tensor (B, d1, d2, d3, C) is reshaped, without a copy, to the 4D
 (B, d1*d2, d3, C): the statistics are over every axis but C in both, so the result is the
 same. ``bench/bench_batchnorm.py`` prints both timings side by side at every shape of
-the paper model: the fused kernel wins from 4 channels and 65536 values per sample
-(2.9x at 128x128x96x4, 2.4x at 64x64x48x4, 1.3x at 16x16x12x32) and loses below
-(0.8x at 128x128x96x2: oneDNN pads the channels to its vector width; 0.5x on the
-smallest grids: fixed per-call cost), so it is used only there.
+the paper model: the fused kernel wins from 4 channels and 65536 values per sample and
+loses below (oneDNN pads the channels to its vector width; on the smallest grids the
+fixed per-call cost dominates), so it is used only there (numbers: docs/performance.md,
+"Fused BatchNorm").
 
 :class:`BatchNorm3D` is a ``keras.layers.BatchNormalization`` (same weights, same
 config, same inference path, same moving-average update with the biased batch variance);
