@@ -9,7 +9,7 @@
 # nothing installed on this machine leaks in, freezes that environment, and adds the CUDA
 # wheels that `tensorflow[and-cuda]` brings into the images (resolved with `pip install
 # --dry-run`, nothing downloaded beyond metadata). Linux x86-64, Python 3.11, like the images.
-# The lock is written under a temporary name and renamed, and only after the suite passed.
+# The lock is written under a temporary name and renamed; if the suite fails, the old one is put back.
 # Say in CHANGELOG.md what changed (git diff requirements.lock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,9 +47,16 @@ PY
     echo "# and the packaging tools pip freeze leaves out"
     sort -f "$tmp/cuda.txt"
 } > "$tmp/requirements.lock"
-if [ "$run_tests" = 1 ]; then
-    echo "== test suite with the new set"
-    "$tmp/venv/bin/python" -m pytest -q tests
-fi
+# In place under a temporary name, then renamed; the old lock is kept until the suite passed.
+cp requirements.lock "$tmp/previous.lock" 2>/dev/null || true
 mv "$tmp/requirements.lock" requirements.lock.tmp && mv requirements.lock.tmp requirements.lock
+if [ "$run_tests" = 1 ]; then
+    echo "== test suite with the new set (the venv reinstalled from it, as README command 2 does)"
+    "$tmp/venv/bin/python" -m pip install -q -c requirements.lock -e ".[test]"
+    if ! (PATH="$tmp/venv/bin:$PATH" "$tmp/venv/bin/python" -m pytest -q tests); then
+        [ -f "$tmp/previous.lock" ] && cp "$tmp/previous.lock" requirements.lock
+        echo "refresh_lock.sh: the suite failed with the new set; requirements.lock left as it was" >&2
+        exit 1
+    fi
+fi
 echo "requirements.lock written ($(grep -c '==' requirements.lock) pins); review: git diff requirements.lock"
