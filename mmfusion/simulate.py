@@ -10,6 +10,7 @@ offline) deformed by a smooth diffeomorphism, plus realistic nuisances. The layo
         sub-XX[_ses-Y]_space-T1w_model-tensor_param-fa_dwimap.nii.gz
         sub-XX[_ses-Y]_space-T1w_model-noddi_param-icvf_dwimap.nii.gz
     OUT/sourcedata/ground_truth/strata.tsv, latent_factors.tsv, planted.json,
+        sites.tsv (only with --n-sites > 1),
         template_T1w.nii.gz, template_mask.nii.gz,
         sub-XX_space-template_desc-true_logjac.nii.gz,
         sub-XX_space-template_desc-true_{fa,ndi}.nii.gz (before the warp and the noise)
@@ -66,7 +67,13 @@ STRATUM_WEIGHT_SD = 0.15  # subject-to-subject variation of the stratum effect s
 # regional multiplicative field.
 MAP_SCALE_SD, MAP_FIELD_SIGMA_MM, MAP_FIELD_SD = 0.015, 15.0, 0.04
 
-DESIGN, PHENO, TEXTURE, SUBJECTS = range(4)
+DESIGN, PHENO, TEXTURE, SUBJECTS, SITES = range(5)
+# Scanner (site) effects with --n-sites N > 1: site k (1..N) multiplies the T1w intensities
+# by 1 + SITE_T1W_OFFSET * o_k and the NDI by 1 + SITE_NDI_OFFSET * o_k, with o_k evenly
+# spaced in [-1, 1] (site1 -1, siteN +1). FA is left alone.
+SITE_T1W_OFFSET, SITE_NDI_OFFSET = 0.10, 0.05
+SITE_VENDORS = ("mmfusion simulate A", "mmfusion simulate B", "mmfusion simulate C")
+DEFAULT_SIDECAR = {"Manufacturer": "mmfusion simulate", "MagneticFieldStrength": 3}
 
 
 # --------------------------------------------------------------------------- template
@@ -578,12 +585,13 @@ def bias_field(rng, grid: TemplateGrid, strength: float) -> np.ndarray:
 
 
 def render_session(rng, grid: TemplateGrid, t1_coeffs: np.ndarray, maps: dict, coords: np.ndarray,
-                   *, bias: bool, noise: bool, affine: bool) -> SubjectImages:
+                   *, bias: bool, noise: bool, affine: bool, site: Site | None = None) -> SubjectImages:
     """Sample the (deformed) template at ``coords`` and add the acquisition nuisances.
 
     ``coords``: (3, X, Y, Z) template voxel coordinates of phi(y) for each subject voxel;
     ``t1_coeffs``: cubic-spline coefficients of the template T1; ``maps``: this subject's
-    FA/NDI on the template grid.
+    FA/NDI on the template grid; ``site``: its scanner gains (T1w, NDI) are applied
+    before the noise (None: no site effect). Draws nothing from ``rng`` for the site.
     """
     from scipy import ndimage
 
@@ -597,6 +605,9 @@ def render_session(rng, grid: TemplateGrid, t1_coeffs: np.ndarray, maps: dict, c
         gain = float(rng.uniform(0.9, 1.1))
         t1 = t1 * bias_field(rng, grid, strength) * gain
         info.update(bias_field_max_log=round(strength, 4), gain=round(gain, 4))
+    if site is not None:
+        t1 = t1 * site.t1w_gain
+        out["ndi"] = out["ndi"] * site.ndi_gain
     if noise:
         sigma = 0.025 * T1_SCALE
         t1 = np.sqrt((t1 + sigma * rng.standard_normal(t1.shape)) ** 2
@@ -678,27 +689,36 @@ def _description(name: str, dataset_type: str, generated_by: dict) -> dict:
             "License": "CC0", "Authors": ["mmfusion developers", "mmfusion simulate"], "GeneratedBy": [generated_by]}
 
 
-def _write_metadata(root: Path, labels, pheno: PhenotypeSample, opts: dict) -> None:
+def _write_metadata(root: Path, labels, pheno: PhenotypeSample, opts: dict, site_of=None) -> None:
     generated = {"Name": "mmfusion simulate", "Version": __version__,
                  "Description": f"synthetic dataset, seed {opts['seed']}"}
     write_json(root / "dataset_description.json",
                 _description("mmfusion synthetic dataset", "raw", generated))
     extras = ", ".join(x for x, on in (("bias field", opts["bias_field"]), ("Rician noise", opts["noise"]),
                                        ("random rigid header transform", opts["random_affine"])) if on)
-    write_text(root / "README", README.format(
-        version=__version__, seed=opts["seed"], n=len(labels), k=opts["n_strata"],
-        vs=opts["voxel_size"], extras=f", with {extras}" if extras else ""))
+    readme = README.format(version=__version__, seed=opts["seed"], n=len(labels), k=opts["n_strata"],
+                           vs=opts["voxel_size"], extras=f", with {extras}" if extras else "")
+    if opts.get("n_sites", 1) > 1:
+        how = "site = stratum" if opts["site_follows_stratum"] else "assigned at random"
+        readme += (f"\nSubjects come from {opts['n_sites']} simulated sites ({how}; `site` in "
+                   "participants.tsv), each with a scanner effect on T1w and NDI intensities.\n")
+    write_text(root / "README", readme)
     ids = [f"sub-{lab}" for lab in labels]
-    _write_tsv(root / "participants.tsv", pd.concat(
-        [pd.DataFrame({"participant_id": ids}), pheno.participants], axis=1), {"bmi": 1})
-    write_json(root / "participants.json", {
+    participants = pd.concat([pd.DataFrame({"participant_id": ids}), pheno.participants], axis=1)
+    sidecar = {
         "participant_id": {"Description": "Unique participant identifier"},
         "age": {"Description": "Age at the first scan", "Units": "year"},
         "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female"}},
         "handedness": {"Description": "Handedness",
                        "Levels": {"R": "right", "L": "left", "A": "ambidextrous"}},
         "bmi": {"Description": "Body mass index", "Units": "kg/m^2"},
-    })
+    }
+    if site_of is not None:  # only with more than one site
+        participants["site"] = [f"site{k}" for k in site_of]
+        sidecar["site"] = {"Description": "Acquisition site (scanner) of all the participant's sessions",
+                           "Levels": {f"site{k}": f"simulated site {k}" for k in sorted(set(site_of))}}
+    _write_tsv(root / "participants.tsv", participants, {"bmi": 1})
+    write_json(root / "participants.json", sidecar)
     decimals = {v[0]: v[7] for v in VARIABLES}
     meta = {v[0]: v for v in VARIABLES}
     for table, df in pheno.tables.items():
@@ -722,9 +742,50 @@ def _write_metadata(root: Path, labels, pheno: PhenotypeSample, opts: dict) -> N
     write_text(deriv / ".bidsignore", "*_dwimap.nii.gz\n")
 
 
-def _check_options(n_subjects, n_strata, voxel_size, sessions) -> None:
+@dataclass(frozen=True)
+class Site:
+    """One simulated site: its label, scanner gains (dimensionless) and T1w sidecar fields."""
+
+    label: str
+    t1w_gain: float
+    ndi_gain: float
+    sidecar: dict
+
+    def as_dict(self) -> dict:
+        return {"t1w_gain": self.t1w_gain, "ndi_gain": self.ndi_gain, "sidecar": self.sidecar}
+
+
+def plan_sites(n_sites: int) -> list[Site]:
+    """The ``n_sites`` (> 1) sites ``site1..siteN`` with their scanner effects (deterministic)."""
+    offsets = np.linspace(-1.0, 1.0, n_sites)
+    return [Site(label=f"site{k + 1}", t1w_gain=round(1.0 + SITE_T1W_OFFSET * float(o), 6),
+                 ndi_gain=round(1.0 + SITE_NDI_OFFSET * float(o), 6),
+                 sidecar={"Manufacturer": SITE_VENDORS[k % len(SITE_VENDORS)],
+                          "ManufacturersModelName": f"Virtual Scanner {k + 1}",
+                          "StationName": f"site{k + 1}", "MagneticFieldStrength": 3})
+            for k, o in enumerate(offsets)]
+
+
+def assign_sites(rng, strata: np.ndarray, n_sites: int, follows_stratum: bool) -> np.ndarray:
+    """(n,) int site per subject, 1..``n_sites``.
+
+    At random in near-equal numbers (``rng``: the SITES stream), or, with
+    ``follows_stratum``, site = ((stratum - 1) mod n_sites) + 1 (site k holds stratum k).
+    """
+    strata = np.asarray(strata)
+    if follows_stratum:
+        return (strata - 1) % n_sites + 1
+    return rng.permutation(np.arange(len(strata)) % n_sites + 1)
+
+
+def _check_options(n_subjects, n_strata, voxel_size, sessions, n_sites=1, site_follows_stratum=False) -> None:
     if n_strata < 1 or n_subjects < n_strata:
         raise UsageError(f"need n_subjects >= n_strata >= 1 (got {n_subjects} subjects, {n_strata} strata)")
+    if not 1 <= n_sites <= n_subjects:
+        raise UsageError(f"--n-sites must be between 1 and --n-subjects ({n_subjects}) (got {n_sites})")
+    if site_follows_stratum and not 2 <= n_sites <= n_strata:
+        raise UsageError(f"--site-follows-stratum needs 2 <= --n-sites <= --n-strata "
+                         f"(got {n_sites} sites, {n_strata} strata)")
     if not 0.5 <= voxel_size <= 8.0:
         raise UsageError(f"--voxel-size must be between 0.5 and 8 mm (got {voxel_size})")
     if sessions < 1:
@@ -741,25 +802,36 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_size: float = 1.25,
                      seed: int = 0, bias_field: bool = True, noise: bool = True,
                      random_affine: bool = True, sessions: int = 1, null_phenotypes: bool = False,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, n_sites: int = 1, site_follows_stratum: bool = False) -> Path:
     """Write a complete synthetic BIDS dataset to ``out_dir`` (atomically) and return it.
 
-    Subjects are assigned to strata 1..``n_strata`` in near-equal numbers. Same
-    arguments (seed included) give identical files. Raises ``OutputError`` (exit 73)
-    if ``out_dir`` is not empty and ``overwrite`` is False.
+    Subjects are assigned to strata 1..``n_strata`` in near-equal numbers. With
+    ``n_sites`` > 1 they are also assigned to sites ``site1..siteN`` (at random in
+    near-equal numbers, or site = stratum mod N with ``site_follows_stratum``, which
+    needs 2 <= N <= n_strata), each with a scanner effect (T1w and NDI gains, see
+    :func:`plan_sites`) and its own T1w sidecar fields; ``n_sites == 1`` writes exactly
+    the files of a run without sites. Same arguments (seed included) give identical
+    files. Raises ``UsageError`` (exit 64) for impossible options and ``OutputError``
+    (exit 73) if ``out_dir`` is not empty and ``overwrite`` is False.
     """
     out_dir = Path(out_dir)
-    _check_options(n_subjects, n_strata, voxel_size, sessions)
+    _check_options(n_subjects, n_strata, voxel_size, sessions, n_sites, site_follows_stratum)
     _check_out_dir(out_dir, overwrite)
     opts = dict(n_subjects=n_subjects, n_strata=n_strata, voxel_size=voxel_size, seed=seed,
                 bias_field=bias_field, noise=noise, random_affine=random_affine, sessions=sessions,
                 null_phenotypes=null_phenotypes)
-    seeds = np.random.SeedSequence(seed).spawn(4)
+    if n_sites > 1:  # only then: a run with one site writes the same planted.json as before sites existed
+        opts.update(n_sites=n_sites, site_follows_stratum=site_follows_stratum)
+    # Children 0-3 of spawn(5) equal those of spawn(4), so the SITES stream leaves the others unchanged.
+    seeds = np.random.SeedSequence(seed).spawn(5)
     design_rng = np.random.default_rng(seeds[DESIGN])
     grid = load_template_grid(float(voxel_size))
     cgrid = control_grid(float(voxel_size))
     regions = plan_regions(design_rng, grid, n_strata)
     strata = design_rng.permutation(np.arange(n_subjects) % n_strata + 1)
+    sites = plan_sites(n_sites) if n_sites > 1 else []
+    site_of = (assign_sites(np.random.default_rng(seeds[SITES]), strata, n_sites, site_follows_stratum)
+               if sites else None)
     pheno = simulate_phenotypes(strata, np.random.default_rng(seeds[PHENO]), null=null_phenotypes)
     base_maps = diffusion_templates(np.random.default_rng(seeds[TEXTURE]), grid, cgrid)
     stratum_maps = {k: {m: base_maps[m] * _gaussian_bumps(regions, m, k, grid) for m in base_maps}
@@ -774,13 +846,14 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
              n_subjects, n_strata, voxel_size, grid.shape, out_dir)
     with atomic_dir(out_dir) as root:
         truth_dir = root / "sourcedata" / "ground_truth"
-        _write_metadata(root, labels, pheno, opts)
+        _write_metadata(root, labels, pheno, opts, site_of)
         subjects_info = {}
         for i in progress(range(n_subjects), "simulate subjects", total=n_subjects, logger=log):
             subjects_info[f"sub-{labels[i]}"] = _simulate_subject(
                 root, labels[i], int(strata[i]), np.random.default_rng(subject_seeds[i]),
-                grid, cgrid, regions, stratum_maps, t1_coeffs, opts)
-        _write_truth(truth_dir, grid, labels, strata, regions, pheno, subjects_info, opts)
+                grid, cgrid, regions, stratum_maps, t1_coeffs, opts,
+                site=sites[site_of[i] - 1] if sites else None)
+        _write_truth(truth_dir, grid, labels, strata, regions, pheno, subjects_info, opts, sites, site_of)
     return out_dir
 
 
@@ -799,8 +872,11 @@ def subject_deformation(rng, stratum: int, regions, grid: TemplateGrid, cgrid: C
 
 
 def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, regions,
-                      stratum_maps, t1_coeffs, opts) -> dict:
-    """Deform, render and write one subject (all sessions); return its truth record."""
+                      stratum_maps, t1_coeffs, opts, site: Site | None = None) -> dict:
+    """Deform, render and write one subject (all sessions); return its truth record.
+
+    ``site``: the subject's site (all its sessions), or None for the one-site default.
+    """
     psi, phi, weight = subject_deformation(rng, stratum, regions, grid, cgrid)
     logjac = log_jacobian(psi, cgrid)
     coords = np.indices(grid.shape, dtype=np.float32) + upsample(phi, cgrid) / grid.voxel_size
@@ -813,15 +889,17 @@ def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, re
     info = {"stratum": stratum, "stratum_weight": round(weight, 4),
             "max_displacement_mm": round(float(disp_mm[cgrid.mask].max()), 3),
             "logjac_sd_in_mask": round(float(logjac[grid.mask].std()), 4), "sessions": {}}
+    if site is not None:
+        info["site"] = site.label
     session_labels = [""] if opts["sessions"] == 1 else [str(s + 1) for s in range(opts["sessions"])]
     for ses in session_labels:
         img = render_session(rng, grid, t1_coeffs, maps, coords, bias=opts["bias_field"],
-                             noise=opts["noise"], affine=opts["random_affine"])
+                             noise=opts["noise"], affine=opts["random_affine"], site=site)
         key = subject_stem(label, ses)
         rel = Path(f"sub-{label}") / (f"ses-{ses}" if ses else "")
         _save_nifti(root / rel / "anat" / f"{key}_T1w.nii.gz", img.t1w, img.affine, dtype=np.int16)
         write_json(root / rel / "anat" / f"{key}_T1w.json",
-                    {"Manufacturer": "mmfusion simulate", "MagneticFieldStrength": 3})
+                    dict(site.sidecar) if site is not None else dict(DEFAULT_SIDECAR))
         dwi = root / "derivatives" / "qsirecon" / rel / "dwi"
         _save_nifti(dwi / f"{key}_space-T1w_model-tensor_param-fa_dwimap.nii.gz", img.fa, img.affine)
         _save_nifti(dwi / f"{key}_space-T1w_model-noddi_param-icvf_dwimap.nii.gz", img.ndi, img.affine)
@@ -829,9 +907,13 @@ def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, re
     return info
 
 
-def _write_truth(truth_dir: Path, grid, labels, strata, regions, pheno, subjects_info, opts) -> None:
+def _write_truth(truth_dir: Path, grid, labels, strata, regions, pheno, subjects_info, opts,
+                 sites=(), site_of=None) -> None:
     ids = [f"sub-{lab}" for lab in labels]
     _write_tsv(truth_dir / "strata.tsv", pd.DataFrame({"participant_id": ids, "stratum": strata}))
+    if sites:
+        _write_tsv(truth_dir / "sites.tsv", pd.DataFrame(
+            {"participant_id": ids, "site": [sites[k - 1].label for k in site_of]}))
     _write_tsv(truth_dir / "latent_factors.tsv",
                pd.concat([pd.DataFrame({"participant_id": ids}), pheno.latent], axis=1),
                {f: 4 for f in FACTORS})
@@ -867,6 +949,14 @@ def _write_truth(truth_dir: Path, grid, labels, strata, regions, pheno, subjects
         **pheno.planted,
         "subjects": subjects_info,
     }
+    if sites:
+        planted["sites"] = {
+            "n_sites": len(sites), "follows_stratum": bool(opts["site_follows_stratum"]),
+            "assignment_file": "sites.tsv",
+            "effect": "per site, T1w intensities x t1w_gain and NDI x ndi_gain in the subject images "
+                      "(before the noise); the true maps exclude it (a scanner effect, not biology)",
+            "sites": {s.label: s.as_dict() for s in sites},
+        }
     write_json(truth_dir / "planted.json", planted)
 
 
@@ -884,6 +974,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-noise", dest="noise", action="store_false", help="no image noise")
     p.add_argument("--no-affine", dest="random_affine", action="store_false",
                    help="no random rigid transform in the image headers")
+    p.add_argument("--n-sites", type=int, default=1,
+                   help="number of acquisition sites, each with a scanner effect (default 1: none)")
+    p.add_argument("--site-follows-stratum", action="store_true",
+                   help="site = stratum (mod --n-sites): strata confounded with site; needs 2 <= --n-sites <= --n-strata")
     p.add_argument("--null-phenotypes", action="store_true",
                    help="no phenotype depends on the stratum (to measure false positives)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
@@ -902,7 +996,8 @@ def main(argv: list[str] | None = None) -> int:
         simulate_dataset(args.out_dir, n_subjects=args.n_subjects, n_strata=args.n_strata,
                          voxel_size=args.voxel_size, seed=args.seed, bias_field=args.bias_field,
                          noise=args.noise, random_affine=args.random_affine, sessions=args.sessions,
-                         null_phenotypes=args.null_phenotypes, overwrite=args.overwrite)
+                         null_phenotypes=args.null_phenotypes, overwrite=args.overwrite,
+                         n_sites=args.n_sites, site_follows_stratum=args.site_follows_stratum)
     except MmfusionError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
