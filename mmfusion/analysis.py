@@ -10,6 +10,7 @@ Everything goes to ``ctx.group_dir``::
                         loadings.png, scores.tsv, summary.json
     group/stats/        kruskal_wallis.tsv, profiles.tsv, profiles_median.tsv,
                         profiles.png, distributions.png, permutation_null.png
+    group/baseline/, group/stability/, group/confounds/   :mod:`mmfusion.validity`
     group/ground_truth/ comparison.json, confusion.tsv, factor_match.tsv
                         (only for simulated datasets with sourcedata/ground_truth/)
     group/analysis_summary.json   inputs (with sha256), counts, output paths, caveats
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from mmfusion import phenotypes as ph
-from mmfusion import stats, stratify
+from mmfusion import stats, stratify, validity
 from mmfusion.atomic import atomic_path, write_json
 from mmfusion.errors import InputDataError, MissingInputError
 from mmfusion.provenance import sha256_file
@@ -139,11 +140,16 @@ def run_analysis(ctx, embeddings_tsv: Path, pheno: PhenotypeInput | None = None)
         summary["caveats"].append("several sessions per subject: every session was clustered, the "
                                   "statistics use each subject's first session")
     per_subject = _one_row_per_participant(ids, grid.labels)
+    checks = validity.run_checks(ctx, group, ids, X, grid.labels, n_threads)
+    labelings = checks.pop("labelings")
+    summary.update(checks)
+    others = {name: _one_row_per_participant(ids, lab) for name, lab in labelings.items()
+              if name == "baseline" or name.startswith("fold-") or name.startswith("baseline_fold-")}
 
     pheno = pheno or load_phenotype_input(ctx)
     if pheno.raw is None:
         summary["phenotypes"] = {"status": f"not run: {pheno.skipped}"}
-        return _finish(group, summary, ctx, per_subject)
+        return _finish(group, summary, ctx, per_subject, others=others)
     raw, files = pheno.raw, pheno.files
     summary["inputs"]["phenotypes"] = {str(f): sha256_file(f) for f in files}
     common, counts = _common_subjects(pheno, list(per_subject.index))
@@ -163,13 +169,15 @@ def run_analysis(ctx, embeddings_tsv: Path, pheno: PhenotypeInput | None = None)
     summary["stats"] = {"n_significant": int(result.table["significant"].sum()),
                         "n_perm_significant": int(result.table["perm_significant"].sum()),
                         "n_permutations": int(cfg["stats"]["n_permutations"])}
-    return _finish(group, summary, ctx, per_subject, fa, result)
+    return _finish(group, summary, ctx, per_subject, fa, result, others)
 
 
-def _finish(group: Path, summary: dict, ctx, per_subject: pd.Series, fa=None, result=None) -> dict:
+def _finish(group: Path, summary: dict, ctx, per_subject: pd.Series, fa=None, result=None,
+            others: dict[str, pd.Series] | None = None) -> dict:
     truth = Path(ctx.bids_dir) / "sourcedata" / "ground_truth"
     if (truth / "strata.tsv").is_file():
-        summary["ground_truth"] = compare_ground_truth(truth, per_subject, group / "ground_truth", fa, result)
+        summary["ground_truth"] = compare_ground_truth(truth, per_subject, group / "ground_truth", fa, result,
+                                                       others)
     summary["caveats"] += CAVEATS
     write_json(group / "analysis_summary.json", summary)
     return summary
@@ -183,18 +191,22 @@ CAVEATS = [
     "phenotype differences given the clustering, not the existence of the clusters.",
     "Factor scores come from a PCA with varimax rotation of the available phenotypes; missing "
     "values were handled as stated in the phenotype summary, which changes the scores a little.",
-    "With U-Net skip connections the decoders can bypass the joint embedding: reconstruction "
-    "quality alone does not show that the embedding is informative.",
+    "With U-Net skip connections (model.skip_connections: true, the paper's model) the decoders "
+    "can bypass the joint embedding: reconstruction quality alone does not show that the "
+    "embedding is informative; compare the strata with the PCA baseline and their stability.",
 ]
 
 
-def compare_ground_truth(truth_dir: Path, clusters: pd.Series, out_dir: Path, fa=None, result=None) -> dict:
+def compare_ground_truth(truth_dir: Path, clusters: pd.Series, out_dir: Path, fa=None, result=None,
+                         others: dict[str, pd.Series] | None = None) -> dict:
     """Compare the clustering (and factors) with a simulator's planted ground truth.
 
     ``truth_dir`` holds strata.tsv (participant_id, stratum), optionally planted.json and
-    latent_factors.tsv. ``clusters``: cluster per participant_id. Writes confusion.tsv
-    (strata x clusters counts), factor_match.tsv (each factor's best-correlated latent
-    factor and whether that one was planted) and comparison.json; returns the dict.
+    latent_factors.tsv. ``clusters``: cluster per participant_id; ``others``: more
+    clusterings by name (the PCA baseline, each fold model), whose ARI vs the planted
+    strata goes to ``adjusted_rand_index_of``. Writes confusion.tsv (strata x clusters
+    counts), factor_match.tsv (each factor's best-correlated latent factor and whether
+    that one was planted) and comparison.json; returns the dict.
     """
     from sklearn.metrics import adjusted_rand_score
 
@@ -210,6 +222,8 @@ def compare_ground_truth(truth_dir: Path, clusters: pd.Series, out_dir: Path, fa
     out["adjusted_rand_index"] = float(adjusted_rand_score(planted_labels, found))
     out["n_planted_strata"] = int(len(np.unique(planted_labels)))
     out["n_clusters"] = int(len(np.unique(found)))
+    out["adjusted_rand_index_of"] = {name: float(adjusted_rand_score(planted_labels, lab.loc[common].to_numpy()))
+                                     for name, lab in (others or {}).items() if pd.Index(common).isin(lab.index).all()}
     confusion = pd.crosstab(pd.Series(planted_labels, name="stratum"), pd.Series(found, name="cluster"))
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "confusion.tsv") as tmp:

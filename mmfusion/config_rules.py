@@ -173,6 +173,10 @@ RULES: dict[str, dict[str, Rule]] = {
         "preference_percentiles": ordered_pair(0, 100),
         "max_iter": count(1),
         "convergence_iter": count(1),
+        "baseline_components": count(1),
+        "subsamples": count(0),
+        "subsample_fraction": number(0, 1, lo_open=True, hi_open=True),
+        "stability_threshold": number(0, 1),
     },
     "training": {
         "epochs": count(1),

@@ -10,10 +10,14 @@ section whose inputs are absent says "not run" instead of failing. Sections:
 3. CV reconstruction metrics (``group/cv/metrics_*.tsv``: median and MAD of every numeric
    column, per modality when there is a ``modality`` column); 4. figures of the model part
    (``group/figures/*.png``: CV box plots, example reconstructions); 5. the AP grid and the
-   chosen clustering (``group/strata/``); 6. cluster sizes; 7. ground truth (simulated
-   data: ARI, confusion table, planted factors; ``group/ground_truth/``); 8. factor
-   loadings (``group/phenotypes/``); 9. statistics (``group/stats/kruskal_wallis.tsv``);
-   10. cluster profiles, distributions and permutation nulls; 11. caveats.
+   chosen clustering (``group/strata/``) with cluster sizes; 6. the PCA baseline
+   (``group/baseline/``); 7. stability (``group/stability/``); 8. confounds
+   (``group/confounds/``); 9. ground truth (simulated data: ARI, confusion table,
+   planted factors; ``group/ground_truth/``); 10. factor loadings
+   (``group/phenotypes/``); 11. statistics (``group/stats/kruskal_wallis.tsv``);
+   12. cluster profiles, distributions and permutation nulls; 13. caveats. The key
+   results above the contents warn in red when the strata are not reproducible or a
+   confound differs between them.
 
 Rendering check (documented, not a test, as it needs a browser): ::
 
@@ -56,6 +60,7 @@ img{max-width:100%;border:1px solid #ddd;margin:0.4em 0}
 code{background:#f4f4f4;padding:0 3px}
 .keyresults{background:#f5f8fc;border:1px solid #b8c8dc;padding:0.2em 1.2em;margin:1em 0}
 .keyresults h2{margin-top:0.5em;border:none}
+.warn{color:#8a1f11;font-weight:600}
 """
 
 
@@ -227,6 +232,74 @@ def _section_truth(out: Path) -> str:
     return "".join(parts)
 
 
+def _fmt(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def _range(d: dict | None) -> str:
+    """'0.812 (0.700-1.000, 3)' from a stability median/min/max/n record."""
+    if not d or d.get("median") is None:
+        return "n/a"
+    return f"{d['median']:.3f} (range {d['min']:.3f} to {d['max']:.3f}, {d['n']} clusterings)"
+
+
+def _section_baseline(out: Path) -> str:
+    d = out / "group" / "baseline"
+    comp = _read_json(d / "comparison.json")
+    if not comp:
+        return _not_run("no group/baseline/comparison.json (the PCA baseline)")
+    truth = (_read_json(out / "group" / "ground_truth" / "comparison.json") or {}).get("adjusted_rand_index_of", {})
+    pairs = [("what", f"PCA of the normalized input images (in-mask voxels, modalities concatenated), "
+                      f"{comp['components']} components, clustered with the same AP grid search"),
+             ("clusters", f"{comp['n_clusters']} (sizes {', '.join(map(str, comp['cluster_sizes']))})"),
+             ("silhouette", _fmt(comp.get("silhouette"))),
+             ("ARI with the learned embedding's strata", _fmt(comp.get("ari_with_strata")))]
+    if "baseline" in truth:
+        pairs.append(("ARI vs planted strata", _fmt(truth["baseline"])))
+    parts = [_kv(pairs)]
+    if (d / "strata" / "ap_grid.png").is_file():
+        parts.append(_img(d / "strata" / "ap_grid.png", "baseline AP grid silhouette"))
+    return "".join(parts)
+
+
+def _section_stability(out: Path) -> str:
+    d = out / "group" / "stability"
+    summ = _read_json(d / "stability.json")
+    if not summ:
+        return _not_run("no group/stability/stability.json")
+    truth = (_read_json(out / "group" / "ground_truth" / "comparison.json") or {}).get("adjusted_rand_index_of", {})
+    parts = [f"<p>Each cross-validation fold's model embeds every subject and is clustered with the same grid "
+             f"search; {summ['n_subsamples']} random subsamples of the subjects are re-clustered too. A stratum's "
+             f"stability is the mean Jaccard index of its best match in the other clusterings (stable: &ge; "
+             f"{summ['threshold']:.2f}; Hennig 2007).</p>",
+             _kv([("fold clusterings vs final, ARI", _range(summ.get("ari_folds_vs_final"))),
+                  ("between fold clusterings, ARI", _range(summ.get("ari_between_folds"))),
+                  ("subsamples vs final, ARI", _range(summ.get("ari_subsamples_vs_final"))),
+                  ("subsamples choosing the same number of clusters",
+                   "n/a" if summ.get("subsample_same_n_clusters") is None
+                   else f"{100 * summ['subsample_same_n_clusters']:.0f}% ({summ['subsample_n_clusters']})"),
+                  ("stable strata", f"{summ['n_stable_clusters']} of {summ['n_clusters']}")])]
+    clusters = _read_tsv(d / "clusters.tsv")
+    if clusters is not None:
+        parts.append("<h3>Per-stratum stability</h3>" + _table(clusters))
+    folds = {k: v for k, v in truth.items() if k.startswith("fold-") or k.startswith("baseline_fold-")}
+    if folds:
+        parts.append("<h3>Fold clusterings vs planted strata (ARI)</h3>"
+                     + _table(pd.DataFrame({"clustering": list(folds), "ARI": list(folds.values())})))
+    if (d / "coassignment.png").is_file():
+        parts.append(_img(d / "coassignment.png", "co-assignment matrix"))
+    return "".join(parts)
+
+
+def _section_confounds(out: Path) -> str:
+    tests = _read_tsv(out / "group" / "confounds" / "confound_tests.tsv")
+    if tests is None:
+        return _not_run("no group/confounds/confound_tests.tsv")
+    return ("<p>Are the strata explained by a confound? Kruskal-Wallis (numeric; effect size epsilon&sup2;) or "
+            "chi-squared (categorical; Cram&eacute;r's V) across strata, q: Benjamini-Hochberg across the "
+            "confounds tested.</p>" + _table(tests))
+
+
 def _section_factors(out: Path) -> str:
     d = out / "group" / "phenotypes"
     factors = _read_tsv(d / "factors.tsv")
@@ -275,6 +348,46 @@ def _section_caveats(summary: dict | None) -> str:
     return "<ul>" + "".join(f"<li>{_esc(c)}</li>" for c in dict.fromkeys(caveats)) + "</ul>"
 
 
+def _key_validity(out: Path, truth_of: dict) -> list[str]:
+    """Key-result lines of the baseline, the stability and the confounds (warnings in red)."""
+    items = []
+    base = _read_json(out / "group" / "baseline" / "comparison.json")
+    if base:
+        vs = f"; vs planted strata ARI {truth_of['baseline']:.3f}" if "baseline" in truth_of else ""
+        items.append(f"Baseline (PCA of the images, {base['components']} components, same grid search): "
+                     f"{base['n_clusters']} clusters; ARI with the learned strata <b>{_fmt(base.get('ari_with_strata'))}"
+                     f"</b>{vs}.")
+    summ = _read_json(out / "group" / "stability" / "stability.json")
+    if summ:
+        clusters = _read_tsv(out / "group" / "stability" / "clusters.tsv")
+        per = "" if clusters is None else "; per stratum " + ", ".join(
+            f"{int(r.cluster)}: {r.stability:.2f}" for r in clusters.itertuples())
+        same = summ.get("subsample_same_n_clusters")
+        line = (f"Stability: fold models vs final, median ARI {_range(summ.get('ari_folds_vs_final'))}; "
+                f"the same number of clusters won in "
+                f"{'n/a' if same is None else f'{100 * same:.0f}%'} of {summ['n_subsamples']} subsamples; "
+                f"{summ['n_stable_clusters']} of {summ['n_clusters']} strata stable (Jaccard &ge; "
+                f"{summ['threshold']:.2f}{per}).")
+        items.append(line)
+        if not summ.get("reproducible"):
+            unstable = [] if clusters is None else [str(int(r.cluster)) for r in clusters.itertuples() if not r.stable]
+            items.append(f"<span class='warn'>Warning: the strata are not reproducible: stratum "
+                         f"{', '.join(unstable) or '?'} dissolve(s) across fold models and subsamples. Do not "
+                         f"read them as findings.</span>")
+    tests = _read_tsv(out / "group" / "confounds" / "confound_tests.tsv")
+    if tests is not None and len(tests):
+        sig = tests[tests["significant"].astype(str).str.lower() == "true"]
+        if len(sig):
+            for r in sig.itertuples():
+                items.append(f"<span class='warn'>Warning: the strata differ in {_esc(r.confound)} ({_esc(r.test)}, "
+                             f"{_esc(r.effect_measure)} {r.effect_size:.2f}, q = {r.q:.3g}): they may reflect "
+                             f"{_esc(r.confound)} rather than biology.</span>")
+        else:
+            tested = tests[tests["test"] != "not run"]["confound"].astype(str).tolist()
+            items.append(f"Confounds: none differs between strata (q &ge; 0.05; tested {_esc(', '.join(tested)) or 'none'}).")
+    return items
+
+
 def _key_results(out: Path) -> str:
     """The answer in a few lines, above the table of contents (empty when nothing ran)."""
     items = []
@@ -289,6 +402,7 @@ def _key_results(out: Path) -> str:
         items.append(f"Against the <b>{truth.get('n_planted_strata')} planted strata</b>: adjusted Rand index "
                      f"<b>{truth.get('adjusted_rand_index', float('nan')):.3f}</b> "
                      f"({truth.get('n_subjects_compared')} subjects; 1 = identical partition, 0 = chance).")
+    items += _key_validity(out, (truth or {}).get("adjusted_rand_index_of", {}))
     stats = _read_tsv(out / "group" / "stats" / "kruskal_wallis.tsv")
     if stats is not None and len(stats):
         kw = [str(f) for f in stats.loc[stats["significant"].astype(bool), "factor"]]
@@ -322,6 +436,9 @@ def write_report(output_dir: Path, title: str = "mmfusion group report",
         ("Cross-validated reconstruction metrics", _section_cv(out)),
         ("Model figures and example reconstructions", _section_figures(out)),
         ("Affinity propagation grid and the chosen clustering", _section_strata(out)),
+        ("Baseline: PCA of the images", _section_baseline(out)),
+        ("Stability of the strata", _section_stability(out)),
+        ("Confounds", _section_confounds(out)),
         ("Comparison with the planted ground truth", _section_truth(out)),
         ("Phenotype factors (PCA + varimax)", _section_factors(out)),
         ("Between-cluster statistics", _section_stats(out)),

@@ -29,6 +29,7 @@ Outputs written by :func:`write_outputs` into ``group/strata/``:
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -512,8 +513,10 @@ def _silhouette_one(D, lab, n):
 
 # ---------------------------------------------------------------------- grid search
 def grid_search(X: np.ndarray, cfg: dict, seed: int = 0, n_threads: int = 2,
-                source: str = "embeddings", chunk: int = 64) -> GridResult:
+                source: str = "embeddings", chunk: int = 64, quiet: bool = False) -> GridResult:
     """Full AP grid search on embeddings X (n, d); ``cfg`` is the ``stratify`` section.
+    ``quiet``: no progress lines, the summary at debug level (for the many reruns of
+    the stability analysis).
 
     Raises :class:`ClusteringError` (one line naming ``source``) when the embeddings are
     degenerate or no grid point gives a valid clustering.
@@ -538,7 +541,7 @@ def grid_search(X: np.ndarray, cfg: dict, seed: int = 0, n_threads: int = 2,
     n_iter = np.zeros(P, dtype=np.int64)
     conv = np.zeros(P, dtype=bool)
     starts = range(0, P, chunk)
-    for s0 in progress(starts, "AP grid", total=len(starts), logger=log):
+    for s0 in (starts if quiet else progress(starts, "AP grid", total=len(starts), logger=log)):
         sl = slice(s0, min(s0 + chunk, P))
         labels[sl], n_iter[sl], conv[sl] = ap_fits(
             Sn, zd, dd[sl], pp[sl], cfg["max_iter"], cfg["convergence_iter"], n_threads)
@@ -559,7 +562,7 @@ def grid_search(X: np.ndarray, cfg: dict, seed: int = 0, n_threads: int = 2,
     best_idx = select_best(grid)
     best = {k: (v.item() if hasattr(v, "item") else v) for k, v in grid.loc[best_idx].items()}
     best["grid_index"] = int(best_idx)
-    log.info("AP grid: %d valid of %d (%d not converged, %d with 1 or n clusters); chosen damping "
+    log.log(logging.DEBUG if quiet else logging.INFO, "AP grid: %d valid of %d (%d not converged, %d with 1 or n clusters); chosen damping "
              "%.3f preference %.4g: %d clusters, silhouette %.3f", counts["valid"], P,
              counts["not_converged"], counts["one_or_n_clusters"], best["damping"],
              best["preference"], best["n_clusters"], best["silhouette"])

@@ -7,11 +7,15 @@ Entry point: :func:`run_learning` (called by :mod:`mmfusion.group`). Outputs, al
     cv/metrics_{mse,normdiff,cnr}.tsv   subject, session, fold, modality, variant, value
     cv/summary.tsv                metric, modality, variant, median and MAD across folds
     cv/training_curves.tsv        model, epoch, loss, val_loss, per-modality losses
+    cv/fold_embeddings.h5         every shard embedded by each fold's model (k, n, D) and by
+                                  each fold's PCA baseline (k, n, c): the stability analysis
     figures/cv_<metric>.png, figures/training_curves.png, figures/reconstructions.png
     model/final.keras, final.weights.h5, normalization.json, model.json
     checkpoints/<fold-01|final>/<variant>/{state.json, variables.npz, best.npz}
     embeddings.tsv                participant_id, session, emb_0000 .. emb_<D-1>
     embeddings.h5                 participant_id (n,), session (n,), embedding (n, D) float32
+    baseline/embeddings.tsv       participant_id, session, emb_0000 .. : PCA scores of the
+                                  normalized images (mmfusion.baseline), fitted on all shards
     reconstructions/<key>_desc-{real,rec}_<modality>.nii.gz  (normalized [0, 1] scale)
 
 Variants: ``with_skips`` is the configured model (U-Net skips on). ``embedding_only``
@@ -391,6 +395,11 @@ class Learner:
             return {"embedding_only": False}
         return {"with_skips": True, **({"embedding_only": False} if self.config["evaluation"]["embedding_only"] else {})}
 
+    @property
+    def embedding_variant(self) -> str:
+        """The fold variant whose models stand for the final model's embedding (same skips)."""
+        return "with_skips" if self.config["model"]["skip_connections"] else "embedding_only"
+
     def run_hash(self, label: str, paths: Sequence[Path]) -> str:
         cfg = {s: self.config[s] for s in ("model", "training", "normalization")}
         blob = {"cfg": cfg, "modalities": self.modalities, "seed": self.seed, "label": label,
@@ -427,7 +436,8 @@ def run_fold(learner: Learner, fold: int, folds: np.ndarray) -> tuple[list[dict]
     held = [i for i, f in zip(learner.infos, folds) if f == fold]
     done = _fold_rows_path(learner, fold)
     run_hash = config_hash({"models": learner.run_hash(f"fold-{fold:02d}", train),
-                            "evaluation": learner.config["evaluation"], "variants": learner.variants})
+                            "evaluation": learner.config["evaluation"], "variants": learner.variants,
+                            "baseline_components": learner.config["stratify"]["baseline_components"]})
     if learner.resume and done.is_file():
         saved = json.loads(done.read_text())
         if saved.get("run_hash") == run_hash:
@@ -445,8 +455,24 @@ def run_fold(learner: Learner, fold: int, folds: np.ndarray) -> tuple[list[dict]
     for info in progress(held, f"fold {fold}: evaluating", logger=log):
         rows += evaluate_subject(models, info, learner.modalities, norm, learner.config["evaluation"],
                                  learner.seed, fold)
+    write_fold_embeddings(learner, done.parent / "embeddings.npz", models[learner.embedding_variant], norm, train)
     write_json(done, {"run_hash": run_hash, "rows": rows, "histories": histories})
     return rows, histories
+
+
+def write_fold_embeddings(learner: Learner, path: Path, model, norm: PopulationNormalizer,
+                          train: Sequence[Path]) -> Path:
+    """Every shard embedded by one fold's model and by the fold's PCA baseline (fitted on
+    the fold's training shards, with the fold's normalization) -> ``path`` (npz with
+    ``model`` (n, D) and ``baseline`` (n, c) float32), for the stability analysis."""
+    from mmfusion.baseline import baseline_embeddings
+
+    paths = [i.path for i in learner.infos]
+    emb = embed(model, paths, learner.modalities, norm)
+    base = baseline_embeddings(train, paths, learner.modalities, norm,
+                               int(learner.config["stratify"]["baseline_components"]), learner.seed)
+    _save_npz(path, {"model": emb, "baseline": base.astype(np.float32)})
+    return path
 
 
 def run_cross_validation(learner: Learner) -> dict[str, Path]:
@@ -466,7 +492,7 @@ def run_cross_validation(learner: Learner) -> dict[str, Path]:
         rows += fold_rows
         histories.update(fold_hist)
     table = pd.DataFrame(rows)
-    out = {}
+    out = {"fold_embeddings": gather_fold_embeddings(learner, k, cv_dir / "fold_embeddings.h5")}
     for metric in evaluation.METRICS:
         part = table[table.metric == metric].drop(columns="metric")
         out[f"metrics_{metric}"] = _write_tsv(cv_dir / f"metrics_{metric}.tsv", part)
@@ -478,6 +504,34 @@ def run_cross_validation(learner: Learner) -> dict[str, Path]:
                                                               fig_dir / f"cv_{metric}.png")
     out["histories"] = histories
     return out
+
+
+def gather_fold_embeddings(learner: Learner, k: int, path: Path) -> Path:
+    """The k folds' ``embeddings.npz`` -> one HDF5: ``participant_id`` (n,), ``session``
+    (n,), ``model`` (k, n, D) and ``baseline`` (k, n, c) float32; attrs ``variant`` (the
+    fold models' variant) and ``folds`` (k)."""
+    import h5py
+
+    parts = []
+    for fold in range(1, k + 1):
+        with np.load(_fold_rows_path(learner, fold).parent / "embeddings.npz") as arrays:
+            parts.append((arrays["model"], arrays["baseline"]))
+    with atomic_path(path, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as h5:
+            _write_ids(h5, learner.infos)
+            h5.create_dataset("model", data=np.stack([m for m, _ in parts]).astype(np.float32))
+            h5.create_dataset("baseline", data=np.stack([b for _, b in parts]).astype(np.float32))
+            h5.attrs["variant"] = learner.embedding_variant
+            h5.attrs["folds"] = k
+    return path
+
+
+def _write_ids(h5, infos: Sequence[shard_data.ShardInfo]) -> None:
+    import h5py
+
+    h5.create_dataset("participant_id", data=np.array([f"sub-{i.subject}" for i in infos], dtype=object),
+                      dtype=h5py.string_dtype())
+    h5.create_dataset("session", data=np.array([i.session for i in infos], dtype=object), dtype=h5py.string_dtype())
 
 
 def _write_tsv(path: Path, frame) -> Path:
@@ -522,33 +576,56 @@ def load_final_model(model_dir: Path):
 def write_embeddings(learner: Learner, model, norm: PopulationNormalizer) -> dict[str, Path]:
     """Embeddings of every shard -> group/embeddings.tsv and group/embeddings.h5."""
     import h5py
-    import pandas as pd
 
-    from mmfusion.model.autoencoder import embedding_model
-
-    encoder = embedding_model(model)
-    vectors = []
-    for info in progress(learner.infos, "embeddings", logger=log):
-        vols = shard_data.load_subject(info.path, learner.modalities, norm)
-        vectors.append(np.asarray(encoder({f"in_{m}": v[None, ..., None] for m, v in vols.items()}, training=False),
-                                  np.float32)[0])
-    emb = np.stack(vectors)
-    ids = [f"sub-{i.subject}" for i in learner.infos]
-    sessions = [i.session for i in learner.infos]
-    frame = pd.DataFrame(emb, columns=[f"emb_{j:04d}" for j in range(emb.shape[1])])
-    frame.insert(0, "session", sessions)
-    frame.insert(0, "participant_id", ids)
-    tsv = _write_tsv(learner.group_dir / "embeddings.tsv", frame)
+    emb = embed(model, [i.path for i in learner.infos], learner.modalities, norm, progress_label="embeddings")
+    tsv = _write_tsv(learner.group_dir / "embeddings.tsv", _embedding_frame(learner.infos, emb, "emb"))
     h5_path = learner.group_dir / "embeddings.h5"
     with atomic_path(h5_path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as h5:
-            h5.create_dataset("participant_id", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
-            h5.create_dataset("session", data=np.array(sessions, dtype=object), dtype=h5py.string_dtype())
+            _write_ids(h5, learner.infos)
             h5.create_dataset("embedding", data=emb)
             h5.attrs["modalities"] = json.dumps(learner.modalities)
             h5.attrs["seed"] = learner.seed
     log.info("embeddings: %d subjects x %d values -> %s", *emb.shape, tsv)
     return {"embeddings_tsv": tsv, "embeddings_h5": h5_path}
+
+
+def embed(model, paths: Sequence[Path], modalities: Sequence[str], norm: PopulationNormalizer,
+          progress_label: str | None = None) -> np.ndarray:
+    """float32 (n, D): the flattened joint embedding of each shard (inference mode)."""
+    from mmfusion.model.autoencoder import embedding_model
+
+    encoder = embedding_model(model)
+    items = progress(paths, progress_label, logger=log) if progress_label else paths
+    vectors = []
+    for path in items:
+        vols = shard_data.load_subject(path, modalities, norm)
+        inputs = {f"in_{m}": v[None, ..., None] for m, v in vols.items()}
+        vectors.append(np.asarray(encoder(inputs, training=False), np.float32)[0])
+    return np.stack(vectors)
+
+
+def _embedding_frame(infos: Sequence[shard_data.ShardInfo], values: np.ndarray, prefix: str):
+    """participant_id, session, then ``<prefix>_0000`` ... columns (one row per shard)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(values, columns=[f"{prefix}_{j:04d}" for j in range(values.shape[1])])
+    frame.insert(0, "session", [i.session for i in infos])
+    frame.insert(0, "participant_id", [f"sub-{i.subject}" for i in infos])
+    return frame
+
+
+def write_baseline(learner: Learner, norm: PopulationNormalizer) -> dict[str, Path]:
+    """The final PCA baseline (fitted on all shards, final normalization) ->
+    ``group/baseline/embeddings.tsv`` (participant_id, session, emb_0000 ... = PC scores)."""
+    from mmfusion.baseline import baseline_embeddings
+
+    paths = [i.path for i in learner.infos]
+    scores = baseline_embeddings(paths, paths, learner.modalities, norm,
+                                 int(learner.config["stratify"]["baseline_components"]), learner.seed)
+    tsv = _write_tsv(learner.group_dir / "baseline" / "embeddings.tsv", _embedding_frame(learner.infos, scores, "emb"))
+    log.info("baseline: PCA of the normalized images, %d subjects x %d components -> %s", *scores.shape, tsv)
+    return {"baseline_tsv": tsv}
 
 
 def write_reconstructions(learner: Learner, model, norm: PopulationNormalizer) -> list[Path]:
@@ -617,6 +694,7 @@ def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict,
     out["training_curves"] = _write_tsv(group_dir / "cv" / "training_curves.tsv", _curves_frame(histories))
     out["figure_training_curves"] = evaluation.plot_training_curves(histories, group_dir / "figures" / "training_curves.png")
     out.update(write_embeddings(learner, model, norm))
+    out.update(write_baseline(learner, norm))
     out["reconstructions"] = write_reconstructions(learner, model, norm)
     return out
 

@@ -169,14 +169,6 @@ def test_collect_confounds_sessions_prefixes_and_inheritance(tmp_path):
     assert tests.loc["centre", "n"] == 4
 
 
-def test_head_scale_of_the_demo_transform_if_present():
-    mat = Path("/work/ci/main/demo_out/derivatives/sub-01/anat/"
-               "sub-01_from-T1w_to-study_mode-image_desc-affine_xfm.mat")
-    if not mat.is_file():
-        pytest.skip("no demo output on this machine")
-    assert 0.8 < cf.head_scale(mat) < 1.25
-
-
 # ------------------------------------------------------------------------ simulator
 def test_one_site_writes_the_files_of_before(one_site, tmp_path):
     part = pd.read_csv(one_site / "participants.tsv", sep="\t")

@@ -29,6 +29,10 @@ def _dataset(root, out, n=60, K=3, seed=0, extra_embedding=True, extra_pheno=Tru
     emb.insert(0, "participant_id", emb_ids)
     (out / "group").mkdir(parents=True)
     emb.to_csv(out / "group" / "embeddings.tsv", sep="\t", index=False)
+    (out / "group" / "baseline").mkdir()  # a weaker baseline: 4 of the 32 dimensions, more noise
+    base = emb.iloc[:, :6].copy()
+    base.iloc[:, 2:] += rng.standard_normal((len(base), 4)) * 2
+    base.to_csv(out / "group" / "baseline" / "embeddings.tsv", sep="\t", index=False)
     lat = rng.standard_normal((n, 3))
     lat[:, 0] += (strata - 2) * 1.5
     pheno_ids = ids + (["sub-888"] if extra_pheno else [])
@@ -119,13 +123,16 @@ def test_report_is_self_contained_and_complete(analysed):
     parser = _Images()
     parser.feed(text)
     assert not parser.external
-    assert len(parser.srcs) == 6      # model figure, AP grid, loadings, profiles, distributions, nulls
+    # model figure, AP grid, baseline AP grid, co-assignment, loadings, profiles, distributions, nulls
+    assert len(parser.srcs) == 8
     for src in parser.srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
     for heading in ("Inputs and provenance", "Cohort", "Cross-validated reconstruction metrics",
                     "Affinity propagation grid", "Cluster sizes", "planted ground truth", "adjusted Rand index",
-                    "Phenotype factors", "Between-cluster statistics", "perm_q", "Cluster profiles", "Caveats"):
+                    "Phenotype factors", "Between-cluster statistics", "perm_q", "Cluster profiles", "Caveats",
+                    "Baseline: PCA of the images", "Stability of the strata", "Per-stratum stability",
+                    "Confounds", "Cram&eacute;r"):
         assert heading in text, heading
     assert "metrics_folds.tsv" in text and "reconstruction_sub-000" in text
     assert "not run" not in text
@@ -133,6 +140,54 @@ def test_report_is_self_contained_and_complete(analysed):
     comparison = json.loads((out / "group" / "ground_truth" / "comparison.json").read_text())
     assert f"adjusted Rand index <b>{comparison['adjusted_rand_index']:.3f}</b>" in key
     assert "clusters</b>" in key and "Kruskal-Wallis + FDR" in key
+    assert "Baseline (PCA of the images" in key and "Stability: fold models vs final" in key
+    assert "3 of 3 strata stable" in key and "not reproducible" not in key
+    assert "Confounds: none differs between strata" in key and "age" in key  # age and sex are not planted
+
+
+def test_validity_outputs_have_their_columns_and_values_in_range(analysed):
+    _, out, summary = analysed
+    g = out / "group"
+    base = json.loads((g / "baseline" / "comparison.json").read_text())
+    assert base["components"] == 4 and -1 <= base["ari_with_strata"] <= 1
+    assert 0 <= summary["ground_truth"]["adjusted_rand_index_of"]["baseline"] <= 1
+    lab = pd.read_csv(g / "stability" / "labelings.tsv", sep="\t")
+    assert list(lab.columns[:3]) == ["participant_id", "session", "final"] and len(lab) == 61
+    subs = [c for c in lab.columns if c.startswith("subsample-")]
+    assert len(subs) == 20 and ((lab[subs] == -1).sum() == 61 - 49).all()  # 80% of 61 = 49 kept
+    clusters = pd.read_csv(g / "stability" / "clusters.tsv", sep="\t")
+    assert clusters["stability"].between(0, 1).all() and clusters["size"].sum() == 61
+    co = pd.read_csv(g / "stability" / "coassignment.tsv", sep="\t", index_col=0)
+    assert co.shape == (61, 61) and np.allclose(np.diag(co.to_numpy()), 1)
+    stab = json.loads((g / "stability" / "stability.json").read_text())
+    assert stab["reproducible"] and stab["subsample_same_n_clusters"] >= 0.8
+    tests = pd.read_csv(g / "confounds" / "confound_tests.tsv", sep="\t")
+    assert {"age", "sex"} <= set(tests["confound"]) and tests["q"].between(0, 1).all()
+    assert summary["confounds"]["flags"] == []
+
+
+def test_noise_strata_are_flagged_not_reproducible(tmp_path):
+    root, out = tmp_path / "bids", tmp_path / "out"
+    _dataset(root, out, n=36, K=1, extra_embedding=False, extra_pheno=False)  # one stratum: pure noise
+    analysis.run_analysis(_ctx(root, out, stratify={"subsamples": 10}), out / "group" / "embeddings.tsv")
+    stab = json.loads((out / "group" / "stability" / "stability.json").read_text())
+    clusters = pd.read_csv(out / "group" / "stability" / "clusters.tsv", sep="\t")
+    assert not stab["reproducible"] and clusters["stability"].min() < 0.75 and not clusters["stable"].all()
+    key = report.write_report(out).read_text()
+    assert "Warning: the strata are not reproducible" in key
+
+
+def test_a_confound_that_follows_the_strata_is_flagged(tmp_path):
+    root, out = tmp_path / "bids", tmp_path / "out"
+    _dataset(root, out, n=30, extra_embedding=False, extra_pheno=False)
+    part = pd.read_csv(root / "participants.tsv", sep="\t")
+    part["site"] = np.repeat(["A", "B", "C"], 10)  # rows follow the planted strata, as do the clusters
+    part.to_csv(root / "participants.tsv", sep="\t", index=False)
+    summary = analysis.run_analysis(_ctx(root, out, phenotypes={"exclude": ["participant_id", "site"]},
+                                         stratify={"subsamples": 2}), out / "group" / "embeddings.tsv")
+    assert any(f.startswith("site") for f in summary["confounds"]["flags"])
+    key = report.write_report(out).read_text()
+    assert "Warning: the strata differ in site" in key
 
 
 def test_report_without_outputs_says_not_run(tmp_path):

@@ -71,8 +71,9 @@ def tiny_autoencoder(model_cfg, modalities, skip_connections=True):
 
 
 def small_config(epochs=2, folds=2):
+    """The paper's model (skips on, so both variants are trained) at a small size."""
     cfg = default_config()
-    cfg["model"].update(input_shape=list(SHAPE), levels=3, filters=[2, 4, 8])
+    cfg["model"].update(input_shape=list(SHAPE), levels=3, filters=[2, 4, 8], skip_connections=True)
     cfg["training"].update(epochs=epochs, cv_folds=folds, n_reconstructions=1)
     cfg["evaluation"].update(cnr_pairs=100)
     return cfg
@@ -240,6 +241,25 @@ def test_learn_writes_cv_tables_model_embeddings_and_reconstructions(tmp_path):
     assert json.loads((tmp_path / "group" / "model" / "normalization.json").read_text())["fitted_on"][0] == "sub-00_ses-1"
     for name in ("cv_mse", "cv_normdiff", "cv_cnr", "training_curves", "reconstructions"):
         assert (tmp_path / "group" / "figures" / f"{name}.png").stat().st_size > 1000
+    with h5py.File(out["fold_embeddings"]) as h5:  # every fold model embeds every shard (stability)
+        assert h5["model"].shape == (2, 8, 1536) and h5["baseline"].shape == (2, 8, 3)  # PCA: n_train - 1
+        assert h5.attrs["variant"] == "with_skips" and [p.decode() for p in h5["participant_id"]] == list(emb.participant_id)
+        assert np.isfinite(h5["baseline"][...]).all() and h5["baseline"][...].std(axis=1).min() > 0
+    base = pd.read_csv(out["baseline_tsv"], sep="\t", dtype={"session": str})
+    assert base.shape == (8, 2 + 7) and list(base.participant_id) == list(emb.participant_id)  # 8 shards: 7 PCs
+
+
+def test_default_model_is_skip_free_and_its_folds_embed_everyone(tmp_path):
+    make_shards(tmp_path, n=4)
+    cfg = small_config()
+    cfg["model"]["skip_connections"] = default_config()["model"]["skip_connections"]
+    assert cfg["model"]["skip_connections"] is False
+    out = training.learn(tmp_path / "shards", tmp_path / "group", ["jac", "ndi"], cfg, 3, builder=tiny_autoencoder)
+    assert set(pd.read_csv(out["metrics_mse"], sep="\t").variant) == {"embedding_only"}
+    with h5py.File(out["fold_embeddings"]) as h5:
+        assert h5.attrs["variant"] == "embedding_only" and h5["model"].shape == (2, 4, 1536)
+        folds = h5["model"][...]
+    assert not np.allclose(folds[0], folds[1])  # two different models
 
 
 # ------------------------------------------------------- end to end, real model, CLI
@@ -275,7 +295,7 @@ def test_end_to_end_real_model_and_resume_after_kill(tmp_path):
     # 16x16x12 grid, 2 levels: the embedding is still 4x4x3x32 = 1536 values; the real
     # model's train-step trace (the dominant cost, once per process and variant) is ~40% shorter
     small = {"spatial": {"grid_shape": list(E2E_SHAPE)},
-             "model": {"input_shape": list(E2E_SHAPE), "levels": 2, "filters": [2, 4]},
+             "model": {"input_shape": list(E2E_SHAPE), "levels": 2, "filters": [2, 4], "skip_connections": True},
              "training": {"epochs": 2, "cv_folds": 2, "n_reconstructions": 1},
              "evaluation": {"cnr_pairs": 200}}
     config = tmp_path / "small.yaml"

@@ -1,0 +1,174 @@
+"""The recovery ladder: where along the pipeline is the planted structure kept or lost?
+
+Each stage of a finished run on ``mmfusion simulate`` data is clustered with the
+product's own AP grid search (the run's ``stratify`` config) and with k-means at the true
+k; the adjusted Rand index (ARI) of each against the planted strata is printed per
+stage and dataset (seed), then the median and range over datasets. Stages:
+
+  true maps        the simulator's true log-JAC and NDI (template grid, in-mask voxels,
+                   each map scaled to [0, 1] by its population 0.1/99.9 percentiles)
+  shard maps       the recovered log-JAC and NDI of the shards, normalized as the final
+                   model saw them (group/model/normalization.json), in-mask voxels
+  PCA baseline     group/baseline/embeddings.tsv (what every run reports beside the strata)
+  embedding        group/embeddings.tsv (the product's default embedding: the final model)
+  fold-NN          cv/fold_embeddings.h5: each fold's model embedding all subjects
+  with skips       (``--with-skips``) a final model with U-Net skips (the paper's model),
+                   trained here on the same shards, config and seed
+
+Usage (datasets prepared through the real CLI, see ``prepare``)::
+
+    python bench/bench_recovery_ladder.py prepare WORK --n-subjects 36 --seeds 1 2 3 \\
+        --config scripts/demo_config.yaml
+    python bench/bench_recovery_ladder.py ladder WORK/seed-1 WORK/seed-2 WORK/seed-3 [--with-skips]
+
+``prepare`` runs ``mmfusion simulate`` (3 strata, 3 mm), then the template, participant
+and group levels into ``WORK/seed-S/{bids,out}`` and prints each dataset's wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def prepare(work: Path, n_subjects: int, seeds: list[int], config: Path, extra: list[str]) -> None:
+    """simulate -> template -> participant -> group through the CLI, one dataset per seed."""
+    for seed in seeds:
+        d = work / f"seed-{seed}"
+        bids, out = d / "bids", d / "out"
+        common = ["--config", str(config), "--seed", str(seed), "--skip-bids-validation"]
+        steps = [] if bids.is_dir() else [["mmfusion", "simulate", str(bids), "--n-subjects", str(n_subjects),
+                                           "--n-strata", "3", "--voxel-size", "3", "--seed", str(seed), *extra]]
+        steps += [["mmfusion", str(bids), str(out), level, *common] for level in ("template", "participant")]
+        steps += [["mmfusion", str(bids), str(out), "group", "--modalities", "jac", "ndi", *common]]
+        start = time.monotonic()
+        for cmd in steps:
+            t0 = time.monotonic()
+            subprocess.run(cmd, check=True)
+            print(f"seed {seed}: {cmd[1] if cmd[1] == 'simulate' else cmd[3]} {time.monotonic() - t0:.0f} s",
+                  flush=True)
+        print(f"seed {seed}: prepared in {time.monotonic() - start:.0f} s", flush=True)
+
+
+def _scaled(values: np.ndarray) -> np.ndarray:
+    """(n, V) scaled to [0, 1] by the population 0.1/99.9 percentiles (as the normalizer)."""
+    lo, hi = np.percentile(values, [0.1, 99.9])
+    return np.clip((values - lo) / (hi - lo), 0, 1)
+
+
+def true_maps(bids: Path, subjects: list[str]) -> np.ndarray:
+    import nibabel as nib
+
+    truth = bids / "sourcedata" / "ground_truth"
+    mask = np.asarray(nib.load(truth / "template_mask.nii.gz").dataobj) > 0
+    parts = []
+    for kind in ("logjac", "ndi"):
+        parts.append(_scaled(np.stack([np.asarray(nib.load(truth / f"{s}_space-template_desc-true_{kind}.nii.gz")
+                                                  .dataobj)[mask] for s in subjects])))
+    return np.hstack(parts)
+
+
+def shard_maps(out: Path, modalities: list[str]) -> tuple[list[str], np.ndarray]:
+    from mmfusion import baseline
+    from mmfusion import data as shard_data
+    from mmfusion.normalization import PopulationNormalizer
+
+    infos = shard_data.scan_shards(shard_data.discover_shards(out / "shards"), modalities)
+    paths = [i.path for i in infos]
+    norm = PopulationNormalizer.load(out / "group" / "model" / "normalization.json")
+    return [f"sub-{i.subject}" for i in infos], baseline.image_matrix(paths, modalities, norm,
+                                                                       baseline.union_mask(paths))
+
+
+def with_skips_embedding(out: Path, config: dict, modalities: list[str], seed: int) -> np.ndarray:
+    """A final model with skips on all shards (the product's training code), embedded."""
+    import tempfile
+
+    from mmfusion import data as shard_data
+    from mmfusion import training
+
+    infos = shard_data.scan_shards(shard_data.discover_shards(out / "shards"), modalities)
+    cfg = {**config, "model": {**config["model"], "skip_connections": True}}
+    with tempfile.TemporaryDirectory() as tmp:
+        learner = training.Learner(Path(tmp), infos, modalities, cfg, seed, False,
+                                   shard_data.scan_volume_stats(infos, modalities))
+        model, norm, _, _ = training.train_final(learner)
+        return training.embed(model, [i.path for i in infos], modalities, norm)
+
+
+def ladder(dirs: list[Path], with_skips: bool, threads: int) -> pd.DataFrame:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from mmfusion import stratify
+    from mmfusion.analysis import read_embeddings
+
+    rows = []
+    for d in dirs:
+        bids, out = d / "bids", d / "out"
+        prov = sorted((out / "logs").glob("group-*_provenance.json"))[-1]
+        record = json.loads(prov.read_text())
+        config, seed = record["config"], int(record["seed"])  # the group run's own config and seed
+        modalities = ["jac", "ndi"]
+        truth = pd.read_csv(bids / "sourcedata" / "ground_truth" / "strata.tsv", sep="\t").set_index("participant_id")
+        subjects, shard_X = shard_maps(out, modalities)
+        y = truth.loc[subjects, "stratum"].to_numpy()
+        stages = {"true maps": true_maps(bids, subjects), "shard maps": shard_X}
+        for name, tsv in (("PCA baseline", out / "group" / "baseline" / "embeddings.tsv"),
+                          ("embedding", out / "group" / "embeddings.tsv")):
+            ids, X = read_embeddings(tsv)
+            assert ids["participant_id"].tolist() == subjects, tsv
+            stages[name] = X
+        import h5py
+        with h5py.File(out / "group" / "cv" / "fold_embeddings.h5", "r") as h5:
+            for f, X in enumerate(h5["model"][...]):
+                stages[f"fold-{f + 1:02d} ({h5.attrs['variant']})"] = X
+        if with_skips:
+            stages["with skips (paper)"] = with_skips_embedding(out, config, modalities, seed)
+        for stage, X in stages.items():
+            grid = stratify.grid_search(X, config["stratify"], seed=seed, n_threads=threads, quiet=True)
+            km = KMeans(len(np.unique(y)), n_init=10, random_state=0).fit_predict(X)
+            rows.append({"dataset": d.name, "stage": stage, "dim": X.shape[1], "n": X.shape[0],
+                         "ap_clusters": int(grid.best["n_clusters"]),
+                         "ap_ari": adjusted_rand_score(y, grid.labels), "kmeans_ari": adjusted_rand_score(y, km)})
+            r = rows[-1]
+            print(f"{d.name:10s} {stage:28s} dim {r['dim']:6d}  AP ARI {r['ap_ari']:6.3f} "
+                  f"({r['ap_clusters']} clusters)  k-means ARI {r['kmeans_ari']:6.3f}", flush=True)
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    prep = sub.add_parser("prepare")
+    prep.add_argument("work", type=Path)
+    prep.add_argument("--n-subjects", type=int, default=36)
+    prep.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    prep.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "scripts" / "demo_config.yaml")
+    prep.add_argument("--simulate-args", nargs=argparse.REMAINDER, default=[])
+    lad = sub.add_parser("ladder")
+    lad.add_argument("dirs", type=Path, nargs="+")
+    lad.add_argument("--with-skips", action="store_true")
+    lad.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    if args.cmd == "prepare":
+        prepare(args.work, args.n_subjects, args.seeds, args.config, args.simulate_args)
+        return
+    table = ladder(args.dirs, args.with_skips, args.threads)
+    summary = table.groupby("stage", sort=False).agg(
+        ap_median=("ap_ari", "median"), ap_min=("ap_ari", "min"), ap_max=("ap_ari", "max"),
+        kmeans_median=("kmeans_ari", "median"), datasets=("ap_ari", "size"))
+    print("\nmedian and range over datasets")
+    print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Are the strata reproducible? Agreement of clusterings across models and subsamples.
+
+docs/method.md#6-clustering ("Stability"). Pure computation on label vectors; the group
+level (:mod:`mmfusion.analysis`) feeds it the final clustering, the clusterings of every
+cross-validation fold model's embeddings of all subjects, and the clusterings of random
+subsamples of subjects (the whole AP grid search rerun on each), and writes the tables.
+
+A *labeling* is an int array (n,) over the same n rows (subjects/sessions) as the final
+clustering; -1 marks rows a labeling does not cover (subjects left out of a subsample).
+
+- :func:`pairwise_ari`: adjusted Rand index between labelings, on the rows both cover.
+- :func:`coassignment`: (n, n) fraction of the labelings covering both i and j in which
+  i and j share a cluster.
+- :func:`cluster_jaccard`: for each cluster of the reference, the Jaccard index with its
+  best-matching cluster of another labeling (Hennig 2007, ``clusterboot``): 1 when the
+  cluster is found again exactly, near 0 when it dissolves. A cluster's *stability* is
+  the mean of that over all other labelings; Hennig reads < 0.5 as "dissolved", 0.6-0.75
+  as "a pattern, membership doubtful" and > 0.75 as "valid, stable".
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import adjusted_rand_score
+
+NOT_COVERED = -1
+
+
+def _both(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (np.asarray(a) != NOT_COVERED) & (np.asarray(b) != NOT_COVERED)
+
+
+def ari(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings on the rows both cover (NaN if < 2 rows)."""
+    both = _both(a, b)
+    if both.sum() < 2:
+        return float("nan")
+    return float(adjusted_rand_score(np.asarray(a)[both], np.asarray(b)[both]))
+
+
+def pairwise_ari(labelings: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per unordered pair of labelings: columns ``a``, ``b``, ``ari``, ``n`` (rows
+    both cover)."""
+    names = list(labelings)
+    rows = [{"a": x, "b": y, "ari": ari(labelings[x], labelings[y]),
+             "n": int(_both(labelings[x], labelings[y]).sum())}
+            for i, x in enumerate(names) for y in names[i + 1:]]
+    return pd.DataFrame(rows, columns=["a", "b", "ari", "n"])
+
+
+def coassignment(labelings: list[np.ndarray]) -> np.ndarray:
+    """(n, n) float: for each pair of rows, the fraction of the labelings covering both in
+    which they share a cluster (NaN where no labeling covers both; 1 on the diagonal)."""
+    L = np.stack([np.asarray(lab) for lab in labelings])  # (m, n)
+    covered = (L != NOT_COVERED).astype(np.float64)
+    together = np.zeros((L.shape[1], L.shape[1]))
+    for lab, cov in zip(L, covered):
+        together += (lab[:, None] == lab[None, :]) * cov[:, None] * cov[None, :]
+    both = covered.T @ covered
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = together / both
+    out[both == 0] = np.nan
+    return out
+
+
+def cluster_jaccard(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """(k,) for each cluster 0..k-1 of ``reference``: the highest Jaccard index between it
+    and a cluster of ``other``, both restricted to the rows ``other`` covers (NaN for a
+    reference cluster with no covered row)."""
+    reference, other = np.asarray(reference), np.asarray(other)
+    k = int(reference.max()) + 1
+    covered = other != NOT_COVERED
+    out = np.full(k, np.nan)
+    for c in range(k):
+        members = covered & (reference == c)
+        if not members.any():
+            continue
+        best = 0.0
+        for d in np.unique(other[covered]):
+            found = other == d
+            best = max(best, (members & found).sum() / (members | found).sum())
+        out[c] = best
+    return out
+
+
+@dataclass
+class StabilityResult:
+    """What :func:`assess` found.
+
+    ``clusters``: one row per final cluster (cluster, size, stability, jaccard_folds,
+    jaccard_subsamples, stable); ``agreement``: :func:`pairwise_ari` of all labelings;
+    ``coassignment`` (n, n); ``summary``: JSON-ready numbers and the verdict.
+    """
+
+    clusters: pd.DataFrame
+    agreement: pd.DataFrame
+    coassignment: np.ndarray
+    summary: dict = field(default_factory=dict)
+
+
+def median_range(values) -> dict:
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if not v.size:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+
+
+def assess(final: np.ndarray, folds: dict[str, np.ndarray], subsamples: dict[str, np.ndarray],
+           subsample_clusters: list[int], threshold: float) -> StabilityResult:
+    """Stability of the ``final`` clustering (n,) against the fold models' clusterings
+    (``folds``: name -> (n,)) and the subsample clusterings (``subsamples``: name -> (n,)
+    with -1 for rows left out; ``subsample_clusters``: the number of clusters each chose).
+
+    A cluster's stability is the mean of two means of its best-match Jaccard index: over
+    the fold labelings and over the subsamples (so 20 subsamples do not outvote 3 fold
+    models; one source alone when the other is empty). It is ``stable`` when that is >=
+    ``threshold``; the strata are called reproducible when every cluster is stable.
+    """
+    final = np.asarray(final)
+    others = {**folds, **subsamples}
+    k = int(final.max()) + 1
+    jac_f = np.array([cluster_jaccard(final, lab) for lab in folds.values()]).reshape(len(folds), k)
+    jac_s = np.array([cluster_jaccard(final, lab) for lab in subsamples.values()]).reshape(len(subsamples), k)
+    with warnings.catch_warnings():  # an empty source or a cluster no labeling covers: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_f = np.nanmean(jac_f, axis=0) if len(jac_f) else np.full(k, np.nan)
+        mean_s = np.nanmean(jac_s, axis=0) if len(jac_s) else np.full(k, np.nan)
+        stability = np.nanmean(np.vstack([mean_f, mean_s]), axis=0)  # the two sources weigh alike
+    clusters = pd.DataFrame({"cluster": np.arange(k), "size": np.bincount(final, minlength=k),
+                             "stability": stability, "jaccard_folds": mean_f, "jaccard_subsamples": mean_s,
+                             "stable": stability >= threshold})
+    agreement = pairwise_ari({"final": final, **others})
+    fold_names = set(folds)
+    fold_final = agreement[(agreement.a == "final") & agreement.b.isin(fold_names)]["ari"]
+    fold_fold = agreement[agreement.a.isin(fold_names) & agreement.b.isin(fold_names)]["ari"]
+    sub_final = agreement[(agreement.a == "final") & agreement.b.isin(set(subsamples))]["ari"]
+    same_k = [c == k for c in subsample_clusters]
+    n_stable = int(clusters["stable"].sum())
+    summary = {
+        "threshold": float(threshold),
+        "n_clusters": k,
+        "n_stable_clusters": n_stable,
+        "reproducible": bool(n_stable == k and len(others) > 0),
+        "n_fold_labelings": len(folds),
+        "n_subsamples": len(subsamples),
+        "ari_folds_vs_final": median_range(fold_final),
+        "ari_between_folds": median_range(fold_fold),
+        "ari_subsamples_vs_final": median_range(sub_final),
+        "subsample_same_n_clusters": float(np.mean(same_k)) if same_k else None,
+        "subsample_n_clusters": {str(c): int(n) for c, n in
+                                 zip(*np.unique(np.asarray(subsample_clusters, int), return_counts=True))},
+        "median_stability": float(np.nanmedian(stability)) if np.isfinite(stability).any() else None,
+    }
+    return StabilityResult(clusters, agreement, coassignment([final, *others.values()]), summary)
+
+
+def subsample_indices(n: int, n_resamples: int, fraction: float, seed: int) -> list[np.ndarray]:
+    """``n_resamples`` sorted random subsets of range(n), each of round(fraction * n) rows
+    (at least 3), drawn without replacement (seeded)."""
+    rng = np.random.default_rng([int(seed), 0x5AB])
+    size = max(3, int(round(fraction * n)))
+    return [np.sort(rng.choice(n, size, replace=False)) for _ in range(n_resamples)]
+
+
+def expand(labels: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Labels of a subsample (len(rows),) as a labeling of all n rows (-1 elsewhere)."""
+    out = np.full(n, NOT_COVERED, dtype=np.int64)
+    out[rows] = labels
+    return out
+
+
+def plot_coassignment(matrix: np.ndarray, final: np.ndarray, names: list[str], path):
+    """Heat map of the co-assignment matrix, rows and columns ordered by final cluster."""
+    from mmfusion.stats import _plt, _save
+
+    plt = _plt()
+    order = np.argsort(final, kind="stable")
+    n = len(order)
+    size = min(12.0, 3.0 + 0.18 * n)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    im = ax.imshow(matrix[np.ix_(order, order)], vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+    bounds = np.flatnonzero(np.diff(np.asarray(final)[order])) + 0.5
+    for b in bounds:
+        ax.axhline(b, color="white", lw=1.2)
+        ax.axvline(b, color="white", lw=1.2)
+    if n <= 60:
+        ax.set_xticks(range(n), [names[i] for i in order], rotation=90, fontsize=6)
+        ax.set_yticks(range(n), [names[i] for i in order], fontsize=6)
+    else:
+        ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title("co-assignment across fold models and subsamples\n(ordered by final cluster; white lines "
+                 "separate clusters)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of clusterings together")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,161 @@
+"""Is the stratification real? The checks every group run makes on its strata.
+
+docs/method.md#6-clustering ("Baseline", "Stability", "Confounds"). Orchestration of
+:mod:`mmfusion.stratify` (the same AP grid search as the strata), :mod:`mmfusion.stability`
+and :mod:`mmfusion.confounds`; called by :func:`mmfusion.analysis.run_analysis` with the
+final clustering. Outputs::
+
+    group/baseline/    embeddings.tsv (written by training), strata/ (labels.tsv, ap_grid.*),
+                       comparison.json (ARI baseline vs learned strata)
+    group/stability/   labelings.tsv (participant_id, session, final, fold-NN, subsample-NN,
+                       baseline, baseline_fold-NN; -1 = left out), agreement.tsv (a, b, ari, n),
+                       clusters.tsv (cluster, size, stability, jaccard_folds,
+                       jaccard_subsamples, stable), coassignment.tsv, coassignment.png,
+                       stability.json
+    group/confounds/   confounds.tsv, confound_tests.tsv
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmfusion import stability, stratify
+from mmfusion.atomic import atomic_path, write_json
+from mmfusion.runlog import get_logger, progress
+
+log = get_logger(__name__)
+
+
+def _read_fold_embeddings(path: Path, ids: pd.DataFrame) -> dict[str, np.ndarray] | None:
+    """{'model': (k, n, D), 'baseline': (k, n, c)} from cv/fold_embeddings.h5, rows in the
+    order of ``ids``; None when the file is absent or holds other subjects."""
+    import h5py
+
+    if not path.is_file():
+        return None
+    with h5py.File(path, "r") as h5:
+        keys = [(p.decode() if isinstance(p, bytes) else str(p), s.decode() if isinstance(s, bytes) else str(s))
+                for p, s in zip(h5["participant_id"][...], h5["session"][...])]
+        arrays = {k: h5[k][...] for k in ("model", "baseline")}
+    where = {k: i for i, k in enumerate(keys)}
+    wanted = list(zip(ids["participant_id"], ids["session"]))
+    if set(wanted) - set(where):
+        log.warning("%s holds other subjects than the embeddings; fold stability skipped", path)
+        return None
+    order = [where[k] for k in wanted]
+    return {k: v[:, order] for k, v in arrays.items()}
+
+
+def _cluster(X: np.ndarray, cfg: dict, seed: int, n_threads: int, source: str) -> np.ndarray:
+    """Labels (n,) of the product's AP grid search (quiet)."""
+    return stratify.grid_search(X, cfg, seed=seed, n_threads=n_threads, source=source, quiet=True).labels
+
+
+def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, seed: int,
+                 n_threads: int) -> dict:
+    """Cluster the PCA baseline (group/baseline/embeddings.tsv) with the same grid search;
+    returns {'labels' (n,), 'ari_with_strata', 'n_clusters', ...} or {'status': 'not run: ...'}."""
+    from mmfusion.analysis import read_embeddings
+
+    tsv = group / "baseline" / "embeddings.tsv"
+    if not tsv.is_file():
+        return {"status": f"not run: {tsv} not found (written by the group-level training)"}
+    base_ids, B = read_embeddings(tsv)
+    if list(base_ids.itertuples(index=False)) != list(ids.itertuples(index=False)):
+        return {"status": f"not run: {tsv} holds other subjects than the embeddings"}
+    log.info("baseline: AP grid search on the %d-component PCA of the images", B.shape[1])
+    grid = stratify.grid_search(B, cfg, seed=seed, n_threads=n_threads, source=str(tsv))
+    paths = stratify.write_outputs(grid, ids, group / "baseline" / "strata")
+    out = {"status": "done", "components": int(B.shape[1]), "n_clusters": int(grid.best["n_clusters"]),
+           "silhouette": float(grid.best["silhouette"]), "cluster_sizes": np.bincount(grid.labels).tolist(),
+           "ari_with_strata": stability.ari(final, grid.labels),
+           "outputs": {k: str(v) for k, v in paths.items()}}
+    write_json(group / "baseline" / "comparison.json", out)
+    log.info("baseline: %d clusters; ARI with the learned strata %.3f", out["n_clusters"], out["ari_with_strata"])
+    return {**out, "labels": grid.labels}
+
+
+def run_stability(group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarray, cfg: dict, seed: int,
+                  n_threads: int, baseline_labels: np.ndarray | None = None) -> dict:
+    """Fold-model and subsample clusterings vs the final one (:func:`mmfusion.stability.assess`);
+    writes group/stability/ and returns the summary (with the labelings)."""
+    out_dir = group / "stability"
+    n = len(final)
+    folds: dict[str, np.ndarray] = {}
+    baseline_folds: dict[str, np.ndarray] = {}
+    fold_emb = _read_fold_embeddings(group / "cv" / "fold_embeddings.h5", ids)
+    if fold_emb is not None:
+        for f in progress(range(fold_emb["model"].shape[0]), "stability: fold models", logger=log):
+            folds[f"fold-{f + 1:02d}"] = _cluster(fold_emb["model"][f], cfg, seed, n_threads, "fold embeddings")
+            baseline_folds[f"baseline_fold-{f + 1:02d}"] = _cluster(fold_emb["baseline"][f], cfg, seed, n_threads,
+                                                                    "fold baseline")
+    subsamples, sub_k = {}, []
+    rows = stability.subsample_indices(n, int(cfg["subsamples"]), float(cfg["subsample_fraction"]), seed)
+    for i, idx in enumerate(progress(rows, "stability: subsamples", logger=log)):
+        lab = _cluster(X[idx], cfg, seed, n_threads, "subsample of the embeddings")
+        subsamples[f"subsample-{i + 1:02d}"] = stability.expand(lab, idx, n)
+        sub_k.append(int(lab.max()) + 1)
+    result = stability.assess(final, folds, subsamples, sub_k, float(cfg["stability_threshold"]))
+    if baseline_labels is not None:
+        base = {"baseline": baseline_labels, **baseline_folds}
+        result.summary["baseline_folds_vs_baseline"] = stability.median_range(
+            [stability.ari(baseline_labels, lab) for lab in baseline_folds.values()])
+    else:
+        base = baseline_folds
+    labelings = {"final": final, **folds, **subsamples, **base}
+    _write_stability(out_dir, ids, labelings, result)
+    log.info("stability: %d of %d strata stable (Jaccard >= %.2f); fold models vs final: median ARI %s; "
+             "same number of clusters in %s of %d subsamples", result.summary["n_stable_clusters"],
+             result.summary["n_clusters"], result.summary["threshold"],
+             _fmt(result.summary["ari_folds_vs_final"]["median"]),
+             _fmt(result.summary["subsample_same_n_clusters"], pct=True), len(subsamples))
+    return {**result.summary, "clusters": result.clusters.to_dict(orient="records"), "labelings": labelings}
+
+
+def _fmt(x, pct: bool = False) -> str:
+    if x is None or not np.isfinite(x):
+        return "n/a"
+    return f"{100 * x:.0f}%" if pct else f"{x:.3f}"
+
+
+def _write_stability(out_dir: Path, ids: pd.DataFrame, labelings: dict[str, np.ndarray],
+                     result: stability.StabilityResult) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = ids[["participant_id", "session"]].assign(**{k: np.asarray(v) for k, v in labelings.items()})
+    names = [f"{p}_ses-{s}" if s else p for p, s in zip(ids["participant_id"], ids["session"])]
+    co = pd.DataFrame(result.coassignment, index=pd.Index(names, name="subject"), columns=names)
+    for name, frame, index in (("labelings.tsv", table, False), ("agreement.tsv", result.agreement, False),
+                               ("clusters.tsv", result.clusters, False), ("coassignment.tsv", co, True)):
+        with atomic_path(out_dir / name) as tmp:
+            frame.to_csv(tmp, sep="\t", index=index, float_format="%.4g", na_rep="n/a")
+    stability.plot_coassignment(result.coassignment, labelings["final"], names, out_dir / "coassignment.png")
+    write_json(out_dir / "stability.json", result.summary)
+
+
+def run_confounds(ctx, group: Path, ids: pd.DataFrame, final: np.ndarray) -> dict:
+    """Confound values and tests (:mod:`mmfusion.confounds`) for the final strata."""
+    from mmfusion import confounds
+
+    keys = list(zip(ids["participant_id"], ids["session"]))
+    values = confounds.collect_confounds(Path(ctx.bids_dir), Path(ctx.output_dir), keys)
+    tests = confounds.test_confounds(values, np.asarray(final), float(ctx.config["stats"]["alpha"]))
+    paths = confounds.write_outputs(values, tests, group / "confounds")
+    flags = confounds.flagged(tests)
+    for line in flags:
+        log.warning("confound: %s", line)
+    return {"status": "done", "n_tested": int((tests["test"] != "not run").sum()) if len(tests) else 0,
+            "flags": flags, "outputs": {k: str(v) for k, v in paths.items()}}
+
+
+def run_checks(ctx, group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarray, n_threads: int) -> dict:
+    """Baseline, stability and confounds of the final strata; returns the JSON-ready
+    summaries and the labelings (``labelings``, for the ground-truth comparison)."""
+    cfg, seed = ctx.config["stratify"], int(ctx.seed)
+    base = run_baseline(group, ids, final, cfg, seed, n_threads)
+    stab = run_stability(group, ids, X, final, cfg, seed, n_threads, base.get("labels"))
+    conf = run_confounds(ctx, group, ids, final)
+    labelings = stab.pop("labelings")
+    base.pop("labels", None)
+    return {"baseline": base, "stability": stab, "confounds": conf, "labelings": labelings}
