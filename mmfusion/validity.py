@@ -48,9 +48,14 @@ def _read_fold_embeddings(path: Path, ids: pd.DataFrame) -> dict[str, np.ndarray
     return {k: v[:, order] for k, v in arrays.items()}
 
 
-def _cluster(X: np.ndarray, cfg: dict, seed: int, n_threads: int, source: str) -> np.ndarray:
-    """Labels (n,) of the product's AP grid search (quiet)."""
-    return stratify.grid_search(X, cfg, seed=seed, n_threads=n_threads, source=source, quiet=True).labels
+def _cluster(X: np.ndarray, cfg: dict, seed: int, n_threads: int, source: str) -> np.ndarray | None:
+    """Labels (n,) of the product's AP grid search (quiet); None (logged) when no grid
+    point gives a valid clustering of these rows."""
+    try:
+        return stratify.grid_search(X, cfg, seed=seed, n_threads=n_threads, source=source, quiet=True).labels
+    except stratify.ClusteringError as exc:
+        log.info("stability: %s; that clustering is left out", exc)
+        return None
 
 
 def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, seed: int,
@@ -66,7 +71,11 @@ def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, s
     if list(base_ids.itertuples(index=False)) != list(ids.itertuples(index=False)):
         return {"status": f"not run: {tsv} holds other subjects than the embeddings"}
     log.info("baseline: AP grid search on the %d-component PCA of the images", B.shape[1])
-    grid = stratify.grid_search(B, cfg, seed=seed, n_threads=n_threads, source=str(tsv))
+    try:
+        grid = stratify.grid_search(B, cfg, seed=seed, n_threads=n_threads, source=str(tsv))
+    except stratify.ClusteringError as exc:
+        log.warning("baseline not clustered: %s", exc)
+        return {"status": f"not run: {exc}"}
     paths = stratify.write_outputs(grid, ids, group / "baseline" / "strata")
     out = {"status": "done", "components": int(B.shape[1]), "n_clusters": int(grid.best["n_clusters"]),
            "silhouette": float(grid.best["silhouette"]), "cluster_sizes": np.bincount(grid.labels).tolist(),
@@ -88,15 +97,18 @@ def run_stability(group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarr
     fold_emb = _read_fold_embeddings(group / "cv" / "fold_embeddings.h5", ids)
     if fold_emb is not None:
         for f in progress(range(fold_emb["model"].shape[0]), "stability: fold models", logger=log):
-            folds[f"fold-{f + 1:02d}"] = _cluster(fold_emb["model"][f], cfg, seed, n_threads, "fold embeddings")
-            baseline_folds[f"baseline_fold-{f + 1:02d}"] = _cluster(fold_emb["baseline"][f], cfg, seed, n_threads,
-                                                                    "fold baseline")
+            for group_of, name, X_fold in ((folds, f"fold-{f + 1:02d}", fold_emb["model"][f]),
+                                           (baseline_folds, f"baseline_fold-{f + 1:02d}", fold_emb["baseline"][f])):
+                lab = _cluster(X_fold, cfg, seed, n_threads, f"{name} embeddings")
+                if lab is not None:
+                    group_of[name] = lab
     subsamples, sub_k = {}, []
     rows = stability.subsample_indices(n, int(cfg["subsamples"]), float(cfg["subsample_fraction"]), seed)
     for i, idx in enumerate(progress(rows, "stability: subsamples", logger=log)):
-        lab = _cluster(X[idx], cfg, seed, n_threads, "subsample of the embeddings")
-        subsamples[f"subsample-{i + 1:02d}"] = stability.expand(lab, idx, n)
-        sub_k.append(int(lab.max()) + 1)
+        lab = _cluster(X[idx], cfg, seed, n_threads, f"subsample {i + 1} of the embeddings")
+        if lab is not None:
+            subsamples[f"subsample-{i + 1:02d}"] = stability.expand(lab, idx, n)
+            sub_k.append(int(lab.max()) + 1)
     result = stability.assess(final, folds, subsamples, sub_k, float(cfg["stability_threshold"]))
     if baseline_labels is not None:
         base = {"baseline": baseline_labels, **baseline_folds}

@@ -88,6 +88,23 @@ def test_group_outputs(pipeline):
     assert {"H", "p", "q", "perm_p", "perm_q"} <= set(stats.columns)
     truth = json.loads((out / "group" / "ground_truth" / "comparison.json").read_text())
     assert -1 <= truth["adjusted_rand_index"] <= 1 and truth["n_planted_strata"] == 2
+    # the checks of the strata: baseline, stability, confounds, and their key-result lines
+    base = pd.read_csv(out / "group" / "baseline" / "embeddings.tsv", sep="\t")
+    assert len(base) == N_SUBJECTS and base.filter(like="emb_").shape[1] == N_SUBJECTS - 1  # capped at n - 1
+    assert (out / "group" / "baseline" / "strata" / "labels.tsv").is_file()
+    assert set(truth["adjusted_rand_index_of"]) == {"baseline", "fold-01", "fold-02", "baseline_fold-01",
+                                                    "baseline_fold-02"}
+    with h5py.File(out / "group" / "cv" / "fold_embeddings.h5") as h5:
+        assert h5["model"].shape == (2, N_SUBJECTS, 4 * 5 * 4 * 8) and h5.attrs["variant"] == "embedding_only"
+    stability = json.loads((out / "group" / "stability" / "stability.json").read_text())
+    assert stability["n_fold_labelings"] == 2 and stability["n_subsamples"] > 0
+    clusters = pd.read_csv(out / "group" / "stability" / "clusters.tsv", sep="\t")
+    assert clusters["stability"].between(0, 1).all() and clusters["size"].sum() == N_SUBJECTS
+    assert (out / "group" / "stability" / "coassignment.png").stat().st_size > 1000
+    tests = pd.read_csv(out / "group" / "confounds" / "confound_tests.tsv", sep="\t")
+    assert {"age", "sex", "head_scale", "registration_similarity"} <= set(tests["confound"])
+    key = html[html.index("Key results"):html.index("<ol>")]
+    assert "Baseline (PCA of the images" in key and "Stability: fold models vs final" in key
 
 
 def test_every_level_wrote_provenance(pipeline):
