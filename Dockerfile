@@ -4,16 +4,16 @@
 # template (nilearn ships MNI152 2009 inside its wheel), so nothing is downloaded at run time.
 #
 #   docker build -t mmfusion:$(cat version) --build-arg VERSION=$(cat version) .
-#   docker run --rm mmfusion:0.2.0                      # --help
+#   docker run --rm mmfusion:0.3.0                      # --help
 #   docker run --rm --gpus all -v /data/bids:/bids:ro -v /data/out:/out \
-#       mmfusion:0.2.0 /bids /out participant --participant-label 01
+#       mmfusion:0.3.0 /bids /out participant --participant-label 01
 #
 # Versions: requirements.lock (the one locked set that the README commands, CI and both images
 # install; scripts/refresh_lock.sh refreshes it). Singularity.def installs the same way
 # (tests/test_hpc.py keeps the images, the lock and pyproject.toml in step).
 FROM python:3.11.7-slim-bookworm
 
-ARG VERSION=0.2.0
+ARG VERSION=0.3.0
 
 LABEL org.opencontainers.image.title="mmfusion" \
       org.opencontainers.image.description="BIDS-App: multimodal 3D brain MRI -> learned embeddings and data-driven subject strata" \

@@ -5,7 +5,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-demo_out}
-n=${DEMO_SUBJECTS:-12}
+n=${DEMO_SUBJECTS:-18}
 config=${DEMO_CONFIG:-$here/scripts/demo_config.yaml}
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
