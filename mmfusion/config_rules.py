@@ -114,6 +114,7 @@ def _parses(parse: Callable[[Any], Any]) -> Callable[[Any], bool]:
 
 
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
+COLUMN = Rule("a column name", lambda v: isinstance(v, str) and v != "")
 STRINGS = Rule("a list of column names", lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v))
 MAPPING = Rule("null or a mapping of preset parameters", lambda v: v is None or isinstance(v, dict))
 
@@ -177,6 +178,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "subsamples": count(0),
         "subsample_fraction": number(0, 1, lo_open=True, hi_open=True),
         "stability_threshold": number(0, 1),
+        "harmonize_site": optional(COLUMN),
+        "harmonize_covariates": STRINGS,
     },
     "training": {
         "epochs": count(1),
