@@ -34,6 +34,7 @@ from mmfusion import phenotypes as ph
 from mmfusion import stats, stratify, validity
 from mmfusion.atomic import atomic_path, write_json
 from mmfusion.errors import InputDataError, MissingInputError
+from mmfusion.harmonize import harmonize_for_clustering
 from mmfusion.provenance import sha256_file
 from mmfusion.runlog import get_logger
 
@@ -130,6 +131,11 @@ def run_analysis(ctx, embeddings_tsv: Path, pheno: PhenotypeInput | None = None)
     summary: dict = {"inputs": {"embeddings": str(embeddings_tsv), "embeddings_sha256": sha256_file(embeddings_tsv)},
                      "n_embeddings": int(X.shape[0]), "embedding_dim": int(X.shape[1]), "seed": int(ctx.seed),
                      "outputs": {}, "caveats": []}
+    confound_values = validity.collect_confounds(ctx, ids)
+    X, summary["harmonization"] = harmonize_for_clustering(X, confound_values, cfg["stratify"])
+    if summary["harmonization"]["status"] == "done":
+        log.info("embeddings harmonized across %s (%s) before clustering", cfg["stratify"]["harmonize_site"],
+                 ", ".join(f"{k}: {v}" for k, v in summary["harmonization"]["sites"].items()))
     grid = stratify.grid_search(X, cfg["stratify"], seed=ctx.seed, n_threads=n_threads,
                                 source=str(embeddings_tsv))
     paths = stratify.write_outputs(grid, ids, group / "strata")
@@ -140,7 +146,7 @@ def run_analysis(ctx, embeddings_tsv: Path, pheno: PhenotypeInput | None = None)
         summary["caveats"].append("several sessions per subject: every session was clustered, the "
                                   "statistics use each subject's first session")
     per_subject = _one_row_per_participant(ids, grid.labels)
-    checks = validity.run_checks(ctx, group, ids, X, grid.labels, n_threads)
+    checks = validity.run_checks(ctx, group, ids, X, grid.labels, n_threads, confound_values)
     labelings = checks.pop("labelings")
     summary.update(checks)
     others = {name: _one_row_per_participant(ids, lab) for name, lab in labelings.items()

@@ -79,7 +79,26 @@ def check_late_inputs(ctx):
     participants = [f"sub-{s}" for s in dict.fromkeys(i.subject for i in infos)]
     pheno = analysis.check_phenotype_input(ctx, participants)
     ctx.provenance.add_inputs(pheno.files)
+    check_harmonization(ctx, infos)
     return infos, pheno
+
+
+def check_harmonization(ctx, infos) -> None:
+    """With ``stratify.harmonize_site`` set: the column exists, covariates are numeric,
+    every shard has a site and every site >= 2 shards (a ComBat fit on random data with
+    the real confound table), before any training; exit 64/65 naming the problem."""
+    import numpy as np
+    import pandas as pd
+
+    from mmfusion.harmonize import harmonize_for_clustering
+    from mmfusion.validity import collect_confounds
+
+    cfg = ctx.config["stratify"]
+    if cfg["harmonize_site"] is None:
+        return
+    ids = pd.DataFrame({"participant_id": [f"sub-{i.subject}" for i in infos], "session": [i.session for i in infos]})
+    trial = np.random.default_rng(0).standard_normal((len(infos), 3))
+    harmonize_for_clustering(trial, collect_confounds(ctx, ids), cfg)
 
 
 def run_group_level(ctx) -> Path | None:

@@ -59,7 +59,7 @@ def _cluster(X: np.ndarray, cfg: dict, seed: int, n_threads: int, source: str) -
 
 
 def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, seed: int,
-                 n_threads: int) -> dict:
+                 n_threads: int, prepare=None) -> dict:
     """Cluster the PCA baseline (group/baseline/embeddings.tsv) with the same grid search;
     returns {'labels' (n,), 'ari_with_strata', 'n_clusters', ...} or {'status': 'not run: ...'}."""
     from mmfusion.analysis import read_embeddings
@@ -70,6 +70,7 @@ def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, s
     base_ids, B = read_embeddings(tsv)
     if list(base_ids.itertuples(index=False)) != list(ids.itertuples(index=False)):
         return {"status": f"not run: {tsv} holds other subjects than the embeddings"}
+    B = prepare(B) if prepare else B
     log.info("baseline: AP grid search on the %d-component PCA of the images", B.shape[1])
     try:
         grid = stratify.grid_search(B, cfg, seed=seed, n_threads=n_threads, source=str(tsv))
@@ -87,9 +88,10 @@ def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, s
 
 
 def run_stability(group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarray, cfg: dict, seed: int,
-                  n_threads: int, baseline_labels: np.ndarray | None = None) -> dict:
+                  n_threads: int, baseline_labels: np.ndarray | None = None, prepare=None) -> dict:
     """Fold-model and subsample clusterings vs the final one (:func:`mmfusion.stability.assess`);
-    writes group/stability/ and returns the summary (with the labelings)."""
+    writes group/stability/ and returns the summary (with the labelings). ``prepare``
+    (optional) maps each fold embedding before clustering, as the final one was (harmonization)."""
     out_dir = group / "stability"
     n = len(final)
     folds: dict[str, np.ndarray] = {}
@@ -99,7 +101,7 @@ def run_stability(group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarr
         for f in progress(range(fold_emb["model"].shape[0]), "stability: fold models", logger=log):
             for group_of, name, X_fold in ((folds, f"fold-{f + 1:02d}", fold_emb["model"][f]),
                                            (baseline_folds, f"baseline_fold-{f + 1:02d}", fold_emb["baseline"][f])):
-                lab = _cluster(X_fold, cfg, seed, n_threads, f"{name} embeddings")
+                lab = _cluster(prepare(X_fold) if prepare else X_fold, cfg, seed, n_threads, f"{name} embeddings")
                 if lab is not None:
                     group_of[name] = lab
     subsamples, sub_k = {}, []
@@ -146,12 +148,18 @@ def _write_stability(out_dir: Path, ids: pd.DataFrame, labelings: dict[str, np.n
     write_json(out_dir / "stability.json", result.summary)
 
 
-def run_confounds(ctx, group: Path, ids: pd.DataFrame, final: np.ndarray) -> dict:
-    """Confound values and tests (:mod:`mmfusion.confounds`) for the final strata."""
+def collect_confounds(ctx, ids: pd.DataFrame) -> pd.DataFrame:
+    """The confound table (:func:`mmfusion.confounds.collect_confounds`), rows as ``ids``."""
     from mmfusion import confounds
 
     keys = list(zip(ids["participant_id"], ids["session"]))
-    values = confounds.collect_confounds(Path(ctx.bids_dir), Path(ctx.output_dir), keys)
+    return confounds.collect_confounds(Path(ctx.bids_dir), Path(ctx.output_dir), keys)
+
+
+def run_confounds(ctx, group: Path, values: pd.DataFrame, final: np.ndarray) -> dict:
+    """Confound tests (:mod:`mmfusion.confounds`) of the final strata on ``values``."""
+    from mmfusion import confounds
+
     tests = confounds.test_confounds(values, np.asarray(final), float(ctx.config["stats"]["alpha"]))
     paths = confounds.write_outputs(values, tests, group / "confounds")
     flags = confounds.flagged(tests)
@@ -161,13 +169,22 @@ def run_confounds(ctx, group: Path, ids: pd.DataFrame, final: np.ndarray) -> dic
             "flags": flags, "outputs": {k: str(v) for k, v in paths.items()}}
 
 
-def run_checks(ctx, group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarray, n_threads: int) -> dict:
-    """Baseline, stability and confounds of the final strata; returns the JSON-ready
-    summaries and the labelings (``labelings``, for the ground-truth comparison)."""
+def run_checks(ctx, group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarray, n_threads: int,
+               confound_values: pd.DataFrame) -> dict:
+    """Baseline, stability and confounds of the final strata (``X``: the embedding as
+    clustered, harmonized when configured; the baseline and the fold embeddings are
+    harmonized the same way); returns the JSON-ready summaries and the labelings
+    (``labelings``, for the ground-truth comparison)."""
+    from mmfusion.harmonize import harmonize_for_clustering
+
     cfg, seed = ctx.config["stratify"], int(ctx.seed)
-    base = run_baseline(group, ids, final, cfg, seed, n_threads)
-    stab = run_stability(group, ids, X, final, cfg, seed, n_threads, base.get("labels"))
-    conf = run_confounds(ctx, group, ids, final)
+    prepare = None
+    if cfg["harmonize_site"] is not None:
+        def prepare(Z):
+            return harmonize_for_clustering(Z, confound_values, cfg)[0]
+    base = run_baseline(group, ids, final, cfg, seed, n_threads, prepare)
+    stab = run_stability(group, ids, X, final, cfg, seed, n_threads, base.get("labels"), prepare)
+    conf = run_confounds(ctx, group, confound_values, final)
     labelings = stab.pop("labelings")
     base.pop("labels", None)
     return {"baseline": base, "stability": stab, "confounds": conf, "labelings": labelings}

@@ -214,3 +214,38 @@ def test_no_common_subjects_is_a_clear_error(tmp_path):
     ctx.phenotypes_file = root / "other.tsv"
     with pytest.raises(InputDataError, match="only 0 subject"):
         analysis.run_analysis(ctx, out / "group" / "embeddings.tsv")
+
+
+def test_harmonization_removes_a_site_offset_before_clustering(tmp_path):
+    root, out = tmp_path / "bids", tmp_path / "out"
+    _dataset(root, out, n=36, extra_embedding=False, extra_pheno=False)
+    rng = np.random.default_rng(5)
+    sites = rng.permutation(np.repeat(["A", "B"], 18))  # independent of the strata
+    emb = pd.read_csv(out / "group" / "embeddings.tsv", sep="\t")
+    cols = [c for c in emb.columns if c.startswith("emb_")]
+    emb.loc[sites == "B", cols] += 12.0  # a site offset larger than the strata's separation
+    emb.to_csv(out / "group" / "embeddings.tsv", sep="\t", index=False)
+    part = pd.read_csv(root / "participants.tsv", sep="\t").assign(site=sites)
+    part.to_csv(root / "participants.tsv", sep="\t", index=False)
+    common = {"phenotypes": {"exclude": ["participant_id", "site"]}}
+    raw = analysis.run_analysis(_ctx(root, out, **common, stratify={"subsamples": 2}), out / "group" / "embeddings.tsv")
+    assert raw["harmonization"] == {"status": "off"} and raw["ground_truth"]["adjusted_rand_index"] < 0.5
+    harmonized = analysis.run_analysis(_ctx(root, out, **common, stratify={"subsamples": 2, "harmonize_site": "site"}),
+                                       out / "group" / "embeddings.tsv")
+    assert harmonized["harmonization"]["status"] == "done" and harmonized["harmonization"]["sites"] == {"A": 18, "B": 18}
+    assert harmonized["ground_truth"]["adjusted_rand_index"] > 0.9
+
+
+def test_a_harmonization_column_that_does_not_exist_is_refused_before_training(tmp_path):
+    from mmfusion import group
+    from mmfusion.errors import ConfigError
+
+    root, out = tmp_path / "bids", tmp_path / "out"
+    _dataset(root, out, n=6, extra_embedding=False, extra_pheno=False)
+
+    class Info:
+        def __init__(self, s):
+            self.subject, self.session = s, ""
+    infos = [Info(f"{i:03d}") for i in range(6)]
+    with pytest.raises(ConfigError, match="stratify.harmonize_site: 'scanner' is not a confound column"):
+        group.check_harmonization(_ctx(root, out, stratify={"harmonize_site": "scanner"}), infos)
