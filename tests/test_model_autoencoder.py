@@ -69,8 +69,9 @@ def test_separable_mid_flow_has_20x_fewer_parameters():
     for channels in (32, 64):  # deepest encoder / decoder mid-flow of the paper model
         dense, sep = _mid_flow_params(False, channels), _mid_flow_params(True, channels)
         assert dense / sep >= 20, (channels, dense, sep)
-    whole_dense = build_autoencoder(_cfg(separable=False), ["JAC", "NDI"]).count_params()
-    whole_sep = build_autoencoder(_cfg(), ["JAC", "NDI"]).count_params()
+    # the paper's model (with skips): the decoders' mid-flows then see the concatenated skips
+    whole_dense = build_autoencoder(_cfg(separable=False, skip_connections=True), ["JAC", "NDI"]).count_params()
+    whole_sep = build_autoencoder(_cfg(skip_connections=True), ["JAC", "NDI"]).count_params()
     assert whole_sep < whole_dense / 3  # conv/up/down blocks stay dense (docs/method.md#separable-convolutions)
 
 
@@ -113,9 +114,10 @@ def test_loss_is_bce_summed_over_modalities():
 
 
 def test_skip_connections_switch():
-    on = build_autoencoder(_cfg(**SMALL), ["A", "B"])
-    off = build_autoencoder(_cfg(**SMALL), ["A", "B"], skip_connections=False)
-    off_cfg = build_autoencoder(_cfg(**SMALL, skip_connections=False), ["A", "B"])
+    on = build_autoencoder(_cfg(**SMALL, skip_connections=True), ["A", "B"])
+    off = build_autoencoder(_cfg(**SMALL, skip_connections=True), ["A", "B"], skip_connections=False)
+    off_cfg = build_autoencoder(_cfg(**SMALL), ["A", "B"])  # the default: no skips
+    assert default_config()["model"]["skip_connections"] is False
     skip_layers = [layer.name for layer in on.layers if layer.name.endswith("_skip")]
     assert len(skip_layers) == 2 * 3
     assert not [layer for layer in off.layers if layer.name.endswith("_skip")]
