@@ -243,12 +243,17 @@ def _range(d: dict | None) -> str:
     return f"{d['median']:.3f} (range {d['min']:.3f} to {d['max']:.3f}, {d['n']} clusterings)"
 
 
+def _truth_of(out: Path) -> dict:
+    """{clustering name: ARI vs the planted strata} of the baseline and fold clusterings."""
+    return (_read_json(out / "group" / "ground_truth" / "comparison.json") or {}).get("adjusted_rand_index_of", {})
+
+
 def _section_baseline(out: Path) -> str:
     d = out / "group" / "baseline"
     comp = _read_json(d / "comparison.json")
     if not comp:
         return _not_run("no group/baseline/comparison.json (the PCA baseline)")
-    truth = (_read_json(out / "group" / "ground_truth" / "comparison.json") or {}).get("adjusted_rand_index_of", {})
+    truth = _truth_of(out)
     pairs = [("what", f"PCA of the normalized input images (in-mask voxels, modalities concatenated), "
                       f"{comp['components']} components, clustered with the same AP grid search"),
              ("clusters", f"{comp['n_clusters']} (sizes {', '.join(map(str, comp['cluster_sizes']))})"),
@@ -267,7 +272,7 @@ def _section_stability(out: Path) -> str:
     summ = _read_json(d / "stability.json")
     if not summ:
         return _not_run("no group/stability/stability.json")
-    truth = (_read_json(out / "group" / "ground_truth" / "comparison.json") or {}).get("adjusted_rand_index_of", {})
+    truth = _truth_of(out)
     parts = [f"<p>Each cross-validation fold's model embeds every subject and is clustered with the same grid "
              f"search; {summ['n_subsamples']} random subsamples of the subjects are re-clustered too. A stratum's "
              f"stability is the mean Jaccard index of its best match in the other clusterings (stable: &ge; "
