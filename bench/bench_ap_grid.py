@@ -1,7 +1,7 @@
-"""AP grid search: mmfusion.stratify vs the naive scikit-learn loop, side by side.
+"""AP grid search: mmfusion.strata.ap_grid vs the naive scikit-learn loop, side by side.
 
 Embeddings: ``--n`` subjects x ``--d`` dimensions drawn around ``--clusters`` random
-centres (float64). Ours: :func:`mmfusion.stratify.grid_search` on the whole
+centres (float64). Ours: :func:`mmfusion.strata.ap_grid.grid_search` on the whole
 ``--damping-n`` x ``--preference-n`` grid (the paper's 10 x 1000 by default), i.e. S,
 noise and distances once, the fused numba AP kernel in parallel over grid points, the
 batched silhouette. Naive: for ``--naive-points`` grid points spread over the grid,
@@ -42,7 +42,7 @@ def main():
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import silhouette_score
 
-    from mmfusion import stratify as st
+    from mmfusion.strata import ap_grid as st
     from mmfusion.config import default_config
 
     rng = np.random.default_rng(args.seed)

@@ -3,7 +3,7 @@
 At every (grid, channels) where the paper model (default config, 2 modalities) runs a
 BatchNormalization, times forward+backward (min over interleaved repeats, batch 1,
 float32, training=True) of ``keras.layers.BatchNormalization`` and
-:class:`mmfusion.model.normalization.BatchNorm3D`, and the error of each one's float32
+:class:`mmfusion.model.batchnorm.BatchNorm3D`, and the error of each one's float32
 ``gamma`` gradient against a float64 computation (upstream gradient uniform in [0, 1),
 input uniform in [0, 1)). Also prints the step's total: the times weighted by how many
 BatchNormalization layers the model has at each shape.
@@ -43,7 +43,7 @@ def main():
     tf = init_tensorflow(args.threads)
     import keras
     import numpy as np
-    from mmfusion.model.normalization import BatchNorm3D
+    from mmfusion.model.batchnorm import BatchNorm3D
 
     shapes = _bn_shapes()
     rng = np.random.default_rng(0)

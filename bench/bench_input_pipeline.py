@@ -3,7 +3,7 @@
 Writes synthetic shards (two modalities, gzip like the participant level) to a scratch
 folder, then measures side by side in one process:
 
-* reading one volume: h5py ``dset[...]`` vs :func:`mmfusion.data.read_volume`
+* reading one volume: h5py ``dset[...]`` vs :func:`mmfusion.learning.shard_data.read_volume`
   (direct chunk read + zlib outside h5py's lock);
 * the full ``tf.data`` pipeline (read + normalize + batch) with 1 parallel call vs
   AUTOTUNE, in subjects/s;
@@ -23,9 +23,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mmfusion import data as shard_data
-from mmfusion.normalization import PopulationNormalizer
-from mmfusion.shards import Shard, shard_path, write_shard
+from mmfusion.learning import shard_data
+from mmfusion.learning.intensity import PopulationNormalizer
+from mmfusion.io.shards import Shard, shard_path, write_shard
 
 MODALITIES = ["jac", "ndi"]
 

@@ -1,4 +1,4 @@
-"""Permutation test: mmfusion.stats.permutation_null vs a scipy loop, side by side.
+"""Permutation test: mmfusion.strata.stats.permutation_null vs a scipy loop, side by side.
 
 ``--permutations`` (10000) size-preserving re-partitions x ``--factors`` (13) factors x
 ``--n`` (1000) subjects in ``--clusters`` (9) clusters. Ours: ranks once, one batched
@@ -29,7 +29,7 @@ def main():
     import numpy as np
     from scipy import stats as sps
 
-    from mmfusion import stats
+    from mmfusion.strata import stats
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, args.clusters, args.n)

@@ -77,9 +77,9 @@ def true_maps(bids: Path, subjects: list[str]) -> np.ndarray:
 
 
 def shard_maps(out: Path, modalities: list[str]) -> tuple[list[str], np.ndarray]:
-    from mmfusion import baseline
-    from mmfusion import data as shard_data
-    from mmfusion.normalization import PopulationNormalizer
+    from mmfusion.learning import baseline
+    from mmfusion.learning import shard_data
+    from mmfusion.learning.intensity import PopulationNormalizer
 
     infos = shard_data.scan_shards(shard_data.discover_shards(out / "shards"), modalities)
     paths = [i.path for i in infos]
@@ -92,8 +92,8 @@ def with_skips_embedding(out: Path, config: dict, modalities: list[str], seed: i
     """A final model with skips on all shards (the product's training code), embedded."""
     import tempfile
 
-    from mmfusion import data as shard_data
-    from mmfusion import training
+    from mmfusion.learning import shard_data
+    from mmfusion.learning import training
 
     infos = shard_data.scan_shards(shard_data.discover_shards(out / "shards"), modalities)
     cfg = {**config, "model": {**config["model"], "skip_connections": True}}
@@ -108,8 +108,8 @@ def ladder(dirs: list[Path], with_skips: bool, threads: int) -> pd.DataFrame:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
-    from mmfusion import stratify
-    from mmfusion.analysis import read_embeddings
+    from mmfusion.strata import ap_grid
+    from mmfusion.strata.analysis import read_embeddings
 
     rows = []
     for d in dirs:
@@ -134,7 +134,7 @@ def ladder(dirs: list[Path], with_skips: bool, threads: int) -> pd.DataFrame:
         if with_skips:
             stages["with skips (paper)"] = with_skips_embedding(out, config, modalities, seed)
         for stage, X in stages.items():
-            grid = stratify.grid_search(X, config["stratify"], seed=seed, n_threads=threads, quiet=True)
+            grid = ap_grid.grid_search(X, config["stratify"], seed=seed, n_threads=threads, quiet=True)
             km = KMeans(len(np.unique(y)), n_init=10, random_state=0).fit_predict(X)
             rows.append({"dataset": d.name, "stage": stage, "dim": X.shape[1], "n": X.shape[0],
                          "ap_clusters": int(grid.best["n_clusters"]),

@@ -18,7 +18,7 @@ separable model would have with a free depthwise convolution, i.e. a lower bound
 any depthwise kernel. ``--no-dropout`` adds a twin of every model with ``dropout: 0``
 (suffix ``-nodrop``): what the shared Dropout layers cost each model. ``--keras-bn`` adds
 a twin of the separable and the dense model built with Keras' own BatchNormalization
-instead of the fused :class:`~mmfusion.model.normalization.BatchNorm3D` (suffix ``-kbn``).
+instead of the fused :class:`~mmfusion.model.batchnorm.BatchNorm3D` (suffix ``-kbn``).
 
 Usage: ``OMP_NUM_THREADS=2 python bench/bench_train_step.py [--threads 2] [--steps 3]
 [--input 128,128,96] [--implementation auto] [--extra fold] [--floor] [--no-dropout]
@@ -105,7 +105,7 @@ def main():
     import keras
     from mmfusion.model import blocks
     from mmfusion.model.autoencoder import build_autoencoder, compile_autoencoder
-    from mmfusion.model.normalization import BatchNorm3D
+    from mmfusion.model.batchnorm import BatchNorm3D
 
     shape = [int(v) for v in args.input.split(",")]
     mods = ["JAC", "NDI"]

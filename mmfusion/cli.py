@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mmfusion import __version__
-from mmfusion.bids import MODALITIES
+from mmfusion.io.bids import MODALITIES
 from mmfusion.errors import (BrokenInstallError, MmfusionError, NotImplementedLevelError,
                              OutputError, UnknownLevelError, UsageError)
 
@@ -138,7 +138,7 @@ def check_output_location(path: Path, bids_dir: Path, what: str = "output_dir") 
 def check_output_owner(output_dir: Path, bids_dir: Path) -> None:
     """Refuse an output_dir that is another pipeline's derivative dataset (exit 73): our
     outputs would mix with (and, in bids_dir/derivatives, be searched as) its files."""
-    from mmfusion.bids import generated_by
+    from mmfusion.io.bids import generated_by
 
     owners = generated_by(output_dir)
     if owners and "mmfusion" not in owners:
@@ -149,8 +149,8 @@ def check_output_owner(output_dir: Path, bids_dir: Path) -> None:
 def validate_paths(args: argparse.Namespace) -> None:
     """Level known, bids_dir a dataset, output_dir outside the raw data, writable and
     initialised as mmfusion's derivative dataset (dataset_description.json, .bidsignore)."""
-    from mmfusion.bids import check_is_bids
-    from mmfusion.derivatives import init_output_dir
+    from mmfusion.io.bids import check_is_bids
+    from mmfusion.io.derivatives import init_output_dir
 
     if args.analysis_level not in LEVELS:
         raise UnknownLevelError(f"unknown analysis level '{args.analysis_level}'; choose one of "
@@ -205,7 +205,7 @@ def load_run_config(args: argparse.Namespace) -> dict:
 
 def make_context(args: argparse.Namespace, argv: list[str]):
     """Validate the remaining inputs and build the RunContext (logging, provenance, records)."""
-    from mmfusion import bids
+    from mmfusion.io import bids
     from mmfusion.context import RunContext
     from mmfusion.provenance import Provenance
     from mmfusion.runlog import new_run_id, setup_logging
@@ -245,8 +245,8 @@ def run_level(ctx) -> int:
 
     entry = {
         "template": ("mmfusion.spatial.template", "run_template_level"),
-        "participant": ("mmfusion.participant", "run_participant_level"),
-        "group": ("mmfusion.group", "run_group_level"),
+        "participant": ("mmfusion.levels.participant", "run_participant_level"),
+        "group": ("mmfusion.levels.group", "run_group_level"),
     }[ctx.level]
     try:
         module = importlib.import_module(entry[0])

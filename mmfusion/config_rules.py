@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from mmfusion.distribute import parse_sync_batchnorm
+from mmfusion.learning.distribute import parse_sync_batchnorm
 from mmfusion.errors import ConfigError
-from mmfusion.evaluation import BACKGROUNDS
-from mmfusion.phenotypes import MISSING_POLICIES
+from mmfusion.learning.metrics import BACKGROUNDS
+from mmfusion.strata.phenotypes import MISSING_POLICIES
 from mmfusion.spatial.presets import PRESETS
 
 #: Depthwise algorithms of the separable layers (mmfusion/model/layers.py).

@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmfusion.bids import SubjectRecord
+from mmfusion.io.bids import SubjectRecord
 from mmfusion.provenance import Provenance
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfusion import __version__
-from mmfusion.atomic import write_json
+from mmfusion.io.atomic import write_json
 from mmfusion.config import config_hash
 
 LIBRARIES = (

@@ -2,7 +2,7 @@
 
 Usage: ``python tests/multiworker_worker.py OUT.npz (multiworker|reference)``.
 
-multiworker: the strategy comes from :func:`mmfusion.distribute.make_strategy` (TF_CONFIG
+multiworker: the strategy comes from :func:`mmfusion.learning.distribute.make_strategy` (TF_CONFIG
 set by the test: 2 workers, 1 CPU replica each, per-worker batch 1); ``model.sync_batchnorm:
 auto`` then builds synchronized BatchNormalization (statistics of the global batch).
 reference: ONE process, the default strategy (one replica), the same global batch of 2;
@@ -44,7 +44,7 @@ def make_strategy(mode: str):
     import tensorflow as tf
 
     if mode == "multiworker":
-        from mmfusion.distribute import make_strategy as from_env
+        from mmfusion.learning.distribute import make_strategy as from_env
 
         return from_env()
     return tf.distribute.get_strategy()
@@ -75,7 +75,7 @@ def main(out_path: str, mode: str) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from mmfusion.distribute import is_chief
+    from mmfusion.learning.distribute import is_chief
     from mmfusion.model.autoencoder import build_autoencoder, compile_autoencoder, embedding_model
 
     tf.config.experimental.enable_op_determinism()

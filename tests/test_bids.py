@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mmfusion import bids
-from mmfusion.derivatives import init_output_dir
+from mmfusion.io import bids
+from mmfusion.io.derivatives import init_output_dir
 from mmfusion.errors import MissingInputError, NoFilesSelectedError, UsageError
 from tests.bids_fixtures import add_files, make_dataset
 
@@ -75,7 +75,7 @@ def test_session_without_anat_is_skipped_unless_requested(tmp_path, caplog):
     add_files(root, "sub-01/ses-meg/meg/sub-01_ses-meg_task-rest_channels.tsv",
               "sub-01/ses-beh/beh/sub-01_ses-beh_task-nback_beh.tsv",
               "sub-01/ses-fmri/func/sub-01_ses-fmri_task-rest_bold.nii.gz")
-    with caplog.at_level("INFO", logger="mmfusion.bids"):
+    with caplog.at_level("INFO", logger="mmfusion.io.bids"):
         records = bids.discover(root)
     assert [r.key for r in records] == ["sub-01_ses-pre", "sub-02_ses-pre"]
     skipped = [m for m in caplog.messages if "skipped, the session has no T1w image" in m]
@@ -97,7 +97,7 @@ def test_subject_whose_sessions_all_lack_anat_is_kept_as_missing_t1w(tmp_path):
 def test_phenotype_only_rows_are_ignored(tmp_path, caplog):
     root = make_dataset(tmp_path / "ds")
     (root / "participants.tsv").write_text("age\tparticipant_id\n30\tsub-01\n31\tsub-02\n40\tsub-03\n41\t04\n")
-    with caplog.at_level("INFO", logger="mmfusion.bids"):
+    with caplog.at_level("INFO", logger="mmfusion.io.bids"):
         assert [r.subject for r in bids.discover(root)] == ["01", "02"]
     assert any("2 participant(s) of participants.tsv have no imaging folder (phenotype only)" in m
                for m in caplog.messages)
@@ -119,7 +119,7 @@ def _several_t1w(tmp_path):
 
 def test_several_t1w_choice_rule_is_deterministic_and_logged(tmp_path, caplog):
     root = _several_t1w(tmp_path)
-    with caplog.at_level("WARNING", logger="mmfusion.bids"):
+    with caplog.at_level("WARNING", logger="mmfusion.io.bids"):
         [rec] = bids.discover(root)
     # acq, ce, rec, run, echo, part in turn: without the entity first, numbers numerically
     order = ["run-2", "run-10", "rec-norm", "acq-highres", "acq-mprage_run-1"]

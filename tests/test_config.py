@@ -14,7 +14,7 @@ import yaml
 from mmfusion import cli, config_rules
 from mmfusion.config import default_config, load_config
 from mmfusion.errors import ConfigError
-from mmfusion.shards import Shard, shard_path, write_shard
+from mmfusion.io.shards import Shard, shard_path, write_shard
 
 FAST_S = 2.0  # a wrong value must be reported within this many seconds (process start included)
 
@@ -135,7 +135,8 @@ def _group_dataset(tmp_path, ages, modalities=("jac", "ndi"), lacking=()):
 @pytest.fixture()
 def no_training(monkeypatch):
     """Fail the test if the group level gets as far as building a model."""
-    from mmfusion import distribute, training
+    from mmfusion.learning import distribute
+    from mmfusion.learning import training
 
     def refuse(*args, **kwargs):
         raise AssertionError("the group level went on to build/train a model")

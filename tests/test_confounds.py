@@ -1,4 +1,4 @@
-"""Confounds of the strata (mmfusion.confounds) and the simulator's sites (--n-sites)."""
+"""Confounds of the strata (mmfusion.strata.confounds) and the simulator's sites (--n-sites)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmfusion import confounds as cf
+from mmfusion.strata import confounds as cf
 from mmfusion import simulate as sim
 from mmfusion.errors import UsageError
-from mmfusion.shards import Shard, shard_path, write_shard
+from mmfusion.io.shards import Shard, shard_path, write_shard
 
 SIM = dict(n_subjects=6, n_strata=2, voxel_size=6.0, seed=0)
 OLD_SIDECAR = {"Manufacturer": "mmfusion simulate", "MagneticFieldStrength": 3}

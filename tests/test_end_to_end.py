@@ -15,7 +15,7 @@ import h5py
 import pandas as pd
 import pytest
 
-from mmfusion.shards import read_shard
+from mmfusion.io.shards import read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "data" / "tiny_config.yaml"

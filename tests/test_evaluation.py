@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmfusion import evaluation as ev
+from mmfusion.learning import metrics as ev
 
 
 def test_mse_is_mean_squared_difference():

@@ -6,7 +6,7 @@ import multiprocessing as mp
 import pytest
 
 from mmfusion import __version__
-from mmfusion.atomic import atomic_path, write_text_once
+from mmfusion.io.atomic import atomic_path, write_text_once
 from mmfusion.config import config_hash, default_config, load_config
 from mmfusion.errors import ConfigError
 from mmfusion.provenance import Provenance, sha256_file
@@ -95,7 +95,7 @@ def test_atomic_outputs_get_umask_permissions_not_mkstemp_0600(tmp_path):
     """Shards, reports and sidecars must be readable by the group like open()'d files."""
     import stat
 
-    from mmfusion import atomic
+    from mmfusion.io import atomic
 
     expected_file = 0o666 & ~atomic.UMASK
     with atomic.atomic_path(tmp_path / "a.txt") as tmp:

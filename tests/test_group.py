@@ -4,11 +4,11 @@ from types import SimpleNamespace
 import pytest
 
 from mmfusion.errors import MissingInputError
-from mmfusion import report
-from mmfusion.group import check_shards, count_phenotype_only
+from mmfusion.report import group_report
+from mmfusion.levels.group import check_shards, count_phenotype_only
 from mmfusion.provenance import Provenance
-from mmfusion.bids import subject_stem as shard_stem
-from mmfusion.shards import split_stem
+from mmfusion.io.bids import subject_stem as shard_stem
+from mmfusion.io.shards import split_stem
 
 
 def _ctx(tmp_path, allow_missing, labels=()):
@@ -45,7 +45,7 @@ def test_phenotype_only_participants_are_counted_and_reported(tmp_path):
     assert check_shards(ctx) == ["01", "03"]  # the phenotype-only 04, 05 are not expected to have shards
     assert count_phenotype_only(ctx) == ["sub-04", "sub-05"]
     assert ctx.provenance.extra["phenotype_only_participants"] == ["sub-04", "sub-05"]
-    html = report._section_cohort(ctx.output_dir, {"n_embeddings": 2}, ctx.provenance.as_dict())
+    html = group_report._section_cohort(ctx.output_dir, {"n_embeddings": 2}, ctx.provenance.as_dict())
     assert "<th>phenotype only (in participants.tsv, never imaged)</th><td>2</td>" in html
 
 

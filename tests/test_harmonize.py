@@ -1,4 +1,4 @@
-"""Optional ComBat harmonization of the embedding (mmfusion.harmonize): a planted site
+"""Optional ComBat harmonization of the embedding (mmfusion.strata.harmonize): a planted site
 effect is removed, the fit uses the training rows only, bad inputs are refused, and the
 config keys are off by default and checked."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 from mmfusion.config import default_config, load_config
 from mmfusion.errors import ConfigError, InputDataError
-from mmfusion.harmonize import harmonize, harmonize_for_clustering
+from mmfusion.strata.harmonize import harmonize, harmonize_for_clustering
 
 N, D, GROUPS, SITES = 42, 12, 3, ("A", "B", "C")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmfusion.errors import InputDataError, MissingInputError
-from mmfusion.images import check_same_space, fov_overlap, load_3d, load_subject_inputs, zero_nonfinite
+from mmfusion.io.images import check_same_space, fov_overlap, load_3d, load_subject_inputs, zero_nonfinite
 
 
 def _save(path, data, affine=None):

@@ -1,4 +1,4 @@
-"""Multi-worker training (issue 6 items 5 and 6) and the strategy choice of mmfusion.distribute.
+"""Multi-worker training (issue 6 items 5 and 6) and the strategy choice of mmfusion.learning.distribute.
 
 Two CPU worker processes on 127.0.0.1 (TF_CONFIG, MultiWorkerMirroredStrategy, gRPC
 ring collectives) train the small autoencoder (16x16x12, 2 levels, filters [2, 4],
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmfusion.distribute import strategy_name, sync_batchnorm
+from mmfusion.learning.distribute import strategy_name, sync_batchnorm
 from mmfusion.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,7 +165,8 @@ def test_bad_environment_is_a_config_error_naming_the_variable(env, word):
 def test_only_the_chief_writes_under_the_group_folder(tmp_path, monkeypatch):
     import shutil
 
-    from mmfusion import distribute, training
+    from mmfusion.learning import distribute
+    from mmfusion.learning import training
 
     group = tmp_path / "group"
     (group / "checkpoints" / "fold-01").mkdir(parents=True)

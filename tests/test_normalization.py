@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from mmfusion import normalization as nm
+from mmfusion.learning import intensity as nm
 from mmfusion.errors import InputDataError
 
 

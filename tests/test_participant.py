@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import yaml
 
-from mmfusion.bids import SubjectRecord
+from mmfusion.io.bids import SubjectRecord
 from mmfusion.config import load_config
 from mmfusion.context import RunContext
 from mmfusion.errors import InputDataError, MissingInputError, StaleOutputError
-from mmfusion.participant import run_participant_level
+from mmfusion.levels.participant import run_participant_level
 from mmfusion.provenance import Provenance
 from mmfusion.runlog import setup_logging
-from mmfusion.shards import read_attrs, read_shard, shard_path
+from mmfusion.io.shards import read_attrs, read_shard, shard_path
 from mmfusion.simulate import simulate_dataset
 
 SMALL = {"spatial": {"preset": "fast-test", "registration_resolution": 4.0, "grid_voxel_size": 5.0,

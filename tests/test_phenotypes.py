@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmfusion import phenotypes as ph
+from mmfusion.strata import phenotypes as ph
 from mmfusion.config import default_config
 
 CFG = default_config()["phenotypes"]

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmfusion import analysis, report
+from mmfusion.strata import analysis
+from mmfusion.report import group_report
 from mmfusion.config import load_config
 from mmfusion.context import RunContext
 from mmfusion.errors import InputDataError
@@ -118,7 +119,7 @@ def test_report_is_self_contained_and_complete(analysed):
     (out / "group" / "figures").mkdir(exist_ok=True)
     (out / "group" / "figures" / "reconstruction_sub-000.png").write_bytes(
         (out / "group" / "strata" / "ap_grid.png").read_bytes())
-    path = report.write_report(out)
+    path = group_report.write_report(out)
     text = path.read_text()
     parser = _Images()
     parser.feed(text)
@@ -173,7 +174,7 @@ def test_noise_strata_are_flagged_not_reproducible(tmp_path):
     stab = json.loads((out / "group" / "stability" / "stability.json").read_text())
     clusters = pd.read_csv(out / "group" / "stability" / "clusters.tsv", sep="\t")
     assert not stab["reproducible"] and clusters["stability"].min() < 0.75 and not clusters["stable"].all()
-    key = report.write_report(out).read_text()
+    key = group_report.write_report(out).read_text()
     assert "Warning: the strata are not reproducible" in key
 
 
@@ -186,12 +187,12 @@ def test_a_confound_that_follows_the_strata_is_flagged(tmp_path):
     summary = analysis.run_analysis(_ctx(root, out, phenotypes={"exclude": ["participant_id", "site"]},
                                          stratify={"subsamples": 2}), out / "group" / "embeddings.tsv")
     assert any(f.startswith("site") for f in summary["confounds"]["flags"])
-    key = report.write_report(out).read_text()
+    key = group_report.write_report(out).read_text()
     assert "Warning: the strata differ in site" in key
 
 
 def test_report_without_outputs_says_not_run(tmp_path):
-    text = report.write_report(tmp_path).read_text()
+    text = group_report.write_report(tmp_path).read_text()
     assert text.count("not run") >= 8
     assert re.search(r"<h2[^>]*>11\. Caveats", text) is None and "Caveats" in text
     assert "Key results" not in text
@@ -237,7 +238,7 @@ def test_harmonization_removes_a_site_offset_before_clustering(tmp_path):
 
 
 def test_a_harmonization_column_that_does_not_exist_is_refused_before_training(tmp_path):
-    from mmfusion import group
+    from mmfusion.levels import group
     from mmfusion.errors import ConfigError
 
     root, out = tmp_path / "bids", tmp_path / "out"

@@ -173,7 +173,7 @@ def test_strata_recoverable_from_true_template_maps(dataset):
     the strata carry a sizable share of the between-subject variance of every modality."""
     from sklearn.metrics import adjusted_rand_score
 
-    from mmfusion import stratify
+    from mmfusion.strata import ap_grid
     from mmfusion.config import default_config
 
     truth, planted, strata = _truth(dataset)
@@ -192,7 +192,7 @@ def test_strata_recoverable_from_true_template_maps(dataset):
         assert share > 2 * chance, (kind, share)
         # individual variation remains: no subject equals its stratum's mean
         assert ((X - means[labels - 1]) ** 2).sum(1).min() > 0.1 * ((means[labels - 1] - X.mean(0)) ** 2).sum(1).mean()
-        found = stratify.grid_search(X, scfg, seed=0, n_threads=1, source=f"true {kind}")
+        found = ap_grid.grid_search(X, scfg, seed=0, n_threads=1, source=f"true {kind}")
         assert adjusted_rand_score(labels, found.labels) >= 0.8, (kind, found.best)
 
 

@@ -1,9 +1,10 @@
-"""Stability of the strata (mmfusion.stability) and the PCA baseline (mmfusion.baseline)."""
+"""Stability of the strata (mmfusion.strata.stability) and the PCA baseline (mmfusion.learning.baseline)."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from mmfusion import baseline, stability
+from mmfusion.learning import baseline
+from mmfusion.strata import stability
 
 
 def test_cluster_jaccard_exact_and_dissolved():

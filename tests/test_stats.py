@@ -7,7 +7,7 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from mmfusion import stats
+from mmfusion.strata import stats
 
 
 def _data(n=120, k=4, G=3, effect=1.0, seed=0, ties=False):

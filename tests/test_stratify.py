@@ -5,7 +5,7 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import silhouette_score
 
-from mmfusion import stratify as st
+from mmfusion.strata import ap_grid as st
 from mmfusion.config import default_config
 from mmfusion.errors import InputDataError
 

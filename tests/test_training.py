@@ -1,7 +1,7 @@
 """Group-level learning: shards -> tf.data, checkpoints/resume, CV, final model, outputs.
 
 Shards are synthetic (smooth subject-specific volumes inside an ellipsoid "brain", written
-with mmfusion.shards.write_shard on a 32x32x24 grid). Unit tests use a tiny Keras model
+with mmfusion.io.shards.write_shard on a 32x32x24 grid). Unit tests use a tiny Keras model
 with the autoencoder's input/output naming (fast to trace); the end-to-end test runs the
 real autoencoder through the CLI's parser and RunContext in subprocesses.
 """
@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmfusion import data as shard_data
-from mmfusion import training
+from mmfusion.learning import shard_data
+from mmfusion.learning import training
 from mmfusion.config import default_config
 from mmfusion.errors import InputDataError, MissingInputError, UsageError
-from mmfusion.normalization import PopulationNormalizer
-from mmfusion.shards import Shard, shard_path, write_shard
+from mmfusion.learning.intensity import PopulationNormalizer
+from mmfusion.io.shards import Shard, shard_path, write_shard
 
 SHAPE = (32, 32, 24)
 E2E_SHAPE = (16, 16, 12)
@@ -265,7 +265,8 @@ def test_default_model_is_skip_free_and_its_folds_embed_everyone(tmp_path):
 # ------------------------------------------------------- end to end, real model, CLI
 _LEARN = textwrap.dedent("""
     import sys
-    from mmfusion import cli, training
+    from mmfusion import cli
+    from mmfusion.learning import training
     argv = sys.argv[1:]
     args = cli.build_parser().parse_args(argv)
     cli.validate_paths(args)

@@ -4,7 +4,7 @@
 - every relative link points to an existing file (and, for the user-guide pages, to an
   existing heading when it carries a #fragment);
 - every exit code of mmfusion.errors.EXIT_CODES has its section in troubleshooting.md;
-- the HDF5 shard schema documented in outputs.md is exactly what mmfusion.shards writes;
+- the HDF5 shard schema documented in outputs.md is exactly what mmfusion.io.shards writes;
 - the method is in the repository: no file points at the internal specification that users
   never get, and every ``method.md#<anchor>`` in code, config and docs names a heading of
   docs/method.md.
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmfusion import shards
+from mmfusion.io import shards
 from mmfusion.errors import EXIT_CODES
 
 REPO = Path(__file__).resolve().parent.parent

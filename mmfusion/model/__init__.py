@@ -10,7 +10,7 @@ from mmfusion.model.autoencoder import (
     validate_model_config,
 )
 from mmfusion.model.layers import DepthwiseConv3D, SeparableConv3D
-from mmfusion.model.normalization import BatchNorm3D
+from mmfusion.model.batchnorm import BatchNorm3D
 
 __all__ = [
     "BatchNorm3D",

@@ -25,7 +25,7 @@ import re
 
 import keras
 
-from mmfusion.distribute import sync_batchnorm
+from mmfusion.learning.distribute import sync_batchnorm
 from mmfusion.errors import ConfigError
 from mmfusion.model.blocks import (
     BlockSettings,

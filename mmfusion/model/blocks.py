@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import keras
 
 from mmfusion.model.layers import SeparableConv3D
-from mmfusion.model.normalization import BatchNorm3D
+from mmfusion.model.batchnorm import BatchNorm3D
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class BlockSettings:
         implementation: depthwise implementation of the separable layers (``"auto"``).
         sync_batchnorm: BatchNormalization statistics over the global batch, i.e. all
             replicas of a ``tf.distribute`` strategy (``synchronized=True``), instead
-            of each replica's share; see :func:`mmfusion.distribute.sync_batchnorm`.
+            of each replica's share; see :func:`mmfusion.learning.distribute.sync_batchnorm`.
     """
 
     kernel_size: tuple[int, int, int] = (5, 6, 5)
@@ -53,7 +53,7 @@ class BlockSettings:
 def batch_norm(settings: BlockSettings, name: str) -> BatchNorm3D:
     """BatchNormalization over the channel axis, named ``name``.
 
-    A :class:`~mmfusion.model.normalization.BatchNorm3D`: Keras' layer with a fused
+    A :class:`~mmfusion.model.batchnorm.BatchNorm3D`: Keras' layer with a fused
     training kernel on TensorFlow (same weights, same results up to float rounding).
 
     ``synchronized=settings.sync_batchnorm``: in training under a strategy with several

@@ -21,12 +21,12 @@ import ants
 import numpy as np
 
 from mmfusion import __version__
-from mmfusion.atomic import atomic_path, write_json
+from mmfusion.io.atomic import atomic_path, write_json
 from mmfusion.config import config_hash
-from mmfusion.derivatives import res_label
+from mmfusion.io.derivatives import res_label
 from mmfusion.errors import MissingInputError
 from mmfusion.provenance import reuse_existing
-from mmfusion.images import load_3d
+from mmfusion.io.images import load_3d
 from mmfusion.runlog import get_logger, progress
 from mmfusion.spatial import registration as reg
 

@@ -35,8 +35,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mmfusion.atomic import atomic_path
-from mmfusion.bids import MODALITIES, subject_stem
+from mmfusion.io.atomic import atomic_path
+from mmfusion.io.bids import MODALITIES, subject_stem
 from mmfusion.errors import InputDataError, MissingInputError
 
 SCHEMA_VERSION = 1

@@ -17,7 +17,7 @@ Layout (one subject, ``<tpl>`` = the template's space label, ``2p5`` = grid voxe
     shards/ template/ logs/ work/ group/                                      [bidsignored]
 
 Every writer here is atomic; the two shared files are created exactly once even when
-many array tasks race (:func:`mmfusion.atomic.write_text_once`).
+many array tasks race (:func:`mmfusion.io.atomic.write_text_once`).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import json
 from pathlib import Path
 
 from mmfusion import __version__
-from mmfusion.atomic import write_json, write_text_once
-from mmfusion.bids import BIDS_VERSION, subject_stem
+from mmfusion.io.atomic import write_json, write_text_once
+from mmfusion.io.bids import BIDS_VERSION, subject_stem
 
 # bids-validator-deno matches these like .gitignore, but a trailing '/' stops a folder matching
 BIDSIGNORE = [

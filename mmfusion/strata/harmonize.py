@@ -195,7 +195,7 @@ def harmonize_for_clustering(X: np.ndarray, confounds: pd.DataFrame, cfg: dict,
     X : (n, d) float array
         The embedding, rows aligned with ``confounds``.
     confounds : (n, 2 + c) DataFrame
-        :func:`mmfusion.confounds.collect_confounds`' table: ``participant_id``,
+        :func:`mmfusion.strata.confounds.collect_confounds`' table: ``participant_id``,
         ``session``, then the confound columns (e.g. ``site``, ``age``).
     cfg : dict
         The ``stratify`` config section (``harmonize_site``: a column name or None;

@@ -146,7 +146,7 @@ def _save_figure(fig, path):
 
     import matplotlib.pyplot as plt
 
-    from mmfusion.atomic import atomic_path
+    from mmfusion.io.atomic import atomic_path
 
     with atomic_path(Path(path), suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")

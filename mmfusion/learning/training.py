@@ -1,6 +1,6 @@
 """Group-level learning: normalization, k-fold CV, final model, embeddings, reconstructions.
 
-Entry point: :func:`run_learning` (called by :mod:`mmfusion.group`). Outputs, all under
+Entry point: :func:`run_learning` (called by :mod:`mmfusion.levels.group`). Outputs, all under
 ``output_dir/group``::
 
     cv/folds.tsv                  subject, session, fold (held-out fold of each shard)
@@ -15,7 +15,7 @@ Entry point: :func:`run_learning` (called by :mod:`mmfusion.group`). Outputs, al
     embeddings.tsv                participant_id, session, emb_0000 .. emb_<D-1>
     embeddings.h5                 participant_id (n,), session (n,), embedding (n, D) float32
     baseline/embeddings.tsv       participant_id, session, emb_0000 .. : PCA scores of the
-                                  normalized images (mmfusion.baseline), fitted on all shards
+                                  normalized images (mmfusion.learning.baseline), fitted on all shards
     reconstructions/<key>_desc-{real,rec}_<modality>.nii.gz  (normalized [0, 1] scale)
 
 Variants: ``with_skips`` is the configured model (U-Net skips on). ``embedding_only``
@@ -29,7 +29,7 @@ and is reported once, as ``embedding_only``.
 Determinism and resume: each model gets its own seed derived from ``--seed`` and its
 label (``fold-01/with_skips``), set with ``keras.utils.set_random_seed`` right before it
 is built, with ``tf.config.experimental.enable_op_determinism()``; the subject order of
-every epoch is a function of (seed, epoch) (:func:`mmfusion.data.epoch_orders`). After
+every epoch is a function of (seed, epoch) (:func:`mmfusion.learning.shard_data.epoch_orders`). After
 every epoch all model variables (weights, BatchNorm statistics, dropout seed states)
 and all optimizer variables are saved; ``--resume`` restores them and continues, so on
 CPU the final weights equal those of an uninterrupted run (bit for bit across processes
@@ -53,12 +53,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mmfusion import data as shard_data
-from mmfusion import evaluation
-from mmfusion.atomic import atomic_path, write_json, write_text
+from mmfusion.learning import shard_data
+from mmfusion.learning import metrics
+from mmfusion.io.atomic import atomic_path, write_json, write_text
 from mmfusion.config import config_hash
 from mmfusion.errors import StaleOutputError
-from mmfusion.normalization import PopulationNormalizer
+from mmfusion.learning.intensity import PopulationNormalizer
 from mmfusion.runlog import get_logger, progress
 
 log = get_logger(__name__)
@@ -82,13 +82,13 @@ def set_determinism(seed: int) -> None:
 
 
 def distribution_strategy():
-    """The process's strategy, :func:`mmfusion.distribute.make_strategy` (cached there).
+    """The process's strategy, :func:`mmfusion.learning.distribute.make_strategy` (cached there).
 
     Without ``MMFUSION_TF_STRATEGY``/TF_CONFIG/a multi-node SLURM job: MirroredStrategy
     over all GPUs when there are several, else the default strategy. One per process
     (models cached across folds must live in the same strategy).
     """
-    from mmfusion.distribute import make_strategy
+    from mmfusion.learning.distribute import make_strategy
 
     return make_strategy()
 
@@ -103,7 +103,7 @@ def _worker_group_dir(group_dir: Path, resume: bool) -> Path:
     import shutil
     import tempfile
 
-    from mmfusion.distribute import is_chief, task_info
+    from mmfusion.learning.distribute import is_chief, task_info
 
     if is_chief():
         return group_dir
@@ -348,10 +348,10 @@ def evaluate_subject(models: dict[str, object], info: shard_data.ShardInfo, moda
     for variant, model in models.items():
         rec = reconstruct(model, real)
         for m in modalities:
-            bg_pairs = evaluation.background_mask(real[m], real[m], mask, eval_cfg["background"], thr)
-            pairs = evaluation.sample_roi_pairs(bg_pairs, roi, int(eval_cfg["cnr_pairs"]), seed, f"{info.key}_{m}")
-            bg = evaluation.background_mask(real[m], rec[m], mask, eval_cfg["background"], thr)
-            for metric, value in evaluation.image_metrics(real[m], rec[m], bg, pairs, roi).items():
+            bg_pairs = metrics.background_mask(real[m], real[m], mask, eval_cfg["background"], thr)
+            pairs = metrics.sample_roi_pairs(bg_pairs, roi, int(eval_cfg["cnr_pairs"]), seed, f"{info.key}_{m}")
+            bg = metrics.background_mask(real[m], rec[m], mask, eval_cfg["background"], thr)
+            for metric, value in metrics.image_metrics(real[m], rec[m], bg, pairs, roi).items():
                 rows.append({"metric": metric, "subject": f"sub-{info.subject}", "session": info.session,
                              "fold": fold, "modality": m, "variant": variant, "value": value})
     return rows
@@ -465,7 +465,7 @@ def write_fold_embeddings(learner: Learner, path: Path, model, norm: PopulationN
     """Every shard embedded by one fold's model and by the fold's PCA baseline (fitted on
     the fold's training shards, with the fold's normalization) -> ``path`` (npz with
     ``model`` (n, D) and ``baseline`` (n, c) float32), for the stability analysis."""
-    from mmfusion.baseline import baseline_embeddings
+    from mmfusion.learning.baseline import baseline_embeddings
 
     paths = [i.path for i in learner.infos]
     emb = embed(model, paths, learner.modalities, norm)
@@ -493,14 +493,14 @@ def run_cross_validation(learner: Learner) -> dict[str, Path]:
         histories.update(fold_hist)
     table = pd.DataFrame(rows)
     out = {"fold_embeddings": gather_fold_embeddings(learner, k, cv_dir / "fold_embeddings.h5")}
-    for metric in evaluation.METRICS:
+    for metric in metrics.METRICS:
         part = table[table.metric == metric].drop(columns="metric")
         out[f"metrics_{metric}"] = _write_tsv(cv_dir / f"metrics_{metric}.tsv", part)
-    summary = evaluation.summarize_across_folds(table)
+    summary = metrics.summarize_across_folds(table)
     out["summary"] = _write_tsv(cv_dir / "summary.tsv", summary)
     fig_dir = learner.group_dir / "figures"
-    for metric in evaluation.METRICS:
-        out[f"figure_{metric}"] = evaluation.plot_cv_boxplots(table[table.metric == metric], summary, metric,
+    for metric in metrics.METRICS:
+        out[f"figure_{metric}"] = metrics.plot_cv_boxplots(table[table.metric == metric], summary, metric,
                                                               fig_dir / f"cv_{metric}.png")
     out["histories"] = histories
     return out
@@ -618,7 +618,7 @@ def _embedding_frame(infos: Sequence[shard_data.ShardInfo], values: np.ndarray, 
 def write_baseline(learner: Learner, norm: PopulationNormalizer) -> dict[str, Path]:
     """The final PCA baseline (fitted on all shards, final normalization) ->
     ``group/baseline/embeddings.tsv`` (participant_id, session, emb_0000 ... = PC scores)."""
-    from mmfusion.baseline import baseline_embeddings
+    from mmfusion.learning.baseline import baseline_embeddings
 
     paths = [i.path for i in learner.infos]
     scores = baseline_embeddings(paths, paths, learner.modalities, norm,
@@ -646,7 +646,7 @@ def write_reconstructions(learner: Learner, model, norm: PopulationNormalizer) -
                 written.append(path)
             panels.append((info.key, m, real[m], rec[m]))
     if panels:
-        evaluation.plot_reconstructions(panels, learner.group_dir / "figures" / "reconstructions.png")
+        metrics.plot_reconstructions(panels, learner.group_dir / "figures" / "reconstructions.png")
     return written
 
 
@@ -654,7 +654,7 @@ def run_learning(ctx, infos: Sequence[shard_data.ShardInfo] | None = None) -> di
     """The learning half of the group level (see the module docstring for the outputs).
 
     ``ctx`` is a :class:`mmfusion.context.RunContext`; ``infos`` the shards already
-    scanned by :func:`mmfusion.group.check_late_inputs` (scanned here when None). Returns {'embeddings_tsv',
+    scanned by :func:`mmfusion.levels.group.check_late_inputs` (scanned here when None). Returns {'embeddings_tsv',
     'embeddings_h5', 'model_path', 'normalization', 'metrics_mse', 'metrics_normdiff',
     'metrics_cnr', 'summary', 'figure_*', 'training_curves', 'reconstructions'}.
     """
@@ -692,7 +692,7 @@ def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict,
     out.update(paths_out)
     histories = {**out.pop("histories"), "final": final.history}
     out["training_curves"] = _write_tsv(group_dir / "cv" / "training_curves.tsv", _curves_frame(histories))
-    out["figure_training_curves"] = evaluation.plot_training_curves(histories, group_dir / "figures" / "training_curves.png")
+    out["figure_training_curves"] = metrics.plot_training_curves(histories, group_dir / "figures" / "training_curves.png")
     out.update(write_embeddings(learner, model, norm))
     out.update(write_baseline(learner, norm))
     out["reconstructions"] = write_reconstructions(learner, model, norm)

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from mmfusion.atomic import write_json
+from mmfusion.io.atomic import write_json
 from mmfusion.errors import InputDataError
 from mmfusion.runlog import get_logger
 

@@ -48,7 +48,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from mmfusion.atomic import atomic_path, write_json
+from mmfusion.io.atomic import atomic_path, write_json
 from mmfusion.errors import InputDataError, MissingInputError
 from mmfusion.runlog import get_logger
 

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from mmfusion import __version__
-from mmfusion.atomic import write_text
+from mmfusion.io.atomic import write_text
 from mmfusion.runlog import get_logger
 
 log = get_logger(__name__)
@@ -348,7 +348,7 @@ def _section_profiles(out: Path) -> str:
 
 
 def _section_caveats(summary: dict | None) -> str:
-    from mmfusion.analysis import CAVEATS
+    from mmfusion.strata.analysis import CAVEATS
     caveats = (summary or {}).get("caveats") or CAVEATS
     return "<ul>" + "".join(f"<li>{_esc(c)}</li>" for c in dict.fromkeys(caveats)) + "</ul>"
 

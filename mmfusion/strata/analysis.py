@@ -1,8 +1,8 @@
 """Group-level analysis of the embeddings: strata, phenotype factors, statistics.
 
 Orchestration only (docs/method.md#6-clustering, docs/method.md#7-phenotypes-and-statistics):
-:mod:`mmfusion.stratify` (AP grid search), :mod:`mmfusion.phenotypes` (tables, PCA + varimax),
-:mod:`mmfusion.stats` (Kruskal-Wallis, FDR, permutation test, profiles).
+:mod:`mmfusion.strata.ap_grid` (AP grid search), :mod:`mmfusion.strata.phenotypes` (tables, PCA + varimax),
+:mod:`mmfusion.strata.stats` (Kruskal-Wallis, FDR, permutation test, profiles).
 Everything goes to ``ctx.group_dir``::
 
     group/strata/       labels.tsv, ap_grid.tsv, ap_grid.png, ap_selection.json
@@ -10,7 +10,7 @@ Everything goes to ``ctx.group_dir``::
                         loadings.png, scores.tsv, summary.json
     group/stats/        kruskal_wallis.tsv, profiles.tsv, profiles_median.tsv,
                         profiles.png, distributions.png, permutation_null.png
-    group/baseline/, group/stability/, group/confounds/   :mod:`mmfusion.validity`
+    group/baseline/, group/stability/, group/confounds/   :mod:`mmfusion.strata.validity`
     group/ground_truth/ comparison.json, confusion.tsv, factor_match.tsv
                         (only for simulated datasets with sourcedata/ground_truth/)
     group/analysis_summary.json   inputs (with sha256), counts, output paths, caveats
@@ -30,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmfusion import phenotypes as ph
-from mmfusion import stats, stratify, validity
-from mmfusion.atomic import atomic_path, write_json
+from mmfusion.strata import phenotypes as ph
+from mmfusion.strata import stats
+from mmfusion.strata import ap_grid
+from mmfusion.strata import validity
+from mmfusion.io.atomic import atomic_path, write_json
 from mmfusion.errors import InputDataError, MissingInputError
-from mmfusion.harmonize import harmonize_for_clustering
+from mmfusion.strata.harmonize import harmonize_for_clustering
 from mmfusion.provenance import sha256_file
 from mmfusion.runlog import get_logger
 
@@ -92,7 +94,7 @@ def load_phenotype_input(ctx) -> PhenotypeInput:
 
 def _common_subjects(pheno: PhenotypeInput, participants: list[str]) -> tuple[list[str], dict]:
     """Participants (``sub-`` labels) with both an embedding and phenotypes, and the
-    counts of :func:`mmfusion.phenotypes.align_subjects`; refuse fewer than 3."""
+    counts of :func:`mmfusion.strata.phenotypes.align_subjects`; refuse fewer than 3."""
     common, counts = ph.align_subjects(participants, list(pheno.raw.index))
     if len(common) < 3:
         raise ph.PhenotypeError(f"{pheno.files[0]}: only {len(common)} subject(s) have both an embedding and "
@@ -136,9 +138,9 @@ def run_analysis(ctx, embeddings_tsv: Path, pheno: PhenotypeInput | None = None)
     if summary["harmonization"]["status"] == "done":
         log.info("embeddings harmonized across %s (%s) before clustering", cfg["stratify"]["harmonize_site"],
                  ", ".join(f"{k}: {v}" for k, v in summary["harmonization"]["sites"].items()))
-    grid = stratify.grid_search(X, cfg["stratify"], seed=ctx.seed, n_threads=n_threads,
+    grid = ap_grid.grid_search(X, cfg["stratify"], seed=ctx.seed, n_threads=n_threads,
                                 source=str(embeddings_tsv))
-    paths = stratify.write_outputs(grid, ids, group / "strata")
+    paths = ap_grid.write_outputs(grid, ids, group / "strata")
     summary["outputs"]["strata"] = {k: str(v) for k, v in paths.items()}
     summary["clustering"] = {"best": grid.best, "counts": grid.counts,
                              "cluster_sizes": np.bincount(grid.labels).tolist()}

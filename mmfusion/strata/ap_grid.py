@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import euclidean_distances
 
-from mmfusion.atomic import atomic_path, write_json
+from mmfusion.io.atomic import atomic_path, write_json
 from mmfusion.config_rules import DAMPING_MIN_RANGE
 from mmfusion.errors import InputDataError
 from mmfusion.runlog import get_logger, progress

@@ -17,13 +17,15 @@ from pathlib import Path
 import ants
 import numpy as np
 
-from mmfusion import __version__, derivatives, qc
-from mmfusion.atomic import atomic_path
+from mmfusion import __version__
+from mmfusion.io import derivatives
+from mmfusion.report import subject_qc
+from mmfusion.io.atomic import atomic_path
 from mmfusion.config import config_hash
-from mmfusion.images import load_subject_inputs, missing_t1w_error
+from mmfusion.io.images import load_subject_inputs, missing_t1w_error
 from mmfusion.provenance import reuse_existing, sha256_file
 from mmfusion.runlog import get_logger, progress
-from mmfusion.shards import Shard, read_attrs, shard_path, write_shard
+from mmfusion.io.shards import Shard, read_attrs, shard_path, write_shard
 from mmfusion.spatial import registration as reg
 from mmfusion.spatial.resample import output_grid, ras_affine, to_grid
 from mmfusion.spatial.template import TemplateInfo, resolve_template
@@ -177,9 +179,9 @@ def _write_derivatives(ctx, record, template: TemplateInfo, grids: GridImages, r
             src = reg_out.affine if kind == "affine" else reg_out.warp
             with atomic_path(dst) as tmp:
                 shutil.copyfile(src, tmp)
-    similarity = qc.similarity(grids.images["t1"], grids.template, grids.mask)
+    similarity = subject_qc.similarity(grids.images["t1"], grids.template, grids.mask)
     fig = derivatives.figure_path(out_dir, sub, ses)
-    qc.registration_figure(fig, grids.images["t1"], grids.template, grids.images["jac"], grids.mask,
+    subject_qc.registration_figure(fig, grids.images["t1"], grids.template, grids.images["jac"], grids.mask,
                            f"{record.key}  template: {template.source} (space-{template.space})  r(T1w, template) = {similarity:.3f}")
     meta = {"subject": sub, "session": ses or "(none)", "template": template.as_dict(), "preset": cfg["preset"],
             "similarity (Pearson r, warped T1w vs template, in mask)": f"{similarity:.4f}",
@@ -187,5 +189,5 @@ def _write_derivatives(ctx, record, template: TemplateInfo, grids: GridImages, r
             "outputs": {m: str(p.relative_to(out_dir)) for m, p in written.items()},
             "inputs": {m: str(p) for m, p in inputs.items()}, "timings_s": timings,
             "mmfusion_version": __version__}
-    qc.subject_report(derivatives.report_path(out_dir, sub, ses), record.key, fig, meta)
+    subject_qc.subject_report(derivatives.report_path(out_dir, sub, ses), record.key, fig, meta)
     return {"similarity": similarity}

@@ -2,7 +2,7 @@
 
 Nothing here holds more than the volumes of the batches in flight: the pipeline maps
 subject indices to volumes read from their shards in parallel threads, normalizes
-them with the fitted :class:`~mmfusion.normalization.PopulationNormalizer` and
+them with the fitted :class:`~mmfusion.learning.intensity.PopulationNormalizer` and
 prefetches. Volumes are read with plain dataset reads (see ``read_volume``); HDF5
 calls are serialized by a lock, normalization and batching run in parallel.
 
@@ -21,11 +21,11 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from mmfusion.bids import subject_stem
+from mmfusion.io.bids import subject_stem
 from mmfusion.errors import InputDataError, MissingInputError, UsageError
-from mmfusion.normalization import PopulationNormalizer, VolumeStats
+from mmfusion.learning.intensity import PopulationNormalizer, VolumeStats
 from mmfusion.runlog import get_logger, progress
-from mmfusion.shards import read_attrs, split_stem
+from mmfusion.io.shards import read_attrs, split_stem
 
 log = get_logger(__name__)
 # HDF5 calls from tf.data's threads are serialized here (read_direct_chunk from several

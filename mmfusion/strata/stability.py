@@ -1,7 +1,7 @@
 """Are the strata reproducible? Agreement of clusterings across models and subsamples.
 
 docs/method.md#6-clustering ("Stability"). Pure computation on label vectors; the group
-level (:mod:`mmfusion.analysis`) feeds it the final clustering, the clusterings of every
+level (:mod:`mmfusion.strata.analysis`) feeds it the final clustering, the clusterings of every
 cross-validation fold model's embeddings of all subjects, and the clusterings of random
 subsamples of subjects (the whole AP grid search rerun on each), and writes the tables.
 
@@ -174,7 +174,7 @@ def expand(labels: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
 
 def plot_coassignment(matrix: np.ndarray, final: np.ndarray, names: list[str], path):
     """Heat map of the co-assignment matrix, rows and columns ordered by final cluster."""
-    from mmfusion.stats import _plt, _save
+    from mmfusion.strata.stats import _plt, _save
 
     plt = _plt()
     order = np.argsort(final, kind="stable")

@@ -29,7 +29,7 @@ import pandas as pd
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from mmfusion.atomic import atomic_path
+from mmfusion.io.atomic import atomic_path
 from mmfusion.errors import InputDataError
 from mmfusion.runlog import get_logger
 

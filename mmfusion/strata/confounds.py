@@ -28,12 +28,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from mmfusion.atomic import atomic_path
-from mmfusion.bids import subject_stem
+from mmfusion.io.atomic import atomic_path
+from mmfusion.io.bids import subject_stem
 from mmfusion.errors import MmfusionError
 from mmfusion.runlog import get_logger
-from mmfusion.shards import read_attrs, shard_path
-from mmfusion.stats import fdr
+from mmfusion.io.shards import read_attrs, shard_path
+from mmfusion.strata.stats import fdr
 
 log = get_logger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmfusion.atomic import atomic_path, write_text
+from mmfusion.io.atomic import atomic_path, write_text
 
 
 def _slices(vol: np.ndarray) -> list[np.ndarray]:

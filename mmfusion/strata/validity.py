@@ -1,8 +1,8 @@
 """Is the stratification real? The checks every group run makes on its strata.
 
 docs/method.md#6-clustering ("Baseline", "Stability", "Confounds"). Orchestration of
-:mod:`mmfusion.stratify` (the same AP grid search as the strata), :mod:`mmfusion.stability`
-and :mod:`mmfusion.confounds`; called by :func:`mmfusion.analysis.run_analysis` with the
+:mod:`mmfusion.strata.ap_grid` (the same AP grid search as the strata), :mod:`mmfusion.strata.stability`
+and :mod:`mmfusion.strata.confounds`; called by :func:`mmfusion.strata.analysis.run_analysis` with the
 final clustering. Outputs::
 
     group/baseline/    embeddings.tsv (written by training), strata/ (labels.tsv, ap_grid.*),
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmfusion import stability, stratify
-from mmfusion.atomic import atomic_path, write_json
+from mmfusion.strata import stability
+from mmfusion.strata import ap_grid
+from mmfusion.io.atomic import atomic_path, write_json
 from mmfusion.runlog import get_logger, progress
 
 log = get_logger(__name__)
@@ -52,8 +53,8 @@ def _cluster(X: np.ndarray, cfg: dict, seed: int, n_threads: int, source: str) -
     """Labels (n,) of the product's AP grid search (quiet); None (logged) when no grid
     point gives a valid clustering of these rows."""
     try:
-        return stratify.grid_search(X, cfg, seed=seed, n_threads=n_threads, source=source, quiet=True).labels
-    except stratify.ClusteringError as exc:
+        return ap_grid.grid_search(X, cfg, seed=seed, n_threads=n_threads, source=source, quiet=True).labels
+    except ap_grid.ClusteringError as exc:
         log.info("stability: %s; that clustering is left out", exc)
         return None
 
@@ -62,7 +63,7 @@ def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, s
                  n_threads: int, prepare=None) -> dict:
     """Cluster the PCA baseline (group/baseline/embeddings.tsv) with the same grid search;
     returns {'labels' (n,), 'ari_with_strata', 'n_clusters', ...} or {'status': 'not run: ...'}."""
-    from mmfusion.analysis import read_embeddings
+    from mmfusion.strata.analysis import read_embeddings
 
     tsv = group / "baseline" / "embeddings.tsv"
     if not tsv.is_file():
@@ -73,11 +74,11 @@ def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, s
     B = prepare(B) if prepare else B
     log.info("baseline: AP grid search on the %d-component PCA of the images", B.shape[1])
     try:
-        grid = stratify.grid_search(B, cfg, seed=seed, n_threads=n_threads, source=str(tsv))
-    except stratify.ClusteringError as exc:
+        grid = ap_grid.grid_search(B, cfg, seed=seed, n_threads=n_threads, source=str(tsv))
+    except ap_grid.ClusteringError as exc:
         log.warning("baseline not clustered: %s", exc)
         return {"status": f"not run: {exc}"}
-    paths = stratify.write_outputs(grid, ids, group / "baseline" / "strata")
+    paths = ap_grid.write_outputs(grid, ids, group / "baseline" / "strata")
     out = {"status": "done", "components": int(B.shape[1]), "n_clusters": int(grid.best["n_clusters"]),
            "silhouette": float(grid.best["silhouette"]), "cluster_sizes": np.bincount(grid.labels).tolist(),
            "ari_with_strata": stability.ari(final, grid.labels),
@@ -89,7 +90,7 @@ def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, s
 
 def run_stability(group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarray, cfg: dict, seed: int,
                   n_threads: int, baseline_labels: np.ndarray | None = None, prepare=None) -> dict:
-    """Fold-model and subsample clusterings vs the final one (:func:`mmfusion.stability.assess`);
+    """Fold-model and subsample clusterings vs the final one (:func:`mmfusion.strata.stability.assess`);
     writes group/stability/ and returns the summary (with the labelings). ``prepare``
     (optional) maps each fold embedding before clustering, as the final one was (harmonization)."""
     out_dir = group / "stability"
@@ -149,16 +150,16 @@ def _write_stability(out_dir: Path, ids: pd.DataFrame, labelings: dict[str, np.n
 
 
 def collect_confounds(ctx, ids: pd.DataFrame) -> pd.DataFrame:
-    """The confound table (:func:`mmfusion.confounds.collect_confounds`), rows as ``ids``."""
-    from mmfusion import confounds
+    """The confound table (:func:`mmfusion.strata.confounds.collect_confounds`), rows as ``ids``."""
+    from mmfusion.strata import confounds
 
     keys = list(zip(ids["participant_id"], ids["session"]))
     return confounds.collect_confounds(Path(ctx.bids_dir), Path(ctx.output_dir), keys)
 
 
 def run_confounds(ctx, group: Path, values: pd.DataFrame, final: np.ndarray) -> dict:
-    """Confound tests (:mod:`mmfusion.confounds`) of the final strata on ``values``."""
-    from mmfusion import confounds
+    """Confound tests (:mod:`mmfusion.strata.confounds`) of the final strata on ``values``."""
+    from mmfusion.strata import confounds
 
     tests = confounds.test_confounds(values, np.asarray(final), float(ctx.config["stats"]["alpha"]))
     paths = confounds.write_outputs(values, tests, group / "confounds")
@@ -175,7 +176,7 @@ def run_checks(ctx, group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.nda
     clustered, harmonized when configured; the baseline and the fold embeddings are
     harmonized the same way); returns the JSON-ready summaries and the labelings
     (``labelings``, for the ground-truth comparison)."""
-    from mmfusion.harmonize import harmonize_for_clustering
+    from mmfusion.strata.harmonize import harmonize_for_clustering
 
     cfg, seed = ctx.config["stratify"], int(ctx.seed)
     prepare = None

@@ -1,7 +1,7 @@
 """The group level: shards -> model + embeddings -> strata + phenotype statistics -> report.
 
-Orchestration only; the work is in :mod:`mmfusion.training`, :mod:`mmfusion.analysis`
-and :mod:`mmfusion.report`.
+Orchestration only; the work is in :mod:`mmfusion.learning.training`, :mod:`mmfusion.strata.analysis`
+and :mod:`mmfusion.report.group_report`.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mmfusion.errors import MissingInputError
 from mmfusion.runlog import get_logger, terminal_print
-from mmfusion.shards import split_stem
+from mmfusion.io.shards import split_stem
 
 log = get_logger(__name__)
 
@@ -53,7 +53,7 @@ def check_shards(ctx) -> list[str]:
 def count_phenotype_only(ctx) -> list[str]:
     """participants.tsv rows without an imaging folder: logged, and recorded in the
     provenance (the report shows their count as "phenotype only")."""
-    from mmfusion.bids import phenotype_only_subjects
+    from mmfusion.io.bids import phenotype_only_subjects
 
     labels = [f"sub-{s}" for s in phenotype_only_subjects(ctx.bids_dir)]
     if labels:
@@ -69,8 +69,8 @@ def check_late_inputs(ctx):
     modality; their grid vs ``model.input_shape``; ``training.cv_folds`` vs the number of
     subjects, exit 64) and the phenotype tables (read and type-checked, exit 65 naming the
     file, column and line of a junk cell). Returns (shard infos, phenotype input)."""
-    from mmfusion import analysis
-    from mmfusion import data as shard_data
+    from mmfusion.strata import analysis
+    from mmfusion.learning import shard_data
 
     paths = shard_data.discover_shards(ctx.output_dir / "shards", ctx.participant_labels)
     infos = shard_data.scan_shards(paths, ctx.modalities, ctx.allow_missing)
@@ -90,8 +90,8 @@ def check_harmonization(ctx, infos) -> None:
     import numpy as np
     import pandas as pd
 
-    from mmfusion.harmonize import harmonize_for_clustering
-    from mmfusion.validity import collect_confounds
+    from mmfusion.strata.harmonize import harmonize_for_clustering
+    from mmfusion.strata.validity import collect_confounds
 
     cfg = ctx.config["stratify"]
     if cfg["harmonize_site"] is None:
@@ -104,7 +104,10 @@ def check_harmonization(ctx, infos) -> None:
 def run_group_level(ctx) -> Path | None:
     """Run the whole group level; returns the path of the HTML report (None on a
     non-chief worker of a multi-worker run, which only trains)."""
-    from mmfusion import analysis, distribute, report, training
+    from mmfusion.strata import analysis
+    from mmfusion.learning import distribute
+    from mmfusion.report import group_report
+    from mmfusion.learning import training
 
     ctx.participant_labels = check_shards(ctx)
     count_phenotype_only(ctx)
@@ -116,7 +119,7 @@ def run_group_level(ctx) -> Path | None:
         log.info("non-chief worker: training done; the chief writes the analysis and the report")
         return None
     analysis.run_analysis(ctx, Path(learning["embeddings_tsv"]), pheno)
-    path = report.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
+    path = group_report.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
     log.info("report: %s", path)
     terminal_print(f"mmfusion report: {path}")
     return path

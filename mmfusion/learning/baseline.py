@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mmfusion import data as shard_data
-from mmfusion.normalization import PopulationNormalizer
+from mmfusion.learning import shard_data
+from mmfusion.learning.intensity import PopulationNormalizer
 
 
 def union_mask(paths: Sequence[Path]) -> np.ndarray:

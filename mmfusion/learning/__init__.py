@@ -1,0 +1,1 @@
+"""Shards -> normalized tensors -> trained autoencoders -> embeddings."""

@@ -1,0 +1,1 @@
+"""The group report, the subject QC page and every figure."""

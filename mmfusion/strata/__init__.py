@@ -1,0 +1,1 @@
+"""Embeddings -> strata (AP grid), their checks, phenotype factors and statistics."""
