@@ -244,7 +244,7 @@ def run_level(ctx) -> int:
     import importlib
 
     entry = {
-        "template": ("mmfusion.spatial.template", "run_template_level"),
+        "template": ("mmfusion.levels.template", "run_template_level"),
         "participant": ("mmfusion.levels.participant", "run_participant_level"),
         "group": ("mmfusion.levels.group", "run_group_level"),
     }[ctx.level]

@@ -55,3 +55,9 @@ class RunContext:
     def group_dir(self) -> Path:
         """Where group-level outputs go: ``output_dir/group``."""
         return self.output_dir / "group"
+
+
+def scratch_dir(ctx) -> Path:
+    """``ctx.work_dir``, created if missing: where a level's temporary folders go."""
+    Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
+    return Path(ctx.work_dir)

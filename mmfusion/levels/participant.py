@@ -22,6 +22,7 @@ from mmfusion.io import derivatives
 from mmfusion.report import subject_qc
 from mmfusion.io.atomic import atomic_path
 from mmfusion.config import config_hash
+from mmfusion.context import scratch_dir
 from mmfusion.io.images import load_subject_inputs, missing_t1w_error
 from mmfusion.provenance import reuse_existing, sha256_file
 from mmfusion.runlog import get_logger, progress
@@ -102,8 +103,7 @@ def process_subject(ctx, record, template: TemplateInfo, params: dict) -> Path:
         ctx.logger.info("%s: up to date (%s), skipping; --force redoes it", key, shard_file)
         return shard_file
     ctx.logger.info("%s: registering to the %s template", key, template.source)
-    Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"mmf_{key}_", dir=ctx.work_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"mmf_{key}_", dir=scratch_dir(ctx)) as tmp:
         grids, timings, reg_out = _register_and_resample(cfg, t1_nii, maps, template, params, Path(tmp))
         outputs = _write_derivatives(ctx, record, template, grids, reg_out, inputs, timings)
     grids_qc = {**qc_counts, "similarity_t1_template": outputs["similarity"],
