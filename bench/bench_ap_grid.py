@@ -43,6 +43,7 @@ def main():
     from sklearn.metrics import silhouette_score
 
     from mmfusion.strata import ap_grid as st
+    from mmfusion.strata import ap_kernel as apk
     from mmfusion.config import default_config
 
     rng = np.random.default_rng(args.seed)
@@ -51,7 +52,7 @@ def main():
     cfg = dict(default_config()["stratify"], damping_n=args.damping_n, preference_n=args.preference_n)
     P = args.damping_n * args.preference_n
     print(f"n={args.n} d={args.d} grid={args.damping_n}x{args.preference_n} ({P} fits) "
-          f"max_iter={cfg['max_iter']} threads={args.threads} numba={st.HAVE_NUMBA}")
+          f"max_iter={cfg['max_iter']} threads={args.threads} numba={apk.HAVE_NUMBA}")
 
     # warm-up: compile the numba kernels outside the timing
     st.grid_search(X[:40], dict(cfg, damping_n=1, preference_n=2), seed=args.seed, n_threads=args.threads)
@@ -84,7 +85,7 @@ def main():
         c_naive += time.process_time() - c0
         iters += ap.n_iter_
         if converged and row["converged"]:
-            ours_labels = st.ap_fits(*st.noised_similarity(st.similarity_matrix(X), args.seed),
+            ours_labels = apk.ap_fits(*apk.noised_similarity(st.similarity_matrix(X), args.seed),
                                      [row["damping"]], [row["preference"]], cfg["max_iter"],
                                      cfg["convergence_iter"], 1)[0][0]
             compared += 1

@@ -6,6 +6,7 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import silhouette_score
 
 from mmfusion.strata import ap_grid as st
+from mmfusion.strata import ap_kernel as apk
 from mmfusion.config import default_config
 from mmfusion.errors import InputDataError
 
@@ -25,8 +26,8 @@ def test_labels_identical_to_sklearn_including_non_converged():
     X, _ = _blobs(n=70, std=4.0)
     S, dd, pp = _grid(X, n_d=3, n_p=5)
     dd, pp = np.append(dd, 0.95), np.append(pp, pp[0])
-    Sn, zd = st.noised_similarity(S, seed=3)
-    labels, n_iter, conv = st.ap_fits(Sn, zd, dd, pp, max_iter=40, convergence_iter=15, n_threads=2)
+    Sn, zd = apk.noised_similarity(S, seed=3)
+    labels, n_iter, conv = apk.ap_fits(Sn, zd, dd, pp, max_iter=40, convergence_iter=15, n_threads=2)
     n_clusters = set()
     for k in range(dd.size):
         ref, ref_conv, ref_iter = st.sklearn_reference_labels(X, dd[k], pp[k], 3, 40, 15)
@@ -44,9 +45,9 @@ def test_labels_identical_to_sklearn_including_non_converged():
 def test_numpy_fallback_gives_the_same_labels():
     X, _ = _blobs(n=40, seed=5)
     S, dd, pp = _grid(X, n_d=2, n_p=3)
-    Sn, zd = st.noised_similarity(S, seed=0)
-    a = st.ap_fits(Sn, zd, dd, pp, 200, 15, 2, use_numba=True)
-    b = st.ap_fits(Sn, zd, dd, pp, 200, 15, 2, use_numba=False)
+    Sn, zd = apk.noised_similarity(S, seed=0)
+    a = apk.ap_fits(Sn, zd, dd, pp, 200, 15, 2, use_numba=True)
+    b = apk.ap_fits(Sn, zd, dd, pp, 200, 15, 2, use_numba=False)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
 
@@ -124,7 +125,7 @@ def _sklearn_messages(S, damping, n_iter):
     n = S.shape[0]
     A, R, tmp = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n))
     for _ in range(n_iter):
-        st.sklearn_iteration(A, R, S, tmp, damping)
+        apk.sklearn_iteration(A, R, S, tmp, damping)
     return A, R
 
 
@@ -134,11 +135,11 @@ def test_kernel_messages_bit_identical_after_each_iteration(ties):
     # maxima per row (integer similarities), which exercises the tie handling
     X, _ = _blobs(n=150, d=6, std=3.0, seed=4)
     S = st.similarity_matrix(X)
-    Sn, zd = st.noised_similarity(S, seed=0)
+    Sn, zd = apk.noised_similarity(S, seed=0)
     if ties:
         Sn = np.round(Sn / 4.0)
     for damping, q in [(0.5, 5), (0.7, 50), (0.93, 95)]:
-        sdiag = st.noised_diagonal(np.percentile(S, q), zd)
+        sdiag = apk.noised_diagonal(np.percentile(S, q), zd)
         if ties:
             sdiag = np.round(sdiag / 4.0)
         full = Sn.copy()
@@ -146,7 +147,7 @@ def test_kernel_messages_bit_identical_after_each_iteration(ties):
         AR = np.empty((150, 2, 150))
         for n_iter in (1, 2, 9):
             E = np.zeros(150, dtype=bool)
-            it, conv = st._ap_run(Sn, sdiag, damping, n_iter, n_iter + 1, E, AR)
+            it, conv = apk._ap_run(Sn, sdiag, damping, n_iter, n_iter + 1, E, AR)
             A, R = _sklearn_messages(full, damping, n_iter)
             assert (it, conv) == (n_iter, False)
             assert np.array_equal(AR[:, 0], A) and np.array_equal(AR[:, 1], R), (damping, q, n_iter)
@@ -156,11 +157,11 @@ def test_kernel_messages_bit_identical_after_each_iteration(ties):
 def test_n150_labels_and_iterations_identical_to_sklearn():
     X, _ = _blobs(n=150, d=10, centers=6, std=3.0, seed=7)
     S = st.similarity_matrix(X)
-    Sn, zd = st.noised_similarity(S, seed=11)
+    Sn, zd = apk.noised_similarity(S, seed=11)
     pairs = [(0.5, 10.0), (0.5, 50.0), (0.66, 30.0), (0.8, 2.0), (0.9, 50.0), (0.97, 20.0)]
     dd = np.array([d for d, _ in pairs])
     pp = np.array([np.percentile(S, q) for _, q in pairs])
-    labels, n_iter, conv = st.ap_fits(Sn, zd, dd, pp, max_iter=300, convergence_iter=15, n_threads=2)
+    labels, n_iter, conv = apk.ap_fits(Sn, zd, dd, pp, max_iter=300, convergence_iter=15, n_threads=2)
     for k in range(len(pairs)):
         ref, ref_conv, ref_iter = st.sklearn_reference_labels(X, dd[k], pp[k], 11, 300, 15)
         assert (conv[k], n_iter[k]) == (ref_conv, ref_iter), pairs[k]
