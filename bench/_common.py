@@ -1,10 +1,27 @@
 """Shared set-up for the bench scripts (run as ``python bench/<name>.py``)."""
+import argparse
 import os
+
+
+def cluster_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the benches on synthetic clustered data (``--n`` subjects in
+    ``--clusters`` clusters, ``--threads``); the description is ``doc``'s first line."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--clusters", type=int, default=9)
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def limit_threads(threads: int) -> None:
+    """OpenMP (numpy's BLAS, numba) to ``threads`` threads unless OMP_NUM_THREADS is set;
+    call before numpy is imported."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def init_tensorflow(threads: int):
     """Limit TensorFlow (and OpenMP) to ``threads`` CPU threads; return the ``tf`` module."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    limit_threads(threads)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 

@@ -15,28 +15,25 @@ Usage: ``OMP_NUM_THREADS=2 python bench/bench_ap_grid.py [--n 1000 --d 1536
 """
 from __future__ import annotations
 
-import argparse
-import os
 import time
 import warnings
 
+from _common import cluster_parser, limit_threads  # bench/ is on sys.path
+
 
 def _parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=1000)
+    p = cluster_parser(__doc__)
     p.add_argument("--d", type=int, default=1536)
-    p.add_argument("--clusters", type=int, default=9)
     p.add_argument("--damping-n", type=int, default=10)
     p.add_argument("--preference-n", type=int, default=1000)
     p.add_argument("--naive-points", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
 
 def main():
     args = _parse()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    limit_threads(args.threads)
     import numpy as np
     from sklearn.cluster import AffinityPropagation
     from sklearn.exceptions import ConvergenceWarning

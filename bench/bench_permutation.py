@@ -4,28 +4,25 @@
 ``--n`` (1000) subjects in ``--clusters`` (9) clusters. Ours: ranks once, one batched
 one-hot product per chunk of permutations. Naive: ``scipy.stats.kruskal`` per factor and
 permutation on ``--naive-permutations`` permutations, scaled to the full count. Checks
-the observed H against scipy and prints both times and the ratio. Target: <= 10 s on
-2 cores.
+the observed H against scipy and prints both times and the ratio.
 
 Usage: ``OMP_NUM_THREADS=2 python bench/bench_permutation.py``
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
+from _common import cluster_parser, limit_threads  # bench/ is on sys.path
+
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=1000)
+    p = cluster_parser(__doc__)
     p.add_argument("--factors", type=int, default=13)
-    p.add_argument("--clusters", type=int, default=9)
     p.add_argument("--permutations", type=int, default=10000)
     p.add_argument("--naive-permutations", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    limit_threads(args.threads)
     import numpy as np
     from scipy import stats as sps
 
