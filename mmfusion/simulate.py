@@ -41,7 +41,7 @@ import pandas as pd
 
 from mmfusion._version import __version__
 from mmfusion.io.atomic import atomic_dir, write_json, write_text
-from mmfusion.io.bids import BIDS_VERSION, subject_stem
+from mmfusion.io.bids import BIDS_VERSION, subject_folder, subject_stem
 from mmfusion.cli import UsageParser
 from mmfusion.errors import MmfusionError, OutputError, UsageError
 from mmfusion.runlog import get_logger, progress
@@ -896,7 +896,7 @@ def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, re
         img = render_session(rng, grid, t1_coeffs, maps, coords, bias=opts["bias_field"],
                              noise=opts["noise"], affine=opts["random_affine"], site=site)
         key = subject_stem(label, ses)
-        rel = Path(f"sub-{label}") / (f"ses-{ses}" if ses else "")
+        rel = subject_folder(label, ses)
         _save_nifti(root / rel / "anat" / f"{key}_T1w.nii.gz", img.t1w, img.affine, dtype=np.int16)
         write_json(root / rel / "anat" / f"{key}_T1w.json",
                     dict(site.sidecar) if site is not None else dict(DEFAULT_SIDECAR))

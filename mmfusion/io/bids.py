@@ -16,6 +16,12 @@ def subject_stem(subject: str, session: str = "") -> str:
     return f"sub-{subject}" + (f"_ses-{session}" if session else "")
 
 
+def subject_folder(subject: str, session: str = "") -> Path:
+    """``sub-X`` or ``sub-X/ses-Y``: the folder of one subject (and session), relative to
+    the dataset root (labels without ``sub-``/``ses-``)."""
+    return Path(f"sub-{subject}") / (f"ses-{session}" if session else "")
+
+
 @dataclass(frozen=True)
 class SubjectRecord:
     """Everything the participant level needs for one subject (and session).

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mmfusion import __version__
 from mmfusion.io.atomic import write_json, write_text_once
-from mmfusion.io.bids import BIDS_VERSION, subject_stem
+from mmfusion.io.bids import BIDS_VERSION, subject_folder, subject_stem
 
 # bids-validator-deno matches these like .gitignore, but a trailing '/' stops a folder matching
 BIDSIGNORE = [
@@ -64,8 +64,7 @@ level. See the mmfusion documentation (docs/registration.md).
 
 
 def subject_dir(output_dir: Path, subject: str, session: str = "") -> Path:
-    base = Path(output_dir) / f"sub-{subject}"
-    return (base / f"ses-{session}" if session else base) / "anat"
+    return Path(output_dir) / subject_folder(subject, session) / "anat"
 
 
 def res_label(voxel_size_mm: float) -> str:

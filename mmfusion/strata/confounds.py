@@ -29,7 +29,8 @@ import pandas as pd
 from scipy import stats as sps
 
 from mmfusion.io.atomic import atomic_path
-from mmfusion.io.bids import subject_stem
+from mmfusion.io.bids import subject_folder, subject_stem
+from mmfusion.io.derivatives import subject_dir
 from mmfusion.errors import MmfusionError
 from mmfusion.runlog import get_logger
 from mmfusion.io.shards import read_attrs, shard_path
@@ -105,7 +106,7 @@ def _t1w_sidecar(bids_dir: Path, participant_id: str, session: str) -> dict:
     """
     stem = subject_stem(participant_id.removeprefix("sub-"), session)
     sub_dir = bids_dir / participant_id
-    ses_dir = sub_dir / f"ses-{session}" if session else sub_dir
+    ses_dir = bids_dir / subject_folder(participant_id.removeprefix("sub-"), session)
     candidates = [bids_dir / "T1w.json", sub_dir / f"{participant_id}_T1w.json"]
     if session:
         candidates.append(ses_dir / f"{stem}_T1w.json")
@@ -133,7 +134,7 @@ def head_scale(affine_mat: Path) -> float:
 
 
 def _head_scale(output_dir: Path, participant_id: str, session: str) -> float:
-    folder = output_dir / participant_id / (f"ses-{session}" if session else "") / "anat"
+    folder = subject_dir(output_dir, participant_id.removeprefix("sub-"), session)
     stem = subject_stem(participant_id.removeprefix("sub-"), session)
     mats = sorted(folder.glob(f"{stem}_*desc-affine_xfm.mat"))
     if not mats:
