@@ -134,10 +134,11 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, ov
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import ants
     from mmfusion.spatial import registration as reg
+    from mmfusion.spatial.presets import resolve_preset
     from mmfusion.spatial.registration import n4_correct
     from mmfusion.spatial.resample import output_grid, to_grid
     reg.set_ants_threads(threads, seed)
-    params = reg.resolve_preset(preset, overrides)
+    params = resolve_preset(preset, overrides)
     tpl = ants.image_read(str(row["template"]))
     mask = ants.image_read(str(row["mask"]))
     t0 = time.perf_counter()

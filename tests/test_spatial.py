@@ -13,6 +13,7 @@ import pytest
 
 from mmfusion.errors import ConfigError
 from mmfusion.simulate import simulate_dataset
+from mmfusion.spatial import presets
 from mmfusion.spatial import registration as reg
 from mmfusion.spatial.resample import image_centre, output_grid, ras_affine, to_grid
 
@@ -57,19 +58,19 @@ def test_downsampling_preserves_the_mean_of_a_smooth_map():
 
 
 def test_presets_and_overrides():
-    p = reg.resolve_preset("default", {"reg_iterations": [5, 0]})
-    assert p["reg_iterations"] == [5, 0] and reg.PRESETS["default"]["reg_iterations"] != [5, 0]
-    assert reg.resolve_preset("paper")["syn_metric"] == "CC"
+    p = presets.resolve_preset("default", {"reg_iterations": [5, 0]})
+    assert p["reg_iterations"] == [5, 0] and presets.PRESETS["default"]["reg_iterations"] != [5, 0]
+    assert presets.resolve_preset("paper")["syn_metric"] == "CC"
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
-        reg.resolve_preset("nope")
+        presets.resolve_preset("nope")
     with pytest.raises(ConfigError, match="unknown key 'iters'"):
-        reg.resolve_preset("default", {"iters": 3})
+        presets.resolve_preset("default", {"iters": 3})
 
 
 def test_brackets_in_workdir_are_refused(tmp_path):
     tpl = _template()
     with pytest.raises(ValueError, match="'\\['"):
-        reg.register_to_template(tpl, tpl, reg.resolve_preset("fast-test"), tmp_path / "a[1]")
+        reg.register_to_template(tpl, tpl, presets.resolve_preset("fast-test"), tmp_path / "a[1]")
 
 
 def test_recovers_planted_logjac_on_a_small_subject(tmp_path):
@@ -80,7 +81,7 @@ def test_recovers_planted_logjac_on_a_small_subject(tmp_path):
     tpl = ants.image_read(str(truth_dir / "template_T1w.nii.gz"))
     mask = ants.image_read(str(truth_dir / "template_mask.nii.gz"))
     moving = reg.n4_correct(ants.image_read(str(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz")))
-    params = reg.resolve_preset("default", {"syn_metric": "mattes", "syn_sampling": 32})  # CC: too slow for CI
+    params = presets.resolve_preset("default", {"syn_metric": "mattes", "syn_sampling": 32})  # CC: too slow for CI
     res = reg.register_to_template(tpl, moving, params, tmp_path / "reg")
     logjac = reg.log_jacobian(tpl, res).numpy()
     truth = ants.image_read(str(next(truth_dir.glob("sub-01*logjac*.nii.gz")))).numpy()

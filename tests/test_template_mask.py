@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import ants
 import numpy as np
 
+from mmfusion.spatial import presets
 from mmfusion.spatial import registration as reg
 from mmfusion.spatial import template as tp
 
@@ -38,7 +39,7 @@ def test_user_template_mask_is_computed_once_and_shared(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tp, "_mask_by_mni", counting)
-    params = reg.resolve_preset("fast-test")
+    params = presets.resolve_preset("fast-test")
     results = [None, None]
 
     def resolve(k):

@@ -28,6 +28,7 @@ from mmfusion.provenance import reuse_existing, sha256_file
 from mmfusion.runlog import get_logger, progress
 from mmfusion.io.shards import Shard, read_attrs, shard_path, write_shard
 from mmfusion.spatial import registration as reg
+from mmfusion.spatial.presets import resolve_preset
 from mmfusion.spatial.resample import output_grid, ras_affine, to_grid
 from mmfusion.spatial.template import TemplateInfo, resolve_template
 
@@ -57,7 +58,7 @@ def run_participant_level(ctx) -> list[Path]:
     """Process every record in ``ctx.records``; return the shard paths written or kept."""
     cfg = ctx.config["spatial"]
     reg.set_ants_threads(ctx.omp_nthreads, cfg["random_seed"])
-    params = reg.resolve_preset(cfg["preset"], cfg["registration_overrides"])
+    params = resolve_preset(cfg["preset"], cfg["registration_overrides"])
     for record in ctx.records:  # fail fast, before any subject is processed
         if record.t1w is None:
             raise missing_t1w_error(record.key)

@@ -22,6 +22,7 @@ from mmfusion.errors import MissingInputError
 from mmfusion.io.atomic import atomic_path, write_json
 from mmfusion.provenance import reuse_existing
 from mmfusion.spatial import registration as reg
+from mmfusion.spatial.presets import resolve_preset
 from mmfusion.spatial.template import build_study_template, image_hash, study_template_paths
 
 
@@ -42,7 +43,7 @@ def run_template_level(ctx) -> Path:
     provenance JSON. Returns the template folder."""
     cfg = ctx.config["spatial"]
     reg.set_ants_threads(ctx.omp_nthreads, cfg["random_seed"])
-    params = reg.resolve_preset(cfg["preset"], cfg["registration_overrides"])
+    params = resolve_preset(cfg["preset"], cfg["registration_overrides"])
     n = cfg["template_subjects"]  # --template-subjects sets it (mmfusion.cli.config_overrides)
     chosen = select_template_subjects(ctx.records, n, ctx.seed)
     paths = study_template_paths(ctx.output_dir, float(cfg["registration_resolution"]))

@@ -18,7 +18,6 @@ import ants
 import numpy as np
 
 from mmfusion.runlog import get_logger
-from mmfusion.spatial.presets import PRESETS, resolve_preset  # noqa: F401 (the presets live there)
 
 log = get_logger(__name__)
 
