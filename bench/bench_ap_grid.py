@@ -16,7 +16,6 @@ Usage: ``OMP_NUM_THREADS=2 python bench/bench_ap_grid.py [--n 1000 --d 1536
 from __future__ import annotations
 
 import time
-import warnings
 
 from _common import cluster_parser, limit_threads  # bench/ is on sys.path
 
@@ -35,8 +34,6 @@ def main():
     args = _parse()
     limit_threads(args.threads)
     import numpy as np
-    from sklearn.cluster import AffinityPropagation
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import silhouette_score
 
     from mmfusion.strata import ap_grid as st
@@ -68,19 +65,14 @@ def main():
     for k in idx:
         row = g.iloc[k]
         t0, c0 = time.perf_counter(), time.process_time()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            ap = AffinityPropagation(damping=row["damping"], preference=row["preference"],
-                                     max_iter=cfg["max_iter"], convergence_iter=cfg["convergence_iter"],
-                                     random_state=args.seed).fit(X)
-        labels = ap.labels_
-        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        labels, converged, n_it = st.sklearn_reference_labels(
+            X, row["damping"], row["preference"], args.seed, cfg["max_iter"], cfg["convergence_iter"])
         k_found = len(np.unique(labels))
         if converged and 1 < k_found < args.n:
             silhouette_score(X, labels)
         t_naive += time.perf_counter() - t0
         c_naive += time.process_time() - c0
-        iters += ap.n_iter_
+        iters += n_it
         if converged and row["converged"]:
             ours_labels = apk.ap_fits(*apk.noised_similarity(st.similarity_matrix(X), args.seed),
                                      [row["damping"]], [row["preference"]], cfg["max_iter"],
