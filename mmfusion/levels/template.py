@@ -37,7 +37,6 @@ def select_template_subjects(records, n: int | None, seed: int):
     return [usable[i] for i in sorted(idx)]
 
 
-
 def run_template_level(ctx) -> Path:
     """Template level: build ``output_dir/template/tpl-study_res-<r>_T1w.nii.gz`` + mask +
     provenance JSON. Returns the template folder."""

@@ -23,7 +23,6 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
 
 
-
 def noised_similarity(S: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's degeneracy noise, shared by all fits with ``random_state=seed``.
 
