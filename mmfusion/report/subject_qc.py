@@ -1,8 +1,8 @@
-"""Per-subject quality control: a registration figure and an HTML page (fMRIPrep-style).
+"""Per-subject quality control: the registration similarity and the HTML page (fMRIPrep-style).
 
-Figure: row 1 = warped T1w (grey) with the template's edges (red contour) in the three
-planes through the grid centre; row 2 = log-JAC (blue = smaller, red = larger than the
-template) inside the brain mask.
+The figure itself (warped T1w with the template's edges, and log-JAC, in world
+coordinates with orientation labels) is drawn by
+:func:`mmfusion.report.figures.registration_figure`.
 """
 from __future__ import annotations
 
@@ -13,56 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmfusion.io.atomic import atomic_path, write_text
-
-
-def _slices(vol: np.ndarray) -> list[np.ndarray]:
-    """Central sagittal, coronal, axial slices of (X, Y, Z), rotated for display."""
-    x, y, z = (s // 2 for s in vol.shape)
-    return [np.rot90(vol[x, :, :]), np.rot90(vol[:, y, :]), np.rot90(vol[:, :, z])]
-
-
-def edges(template: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Gradient-magnitude edge map of ``template`` (X, Y, Z) inside a dilated ``mask``."""
-    from scipy import ndimage
-    smooth = ndimage.gaussian_filter(template.astype(np.float32), 0.7)
-    mag = np.sqrt(sum(ndimage.sobel(smooth, axis=a) ** 2 for a in range(3)))
-    inside = ndimage.binary_dilation(mask > 0, iterations=2)
-    thr = np.percentile(mag[inside], 85) if inside.any() else mag.max()
-    return ((mag > thr) & inside).astype(np.float32)
-
-
-def registration_figure(path: Path, warped_t1: np.ndarray, template: np.ndarray, logjac: np.ndarray,
-                        mask: np.ndarray, title: str) -> Path:
-    """Write the QC PNG atomically. All arrays (X, Y, Z) on the output grid."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    edge = edges(template, mask)
-    inside = mask > 0
-    vmax = float(np.percentile(np.abs(logjac[inside]), 99)) if inside.any() else 1.0
-    vmax = max(vmax, 1e-3)
-    t1max = float(np.percentile(warped_t1[inside], 99.5)) if inside.any() else float(warped_t1.max() or 1)
-    jac = np.where(inside, logjac, np.nan)
-    fig, axes = plt.subplots(2, 3, figsize=(10, 6.6), facecolor="black")
-    for col, (t1s, es, js) in enumerate(zip(_slices(warped_t1), _slices(edge), _slices(jac))):
-        ax = axes[0, col]
-        ax.imshow(t1s, cmap="gray", vmin=0, vmax=t1max, interpolation="nearest")
-        ax.contour(es, levels=[0.5], colors="red", linewidths=0.5)
-        ax = axes[1, col]
-        ax.imshow(t1s, cmap="gray", vmin=0, vmax=t1max, interpolation="nearest")
-        im = ax.imshow(js, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
-    for ax in axes.ravel():
-        ax.axis("off")
-    cbar = fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.7)
-    cbar.set_label("log-JAC", color="white")
-    cbar.ax.tick_params(colors="white")
-    fig.suptitle(title, color="white")
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=80, facecolor="black")
-    plt.close(fig)
-    return path
+from mmfusion.io.atomic import write_text
 
 
 def similarity(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
