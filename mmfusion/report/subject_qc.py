@@ -2,11 +2,11 @@
 
 The figure itself (warped T1w with the template's edges, and log-JAC, in world
 coordinates with orientation labels) is drawn by
-:func:`mmfusion.report.figures.registration_figure`.
+:func:`mmfusion.report.figures.registration_figure`; the page is the Jinja2 template
+``templates/subject.html.j2`` and shows it next to a table of the run's details.
 """
 from __future__ import annotations
 
-import html
 import json
 import os
 from pathlib import Path
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mmfusion.io.atomic import write_text
+from mmfusion.report.templating import render
 
 
 def similarity(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -26,20 +27,6 @@ def similarity(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 def subject_report(path: Path, key: str, figure: Path, meta: dict) -> Path:
     """Write the subject's HTML page (atomic): figure + a table of ``meta`` entries."""
-    rel = os.path.relpath(figure, path.parent)
-    rows = "\n".join(
-        f"<tr><th>{html.escape(str(k))}</th><td><pre>{html.escape(v if isinstance(v, str) else json.dumps(v, indent=1, default=str))}</pre></td></tr>"
-        for k, v in meta.items())
-    text = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>mmfusion: {html.escape(key)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:70em}} th{{text-align:left;vertical-align:top;padding-right:1em}}
-pre{{margin:0;white-space:pre-wrap}} img{{max-width:100%}}</style></head>
-<body><h1>{html.escape(key)}: spatial normalization</h1>
-<h2>Registration</h2>
-<p>Top: the subject's N4-corrected T1w warped to the template, with the template's edges in red.
-Bottom: log Jacobian determinant of the nonlinear warp (red = subject larger than the template).</p>
-<img src="{html.escape(rel)}" alt="registration QC figure">
-<h2>Details</h2><table>{rows}</table></body></html>
-"""
-    write_text(path, text)
+    details = [(str(k), v if isinstance(v, str) else json.dumps(v, indent=1, default=str)) for k, v in meta.items()]
+    write_text(path, render("subject.html.j2", key=key, figure=os.path.relpath(figure, path.parent), details=details))
     return path
