@@ -97,7 +97,9 @@ def plot_training_curves(histories: dict, path) -> Path:
 
 def plot_reconstructions(panels, path) -> Path:
     """Real vs reconstructed mid slices. ``panels``: [(key, modality, real, rec)], (X, Y, Z) each
-    on the RAS-oriented output grid (the model's input), so rot90 puts anterior/superior up."""
+    (the model's input arrays). Drawn in voxel order (rot90, no orientation labels): the
+    panels carry no affine, so unlike :func:`registration_figure` left/right follow the grid's
+    storage order."""
     plt = pyplot()
     cols = [("real axial", 0, 2), ("rec axial", 1, 2), ("real coronal", 0, 1), ("rec coronal", 1, 1),
             ("real sagittal", 0, 0), ("rec sagittal", 1, 0)]
