@@ -5,6 +5,7 @@ import pytest
 
 from mmfusion.learning import baseline
 from mmfusion.strata import stability
+from mmfusion.report import figures
 
 
 def test_cluster_jaccard_exact_and_dissolved():
@@ -72,5 +73,5 @@ def test_pca_baseline_separates_planted_groups():
 def test_plot_coassignment(tmp_path):
     final = np.array([1, 0, 1, 0])
     co = stability.coassignment([final, np.array([1, 1, 0, 0])])
-    path = stability.plot_coassignment(co, final, ["a", "b", "c", "d"], tmp_path / "co.png")
+    path = figures.plot_coassignment(co, final, ["a", "b", "c", "d"], tmp_path / "co.png")
     assert path.read_bytes()[:4] == b"\x89PNG"

@@ -55,6 +55,7 @@ import numpy as np
 
 from mmfusion.learning import shard_data
 from mmfusion.learning import metrics
+from mmfusion.report import figures
 from mmfusion.io.atomic import atomic_path, write_json, write_text
 from mmfusion.config import config_hash
 from mmfusion.errors import StaleOutputError
@@ -500,7 +501,7 @@ def run_cross_validation(learner: Learner) -> dict[str, Path]:
     out["summary"] = _write_tsv(cv_dir / "summary.tsv", summary)
     fig_dir = learner.group_dir / "figures"
     for metric in metrics.METRICS:
-        out[f"figure_{metric}"] = metrics.plot_cv_boxplots(table[table.metric == metric], summary, metric,
+        out[f"figure_{metric}"] = figures.plot_cv_boxplots(table[table.metric == metric], summary, metric,
                                                               fig_dir / f"cv_{metric}.png")
     out["histories"] = histories
     return out
@@ -646,7 +647,7 @@ def write_reconstructions(learner: Learner, model, norm: PopulationNormalizer) -
                 written.append(path)
             panels.append((info.key, m, real[m], rec[m]))
     if panels:
-        metrics.plot_reconstructions(panels, learner.group_dir / "figures" / "reconstructions.png")
+        figures.plot_reconstructions(panels, learner.group_dir / "figures" / "reconstructions.png")
     return written
 
 
@@ -692,7 +693,7 @@ def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict,
     out.update(paths_out)
     histories = {**out.pop("histories"), "final": final.history}
     out["training_curves"] = _write_tsv(group_dir / "cv" / "training_curves.tsv", _curves_frame(histories))
-    out["figure_training_curves"] = metrics.plot_training_curves(histories, group_dir / "figures" / "training_curves.png")
+    out["figure_training_curves"] = figures.plot_training_curves(histories, group_dir / "figures" / "training_curves.png")
     out.update(write_embeddings(learner, model, norm))
     out.update(write_baseline(learner, norm))
     out["reconstructions"] = write_reconstructions(learner, model, norm)

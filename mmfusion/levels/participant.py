@@ -19,7 +19,7 @@ import numpy as np
 
 from mmfusion import __version__
 from mmfusion.io import derivatives
-from mmfusion.report import subject_qc
+from mmfusion.report import figures, subject_qc
 from mmfusion.io.atomic import atomic_path
 from mmfusion.config import config_hash
 from mmfusion.context import scratch_dir
@@ -182,8 +182,9 @@ def _write_derivatives(ctx, record, template: TemplateInfo, grids: GridImages, r
                 shutil.copyfile(src, tmp)
     similarity = subject_qc.similarity(grids.images["t1"], grids.template, grids.mask)
     fig = derivatives.figure_path(out_dir, sub, ses)
-    subject_qc.registration_figure(fig, grids.images["t1"], grids.template, grids.images["jac"], grids.mask,
-                           f"{record.key}  template: {template.source} (space-{template.space})  r(T1w, template) = {similarity:.3f}")
+    figures.registration_figure(fig, grids.images["t1"], grids.template, grids.images["jac"], grids.mask,
+                                f"{record.key}  template: {template.source} (space-{template.space})  r(T1w, template) = {similarity:.3f}",
+                                affine=grids.affine)
     meta = {"subject": sub, "session": ses or "(none)", "template": template.as_dict(), "preset": cfg["preset"],
             "similarity (Pearson r, warped T1w vs template, in mask)": f"{similarity:.4f}",
             "jac": "natural log of the Jacobian determinant of the nonlinear warp",

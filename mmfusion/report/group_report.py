@@ -3,7 +3,10 @@
 :func:`write_report` gathers whatever group outputs exist under ``output_dir`` and writes
 ``output_dir/mmfusion_report.html``. Figures are embedded as base64 PNG and styles are
 inline, so the file can be mailed or archived alone (no network, no side files). A
-section whose inputs are absent says "not run" instead of failing. Sections:
+section whose inputs are absent says "not run" instead of failing. The page is the Jinja2
+template ``templates/group_report.html.j2``; each section is a list of blocks (tables,
+figures, text) that ``templates/_blocks.html.j2`` renders, where the prose and the
+key-result lines live too (Python formats the numbers). Sections:
 
 1. Inputs and provenance (``group/analysis_summary.json``, newest
    ``logs/*_provenance.json``); 2. cohort summary (``group/phenotypes/summary.json``);
@@ -30,17 +33,18 @@ nothing is fetched from outside.
 """
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
 
 from mmfusion import __version__
 from mmfusion.io.atomic import write_text
+from mmfusion.report.templating import environment, png_data_uri, render
 from mmfusion.runlog import get_logger
 
 log = get_logger(__name__)
@@ -48,38 +52,26 @@ log = get_logger(__name__)
 REPORT_NAME = "mmfusion_report.html"
 NOT_RUN = "not run"
 
-STYLE = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
-     padding:0 1em;color:#222;line-height:1.45}
-h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:2em}
-table{border-collapse:collapse;margin:0.6em 0;font-size:0.88em}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f0f0f0}
-td:first-child,th:first-child{text-align:left}
-.notrun{color:#a33;font-style:italic}.muted{color:#666;font-size:0.9em}
-img{max-width:100%;border:1px solid #ddd;margin:0.4em 0}
-code{background:#f4f4f4;padding:0 3px}
-.keyresults{background:#f5f8fc;border:1px solid #b8c8dc;padding:0.2em 1.2em;margin:1em 0}
-.keyresults h2{margin-top:0.5em;border:none}
-.warn{color:#8a1f11;font-weight:600}
-"""
-
 
 # --------------------------------------------------------------------------- helpers
-def _esc(x) -> str:
-    return html.escape(str(x))
+# A section is built as a list of blocks (dicts) that templates/_blocks.html.j2 renders.
+def _render(blocks: list[dict]) -> Markup:
+    """The HTML of a section's blocks."""
+    return Markup(environment().get_template("_blocks.html.j2").module.render(blocks))
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+def _figure(path: Path, alt: str) -> list[dict]:
+    """The PNG at ``path`` embedded as a data: URI, or nothing when it does not exist."""
+    return [{"kind": "img", "src": png_data_uri(path), "alt": alt}] if Path(path).is_file() else []
 
 
-def _table(df: pd.DataFrame, index: bool = False, digits: int = 4) -> str:
+def _table(df: pd.DataFrame, title: str | None = None, index: bool = False, digits: int = 4) -> dict:
     def fmt(v):
         if isinstance(v, (float, np.floating)):
             return "n/a" if np.isnan(v) else f"{v:.{digits}g}"
         return v
-    return df.map(fmt).to_html(index=index, border=0, escape=True, na_rep="n/a")
+    return {"kind": "table", "title": title,
+            "html": Markup(df.map(fmt).to_html(index=index, border=0, escape=True, na_rep="n/a"))}
 
 
 def _read_tsv(path: Path) -> pd.DataFrame | None:
@@ -96,13 +88,35 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _not_run(why: str) -> str:
-    return f'<p class="notrun">{NOT_RUN}: {_esc(why)}</p>'
+def _not_run(why: str) -> dict:
+    return {"kind": "notrun", "why": why}
 
 
-def _kv(pairs: list[tuple[str, object]]) -> str:
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in pairs)
-    return f"<table>{rows}</table>"
+def _kv(pairs: list[tuple[str, object]]) -> dict:
+    return {"kind": "kv", "rows": pairs}
+
+
+def _prose(name: str, **args) -> dict:
+    return {"kind": "prose", "name": name, "args": args}
+
+
+def _section(needs: str | None = None, why: str = ""):
+    """A report section: the function returns blocks, the caller gets their HTML. With
+    ``needs`` (a .json or .tsv path under the output folder) the file is read first and
+    passed as the second argument; when it is absent or unreadable (or an empty JSON
+    object) the section says 'not run: ``why``' instead."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def section(out, *args, **kwargs):
+            if needs is None:
+                return _render(fn(out, *args, **kwargs))
+            path = Path(out) / needs
+            data = _read_json(path) if path.suffix == ".json" else _read_tsv(path)
+            if data is None or (isinstance(data, dict) and not data):
+                return _render([_not_run(why)])
+            return _render(fn(out, data, *args, **kwargs))
+        return section
+    return wrap
 
 
 # -------------------------------------------------------------------------- sections
@@ -115,7 +129,8 @@ def _group_provenance(out: Path, prov: dict | None) -> dict | None:
     return prov
 
 
-def _section_provenance(out: Path, summary: dict | None, prov: dict | None) -> str:
+@_section()
+def _section_provenance(out: Path, summary: dict | None, prov: dict | None) -> list[dict]:
     """The group run's provenance (see :func:`_group_provenance`) and the analysis inputs."""
     parts = []
     if prov:
@@ -124,20 +139,21 @@ def _section_provenance(out: Path, summary: dict | None, prov: dict | None) -> s
                           ("config hash", prov.get("config_hash")), ("seed", prov.get("seed")),
                           ("libraries", ", ".join(f"{k} {v}" for k, v in libs.items()))]))
     else:
-        parts.append('<p class="muted">No provenance file in logs/ (the CLI writes one per run).</p>')
+        parts.append({"kind": "muted", "text": "No provenance file in logs/ (the CLI writes one per run)."})
     if summary:
         inputs = summary.get("inputs", {})
         rows = [("embeddings", f"{inputs.get('embeddings')} (sha256 {str(inputs.get('embeddings_sha256'))[:16]}...)")]
         rows += [(f"phenotypes: {Path(k).name}", f"{k} (sha256 {v[:16]}...)") for k, v in inputs.get("phenotypes", {}).items()]
         parts.append(_kv(rows))
-    return "".join(parts)
+    return parts
 
 
-def _section_cohort(out: Path, summary: dict | None, prov: dict | None = None) -> str:
+@_section()
+def _section_cohort(out: Path, summary: dict | None, prov: dict | None = None) -> list[dict]:
     """Subject counts; ``prov`` adds the phenotype-only participants (participants.tsv rows
     without imaging data), which are among 'phenotypes but no embedding'."""
     if not summary:
-        return _not_run("no group/analysis_summary.json (the analysis did not run)")
+        return [_not_run("no group/analysis_summary.json (the analysis did not run)")]
     pheno = _read_json(out / "group" / "phenotypes" / "summary.json") or {}
     counts = pheno.get("subject_counts", {})
     rows = [("subject-sessions with an embedding", summary.get("n_embeddings")),
@@ -162,13 +178,14 @@ def _section_cohort(out: Path, summary: dict | None, prov: dict | None = None) -
             rows.append(("variables dropped", "; ".join(f"{k} ({v})" for k, v in dropped.items())))
     else:
         rows.append(("phenotypes", (summary.get("phenotypes") or {}).get("status", NOT_RUN)))
-    return _kv(rows)
+    return [_kv(rows)]
 
 
-def _section_cv(out: Path) -> str:
+@_section()
+def _section_cv(out: Path) -> list[dict]:
     files = sorted((out / "group" / "cv").glob("metrics_*.tsv"))
     if not files:
-        return _not_run("no group/cv/metrics_*.tsv (cross-validation of the autoencoder)")
+        return [_not_run("no group/cv/metrics_*.tsv (cross-validation of the autoencoder)")]
     parts = []
     for f in files:
         df = _read_tsv(f)
@@ -183,53 +200,47 @@ def _section_cv(out: Path) -> str:
         mad = (grouped.agg(lambda s: float(np.median(np.abs(s - s.median())))) if keys
                else num.apply(lambda s: float(np.median(np.abs(s - s.median())))).to_frame().T)
         table = med.round(6).astype(str) + " &plusmn; " + mad.round(6).astype(str)
-        parts.append(f"<h3>{_esc(f.name)}</h3><p class='muted'>median &plusmn; MAD over "
-                     f"{len(df)} row(s)</p>" + table.to_html(border=0, escape=False, index=bool(keys)))
-    return "".join(parts)
+        parts += [{"kind": "h3", "text": f.name}, {"kind": "muted", "text": Markup(f"median &plusmn; MAD over {len(df)} row(s)")},
+                  {"kind": "table", "title": None, "html": Markup(table.to_html(border=0, escape=False, index=bool(keys)))}]
+    return parts
 
 
-def _section_figures(out: Path) -> str:
+@_section()
+def _section_figures(out: Path) -> list[dict]:
     figs = sorted((out / "group" / "figures").glob("*.png"))
     if not figs:
-        return _not_run("no group/figures/*.png (CV box plots, example reconstructions)")
-    return "".join(f"<h3>{_esc(p.stem)}</h3>{_img(p, p.stem)}" for p in figs)
+        return [_not_run("no group/figures/*.png (CV box plots, example reconstructions)")]
+    return [block for p in figs for block in [{"kind": "h3", "text": p.stem}, *_figure(p, p.stem)]]
 
 
-def _section_strata(out: Path) -> str:
-    d = out / "group" / "strata"
-    sel = _read_json(d / "ap_selection.json")
-    if not sel:
-        return _not_run("no group/strata/ap_selection.json (the AP grid search)")
+@_section("group/strata/ap_selection.json", "no group/strata/ap_selection.json (the AP grid search)")
+def _section_strata(out: Path, sel: dict) -> list[dict]:
     best, counts = sel["best"], sel["counts"]
-    parts = [_kv([("grid points", counts["grid_points"]), ("not converged (skipped)", counts["not_converged"]),
-                  ("1 or n clusters (skipped)", counts["one_or_n_clusters"]), ("valid", counts["valid"]),
-                  ("chosen damping", f"{best['damping']:.3f}"), ("chosen preference", f"{best['preference']:.6g}"),
-                  ("clusters", best["n_clusters"]), ("silhouette", f"{best['silhouette']:.4f}"),
-                  ("iterations", best.get("n_iter"))])]
-    if (d / "ap_grid.png").is_file():
-        parts.append(_img(d / "ap_grid.png", "AP grid silhouette"))
     sizes = pd.DataFrame({"cluster": range(len(sel["cluster_sizes"])), "subjects": sel["cluster_sizes"]})
-    parts.append("<h3>Cluster sizes</h3>" + _table(sizes))
-    return "".join(parts)
+    return [_kv([("grid points", counts["grid_points"]), ("not converged (skipped)", counts["not_converged"]),
+                 ("1 or n clusters (skipped)", counts["one_or_n_clusters"]), ("valid", counts["valid"]),
+                 ("chosen damping", f"{best['damping']:.3f}"), ("chosen preference", f"{best['preference']:.6g}"),
+                 ("clusters", best["n_clusters"]), ("silhouette", f"{best['silhouette']:.4f}"),
+                 ("iterations", best.get("n_iter"))]),
+            *_figure(out / "group" / "strata" / "ap_grid.png", "AP grid silhouette"),
+            _table(sizes, "Cluster sizes")]
 
 
-def _section_truth(out: Path) -> str:
+@_section("group/ground_truth/comparison.json",
+          "no ground truth (only simulated datasets have sourcedata/ground_truth/)")
+def _section_truth(out: Path, comp: dict) -> list[dict]:
     d = out / "group" / "ground_truth"
-    comp = _read_json(d / "comparison.json")
-    if not comp:
-        return _not_run("no ground truth (only simulated datasets have sourcedata/ground_truth/)")
     parts = [_kv([("subjects compared", comp.get("n_subjects_compared")),
                   ("adjusted Rand index", f"{comp.get('adjusted_rand_index', float('nan')):.3f}"),
                   ("planted strata", comp.get("n_planted_strata")), ("clusters found", comp.get("n_clusters")),
                   ("planted latent factors", ", ".join(comp.get("planted_latent_factors", [])) or "none"),
                   ("planted demographics", ", ".join(comp.get("planted_demographics", [])) or "none")])]
-    conf = _read_tsv(d / "confusion.tsv")
-    if conf is not None:
-        parts.append("<h3>Confusion (planted strata x clusters)</h3>" + _table(conf))
-    match = _read_tsv(d / "factor_match.tsv")
-    if match is not None:
-        parts.append("<h3>Estimated factors vs planted latent factors</h3>" + _table(match))
-    return "".join(parts)
+    for name, title in [("confusion.tsv", "Confusion (planted strata x clusters)"),
+                        ("factor_match.tsv", "Estimated factors vs planted latent factors")]:
+        table = _read_tsv(d / name)
+        if table is not None:
+            parts.append(_table(table, title))
+    return parts
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -248,11 +259,8 @@ def _truth_of(out: Path) -> dict:
     return (_read_json(out / "group" / "ground_truth" / "comparison.json") or {}).get("adjusted_rand_index_of", {})
 
 
-def _section_baseline(out: Path) -> str:
-    d = out / "group" / "baseline"
-    comp = _read_json(d / "comparison.json")
-    if not comp:
-        return _not_run("no group/baseline/comparison.json (the PCA baseline)")
+@_section("group/baseline/comparison.json", "no group/baseline/comparison.json (the PCA baseline)")
+def _section_baseline(out: Path, comp: dict) -> list[dict]:
     truth = _truth_of(out)
     pairs = [("what", f"PCA of the normalized input images (in-mask voxels, modalities concatenated), "
                       f"{comp['components']} components, clustered with the same AP grid search"),
@@ -261,22 +269,14 @@ def _section_baseline(out: Path) -> str:
              ("ARI with the learned embedding's strata", _fmt(comp.get("ari_with_strata")))]
     if "baseline" in truth:
         pairs.append(("ARI vs planted strata", _fmt(truth["baseline"])))
-    parts = [_kv(pairs)]
-    if (d / "strata" / "ap_grid.png").is_file():
-        parts.append(_img(d / "strata" / "ap_grid.png", "baseline AP grid silhouette"))
-    return "".join(parts)
+    return [_kv(pairs), *_figure(out / "group" / "baseline" / "strata" / "ap_grid.png", "baseline AP grid silhouette")]
 
 
-def _section_stability(out: Path) -> str:
+@_section("group/stability/stability.json", "no group/stability/stability.json")
+def _section_stability(out: Path, summ: dict) -> list[dict]:
     d = out / "group" / "stability"
-    summ = _read_json(d / "stability.json")
-    if not summ:
-        return _not_run("no group/stability/stability.json")
     truth = _truth_of(out)
-    parts = [f"<p>Each cross-validation fold's model embeds every subject and is clustered with the same grid "
-             f"search; {summ['n_subsamples']} random subsamples of the subjects are re-clustered too. A stratum's "
-             f"stability is the mean Jaccard index of its best match in the other clusterings (stable: &ge; "
-             f"{summ['threshold']:.2f}; Hennig 2007).</p>",
+    parts = [_prose("stability", n_subsamples=summ["n_subsamples"], threshold=f"{summ['threshold']:.2f}"),
              _kv([("fold clusterings vs final, ARI", _range(summ.get("ari_folds_vs_final"))),
                   ("between fold clusterings, ARI", _range(summ.get("ari_between_folds"))),
                   ("subsamples vs final, ARI", _range(summ.get("ari_subsamples_vs_final"))),
@@ -286,142 +286,116 @@ def _section_stability(out: Path) -> str:
                   ("stable strata", f"{summ['n_stable_clusters']} of {summ['n_clusters']}")])]
     clusters = _read_tsv(d / "clusters.tsv")
     if clusters is not None:
-        parts.append("<h3>Per-stratum stability</h3>" + _table(clusters))
+        parts.append(_table(clusters, "Per-stratum stability"))
     folds = {k: v for k, v in truth.items() if k.startswith("fold-") or k.startswith("baseline_fold-")}
     if folds:
-        parts.append("<h3>Fold clusterings vs planted strata (ARI)</h3>"
-                     + _table(pd.DataFrame({"clustering": list(folds), "ARI": list(folds.values())})))
-    if (d / "coassignment.png").is_file():
-        parts.append(_img(d / "coassignment.png", "co-assignment matrix"))
-    return "".join(parts)
+        parts.append(_table(pd.DataFrame({"clustering": list(folds), "ARI": list(folds.values())}),
+                            "Fold clusterings vs planted strata (ARI)"))
+    return parts + _figure(d / "coassignment.png", "co-assignment matrix")
 
 
-def _section_confounds(out: Path) -> str:
-    tests = _read_tsv(out / "group" / "confounds" / "confound_tests.tsv")
-    if tests is None:
-        return _not_run("no group/confounds/confound_tests.tsv")
-    return ("<p>Are the strata explained by a confound? Kruskal-Wallis (numeric; effect size epsilon&sup2;) or "
-            "chi-squared (categorical; Cram&eacute;r's V) across strata, q: Benjamini-Hochberg across the "
-            "confounds tested.</p>" + _table(tests))
+@_section("group/confounds/confound_tests.tsv", "no group/confounds/confound_tests.tsv")
+def _section_confounds(out: Path, tests: pd.DataFrame) -> list[dict]:
+    return [_prose("confounds"), _table(tests)]
 
 
-def _section_factors(out: Path) -> str:
-    d = out / "group" / "phenotypes"
-    factors = _read_tsv(d / "factors.tsv")
-    if factors is None:
-        return _not_run("no group/phenotypes/factors.tsv (no phenotypes, or the analysis stopped)")
+@_section("group/phenotypes/factors.tsv", "no group/phenotypes/factors.tsv (no phenotypes, or the analysis stopped)")
+def _section_factors(out: Path, factors: pd.DataFrame) -> list[dict]:
     total = factors["explained_variance_ratio"].sum()
-    parts = [f"<p>{len(factors)} factor(s) with eigenvalue &gt; threshold, explaining "
-             f"{100 * total:.1f}% of the variance after varimax rotation.</p>", _table(factors)]
-    if (d / "loadings.png").is_file():
-        parts.append(_img(d / "loadings.png", "factor loadings"))
-    return "".join(parts)
+    return [_prose("factors", n=len(factors), percent=f"{100 * total:.1f}"), _table(factors),
+            *_figure(out / "group" / "phenotypes" / "loadings.png", "factor loadings")]
 
 
-def _section_stats(out: Path) -> str:
-    d = out / "group" / "stats"
-    table = _read_tsv(d / "kruskal_wallis.tsv")
-    if table is None:
-        return _not_run("no group/stats/kruskal_wallis.tsv")
+@_section("group/stats/kruskal_wallis.tsv", "no group/stats/kruskal_wallis.tsv")
+def _section_stats(out: Path, table: pd.DataFrame) -> list[dict]:
     cols = [c for c in ["factor", "H", "p", "q", "significant", "perm_p", "perm_q", "perm_significant"] if c in table]
     n_perm = ""
     summ = _read_json(out / "group" / "analysis_summary.json") or {}
     if summ.get("stats"):
         n_perm = f" with M = {summ['stats']['n_permutations']} permutations"
-    return (f"<p>Kruskal-Wallis across clusters per factor; q: Benjamini-Hochberg across factors; "
-            f"perm_p: permutation test{_esc(n_perm)}, p = (1 + #H_perm &ge; H_obs)/(1 + M).</p>"
-            + _table(table[cols]))
+    return [_prose("stats", n_perm=n_perm), _table(table[cols])]
 
 
-def _section_profiles(out: Path) -> str:
+@_section("group/stats/profiles.tsv", "no group/stats/profiles.tsv")
+def _section_profiles(out: Path, prof: pd.DataFrame) -> list[dict]:
     d = out / "group" / "stats"
-    prof = _read_tsv(d / "profiles.tsv")
-    if prof is None:
-        return _not_run("no group/stats/profiles.tsv")
-    parts = ["<p>Quantile of each cluster's median factor score within the whole population "
-             "(0.5 = the population median).</p>", _table(prof)]
+    parts = [_prose("profiles"), _table(prof)]
     for name, alt in [("profiles.png", "log quantile heat map"), ("distributions.png", "factor scores per cluster"),
                       ("permutation_null.png", "permutation null distributions")]:
-        if (d / name).is_file():
-            parts.append(_img(d / name, alt))
-    return "".join(parts)
+        parts += _figure(d / name, alt)
+    return parts
 
 
-def _section_caveats(summary: dict | None) -> str:
+@_section()
+def _section_caveats(out: Path, summary: dict | None) -> list[dict]:
     from mmfusion.strata.analysis import CAVEATS
     caveats = (summary or {}).get("caveats") or CAVEATS
-    return "<ul>" + "".join(f"<li>{_esc(c)}</li>" for c in dict.fromkeys(caveats)) + "</ul>"
+    return [{"kind": "list", "entries": list(dict.fromkeys(caveats))}]
 
 
-def _key_validity(out: Path, truth_of: dict) -> list[str]:
+def _line(name: str, **args) -> dict:
+    """A key-result line: the macro ``name`` of templates/_blocks.html.j2 with ``args``."""
+    return {"name": name, "args": args}
+
+
+def _key_validity(out: Path, truth_of: dict) -> list[dict]:
     """Key-result lines of the baseline, the stability and the confounds (warnings in red)."""
     items = []
     base = _read_json(out / "group" / "baseline" / "comparison.json")
     if base:
-        vs = f"; vs planted strata ARI {truth_of['baseline']:.3f}" if "baseline" in truth_of else ""
-        items.append(f"Baseline (PCA of the images, {base['components']} components, same grid search): "
-                     f"{base['n_clusters']} clusters; ARI with the learned strata <b>{_fmt(base.get('ari_with_strata'))}"
-                     f"</b>{vs}.")
+        items.append(_line("baseline", components=base["components"], n_clusters=base["n_clusters"],
+                           ari_with_strata=_fmt(base.get("ari_with_strata")),
+                           ari_truth=f"{truth_of['baseline']:.3f}" if "baseline" in truth_of else None))
     summ = _read_json(out / "group" / "stability" / "stability.json")
     if summ:
         clusters = _read_tsv(out / "group" / "stability" / "clusters.tsv")
-        per = "" if clusters is None else "; per stratum " + ", ".join(
-            f"{int(r.cluster)}: {r.stability:.2f}" for r in clusters.itertuples())
+        per = None if clusters is None else ", ".join(f"{int(r.cluster)}: {r.stability:.2f}" for r in clusters.itertuples())
         same = summ.get("subsample_same_n_clusters")
-        line = (f"Stability: fold models vs final, median ARI {_range(summ.get('ari_folds_vs_final'))}; "
-                f"the same number of clusters won in "
-                f"{'n/a' if same is None else f'{100 * same:.0f}%'} of {summ['n_subsamples']} subsamples; "
-                f"{summ['n_stable_clusters']} of {summ['n_clusters']} strata stable (Jaccard &ge; "
-                f"{summ['threshold']:.2f}{per}).")
-        items.append(line)
+        items.append(_line("stability", folds_vs_final=_range(summ.get("ari_folds_vs_final")),
+                           same="n/a" if same is None else f"{100 * same:.0f}%", n_subsamples=summ["n_subsamples"],
+                           n_stable=summ["n_stable_clusters"], n_clusters=summ["n_clusters"],
+                           threshold=f"{summ['threshold']:.2f}", per_stratum=per))
         if not summ.get("reproducible"):
             unstable = [] if clusters is None else [str(int(r.cluster)) for r in clusters.itertuples() if not r.stable]
-            items.append(f"<span class='warn'>Warning: the strata are not reproducible: stratum "
-                         f"{', '.join(unstable) or '?'} dissolve(s) across fold models and subsamples. Do not "
-                         f"read them as findings.</span>")
+            items.append(_line("not_reproducible", unstable=", ".join(unstable) or "?"))
     tests = _read_tsv(out / "group" / "confounds" / "confound_tests.tsv")
     if tests is not None and len(tests):
         sig = tests[tests["significant"].astype(str).str.lower() == "true"]
         if len(sig):
             for r in sig.itertuples():
-                items.append(f"<span class='warn'>Warning: the strata differ in {_esc(r.confound)} ({_esc(r.test)}, "
-                             f"{_esc(r.effect_measure)} {r.effect_size:.2f}, q = {r.q:.3g}): they may reflect "
-                             f"{_esc(r.confound)} rather than biology.</span>")
+                items.append(_line("confound", confound=r.confound, test=r.test, effect_measure=r.effect_measure,
+                                   effect_size=f"{r.effect_size:.2f}", q=f"{r.q:.3g}"))
         else:
             tested = tests[tests["test"] != "not run"]["confound"].astype(str).tolist()
-            items.append(f"Confounds: none differs between strata (q &ge; 0.05; tested {_esc(', '.join(tested)) or 'none'}).")
+            items.append(_line("no_confound", tested=", ".join(tested) or "none"))
     return items
 
 
-def _key_results(out: Path) -> str:
-    """The answer in a few lines, above the table of contents (empty when nothing ran)."""
+def _key_results(out: Path) -> list[dict]:
+    """The answer in a few lines, above the table of contents (none when nothing ran)."""
     items = []
     sel = _read_json(out / "group" / "strata" / "ap_selection.json")
     if sel:
         best = sel["best"]
-        items.append(f"<b>{best['n_clusters']} clusters</b> (sizes {', '.join(map(str, sel['cluster_sizes']))}; "
-                     f"silhouette {best['silhouette']:.3f}) chosen among {sel['counts']['valid']} valid "
-                     f"affinity-propagation fits.")
+        items.append(_line("clusters", n_clusters=best["n_clusters"], sizes=", ".join(map(str, sel["cluster_sizes"])),
+                           silhouette=f"{best['silhouette']:.3f}", valid=sel["counts"]["valid"]))
     truth = _read_json(out / "group" / "ground_truth" / "comparison.json")
     if truth:
-        items.append(f"Against the <b>{truth.get('n_planted_strata')} planted strata</b>: adjusted Rand index "
-                     f"<b>{truth.get('adjusted_rand_index', float('nan')):.3f}</b> "
-                     f"({truth.get('n_subjects_compared')} subjects; 1 = identical partition, 0 = chance).")
+        items.append(_line("truth", n_planted=truth.get("n_planted_strata"),
+                           ari=f"{truth.get('adjusted_rand_index', float('nan')):.3f}",
+                           n_subjects=truth.get("n_subjects_compared")))
     items += _key_validity(out, (truth or {}).get("adjusted_rand_index_of", {}))
     stats = _read_tsv(out / "group" / "stats" / "kruskal_wallis.tsv")
     if stats is not None and len(stats):
         kw = [str(f) for f in stats.loc[stats["significant"].astype(bool), "factor"]]
         perm = [str(f) for f in stats.loc[stats["perm_significant"].astype(bool), "factor"]]
-        items.append(f"Phenotype factors differing between clusters (q &lt; 0.05): Kruskal-Wallis + FDR "
-                     f"<b>{', '.join(kw) or 'none'}</b>, permutation + FDR <b>{', '.join(perm) or 'none'}</b> "
-                     f"(of {len(stats)} factors).")
+        items.append(_line("factors", kw=", ".join(kw) or "none", perm=", ".join(perm) or "none",
+                           n_factors=len(stats)))
     match = _read_tsv(out / "group" / "ground_truth" / "factor_match.tsv")
     if match is not None and len(match):
         planted = [f"{r.factor} (~{r.best_latent}, r={r.r:.2f})" for r in match.itertuples() if bool(r.latent_planted)]
-        items.append(f"Factors matching a planted stratum-dependent latent factor: {', '.join(planted) or 'none'}.")
-    if not items:
-        return ""
-    return "<div class='keyresults'><h2>Key results</h2><ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul></div>"
+        items.append(_line("planted_factors", planted=", ".join(planted) or "none"))
+    return items
 
 
 # ------------------------------------------------------------------------------ main
@@ -448,15 +422,11 @@ def write_report(output_dir: Path, title: str = "mmfusion group report",
         ("Phenotype factors (PCA + varimax)", _section_factors(out)),
         ("Between-cluster statistics", _section_stats(out)),
         ("Cluster profiles", _section_profiles(out)),
-        ("Caveats", _section_caveats(summary)),
+        ("Caveats", _section_caveats(out, summary)),
     ]
-    stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    toc = "".join(f'<li><a href="#s{i}">{_esc(t)}</a></li>' for i, (t, _) in enumerate(sections))
-    body = "".join(f'<h2 id="s{i}">{i + 1}. {_esc(t)}</h2>{c}' for i, (t, c) in enumerate(sections))
-    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-           f"<style>{STYLE}</style></head><body><h1>{_esc(title)}</h1>"
-           f"<p class='muted'>mmfusion {_esc(__version__)}, written {_esc(stamp)} from {_esc(out)}</p>"
-           f"{_key_results(out)}<ol>{toc}</ol>{body}</body></html>\n")
+    doc = render("group_report.html.j2", title=title, version=__version__,
+                 stamp=_dt.datetime.now().isoformat(timespec="seconds"), output_dir=str(out),
+                 key_results=_key_results(out), sections=[{"title": t, "body": body} for t, body in sections])
     path = out / REPORT_NAME
     write_text(path, doc)
     log.info("report written: %s", path)

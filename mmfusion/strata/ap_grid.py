@@ -39,6 +39,7 @@ import pandas as pd
 from sklearn.metrics import euclidean_distances
 
 from mmfusion.io.atomic import atomic_path, write_json
+from mmfusion.report import figures
 from mmfusion.config_rules import DAMPING_MIN_RANGE
 from mmfusion.errors import InputDataError
 from mmfusion.runlog import get_logger, progress
@@ -217,41 +218,11 @@ def write_outputs(result: GridResult, ids: pd.DataFrame, out_dir: Path) -> dict[
         lab.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
     with atomic_path(paths["grid"]) as tmp:
         result.grid.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.10g")
-    plot_grid(result.grid, result.best, paths["heatmap"])
+    figures.plot_grid(result.grid, result.best, paths["heatmap"])
     sizes = np.bincount(result.labels).tolist()
     write_json(paths["selection"], {"best": result.best, "counts": result.counts,
                                     "cluster_sizes": sizes})
     return paths
-
-
-def plot_grid(grid: pd.DataFrame, best: dict, path: Path) -> Path:
-    """Heat map of the silhouette over (damping rows, preference columns); blank = invalid."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dampings = np.unique(grid["damping"])
-    prefs = np.unique(grid["preference"])
-    table = grid.pivot_table(index="damping", columns="preference", values="silhouette",
-                             dropna=False).reindex(index=dampings, columns=prefs)
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    extent = [prefs[0], prefs[-1] if prefs.size > 1 else prefs[0] + 1, -0.5, dampings.size - 0.5]
-    im = ax.imshow(table.to_numpy(float), aspect="auto", origin="lower", extent=extent,
-                   cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(dampings.size), [f"{d:.2f}" for d in dampings])
-    ax.set_xlabel("preference (diagonal of S)")
-    ax.set_ylabel("damping")
-    bi = int(np.searchsorted(dampings, best["damping"]))
-    ax.plot([best["preference"]], [bi], marker="*", color="red", markersize=12,
-            label=f"chosen: {best['n_clusters']} clusters")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.colorbar(im, ax=ax, label="silhouette")
-    ax.set_title("Affinity propagation grid (blank: not converged or 1/n clusters)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def sklearn_reference_labels(X, damping, preference, seed, max_iter=1000, convergence_iter=15):

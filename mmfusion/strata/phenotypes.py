@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from mmfusion.io.atomic import atomic_path, write_json
+from mmfusion.report import figures
 from mmfusion.errors import InputDataError, MissingInputError
 from mmfusion.runlog import get_logger
 
@@ -329,32 +330,10 @@ def write_outputs(table: PhenotypeTable, fa: FactorResult, out_dir: Path, thresh
         with atomic_path(paths[key]) as tmp:
             df.to_csv(tmp, sep="\t", index=index, index_label="variable" if key == "loadings" else "participant_id",
                       float_format="%.6g", na_rep="n/a")
-    plot_loadings(fa.loadings, threshold, paths["loadings_png"])
+    figures.plot_loadings(fa.loadings, threshold, paths["loadings_png"])
     summary = dict(table.summary)
     summary["n_factors"] = int(fa.loadings.shape[1])
     summary["total_explained_variance_ratio"] = float(fa.factors["explained_variance_ratio"].sum())
     summary.update(extra_summary or {})
     write_json(paths["summary"], summary)
     return paths
-
-
-def plot_loadings(loadings: pd.DataFrame, threshold: float, path: Path) -> Path:
-    """Heat map of the rotated loadings (variables x factors); |loading| < threshold blank."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = loadings.where(loadings.abs() >= threshold)
-    height = max(3.0, 0.22 * len(loadings) + 1.2)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * loadings.shape[1] + 3), height))
-    im = ax.imshow(shown.to_numpy(float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto",
-                   interpolation="nearest")
-    ax.set_xticks(range(loadings.shape[1]), loadings.columns)
-    ax.set_yticks(range(len(loadings)), loadings.index, fontsize=7)
-    ax.set_title(f"Varimax loadings (|loading| >= {threshold})")
-    fig.colorbar(im, ax=ax, label="loading")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path

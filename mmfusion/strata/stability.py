@@ -170,29 +170,3 @@ def expand(labels: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     out = np.full(n, NOT_COVERED, dtype=np.int64)
     out[rows] = labels
     return out
-
-
-def plot_coassignment(matrix: np.ndarray, final: np.ndarray, names: list[str], path):
-    """Heat map of the co-assignment matrix, rows and columns ordered by final cluster."""
-    from mmfusion.strata.stats import _plt, _save
-
-    plt = _plt()
-    order = np.argsort(final, kind="stable")
-    n = len(order)
-    size = min(12.0, 3.0 + 0.18 * n)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
-    im = ax.imshow(matrix[np.ix_(order, order)], vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-    bounds = np.flatnonzero(np.diff(np.asarray(final)[order])) + 0.5
-    for b in bounds:
-        ax.axhline(b, color="white", lw=1.2)
-        ax.axvline(b, color="white", lw=1.2)
-    if n <= 60:
-        ax.set_xticks(range(n), [names[i] for i in order], rotation=90, fontsize=6)
-        ax.set_yticks(range(n), [names[i] for i in order], fontsize=6)
-    else:
-        ax.set_xticks([]), ax.set_yticks([])
-    ax.set_title("co-assignment across fold models and subsamples\n(ordered by final cluster; white lines "
-                 "separate clusters)", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of clusterings together")
-    fig.tight_layout()
-    return _save(fig, path)

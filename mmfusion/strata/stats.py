@@ -30,6 +30,7 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from mmfusion.io.atomic import atomic_path
+from mmfusion.report import figures
 from mmfusion.errors import InputDataError
 from mmfusion.runlog import get_logger
 
@@ -172,80 +173,7 @@ def write_outputs(result: StatsResult, scores: pd.DataFrame, labels: np.ndarray,
     for key, df in [("profiles", result.profiles), ("medians", result.medians)]:
         with atomic_path(paths[key]) as tmp:
             pd.concat([sizes, df], axis=1).to_csv(tmp, sep="\t", float_format="%.6g")
-    plot_profiles(result.profiles, paths["profiles_png"])
-    plot_distributions(scores, labels, result.table, paths["distributions_png"])
-    plot_null(result.null, result.table, paths["null_png"])
+    figures.plot_profiles(result.profiles, paths["profiles_png"])
+    figures.plot_distributions(scores, labels, result.table, paths["distributions_png"])
+    figures.plot_null(result.null, result.table, paths["null_png"])
     return paths
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    _plt().close(fig)
-    return path
-
-
-def plot_profiles(profiles: pd.DataFrame, path: Path) -> Path:
-    """Heat map of log10(quantile) (clusters x factors); 0.5 (the population median) white."""
-    from matplotlib.colors import TwoSlopeNorm
-    plt = _plt()
-    logq = np.log10(profiles.to_numpy(float))
-    lo = min(float(logq.min()), np.log10(0.5) - 1e-3)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * profiles.shape[1] + 2.5), 0.4 * len(profiles) + 1.8))
-    im = ax.imshow(logq, cmap="RdBu_r", norm=TwoSlopeNorm(np.log10(0.5), lo, 0.0), aspect="auto")
-    ax.set_xticks(range(profiles.shape[1]), profiles.columns)
-    ax.set_yticks(range(len(profiles)), [f"cluster {c}" for c in profiles.index])
-    ax.set_title("Cluster profiles: log10 quantile of the cluster median")
-    fig.colorbar(im, ax=ax, label="log10 quantile (0.5 = population median)")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_distributions(scores: pd.DataFrame, labels: np.ndarray, table: pd.DataFrame, path: Path) -> Path:
-    """Box plots of factor scores per cluster for the significant factors (else the
-    factor with the smallest p, titled as not significant)."""
-    plt = _plt()
-    sig = table[table["significant"]]
-    chosen = sig if len(sig) else table.nsmallest(1, "p")
-    clusters = np.unique(labels)
-    k = len(chosen)
-    cols = min(3, k)
-    rows = int(np.ceil(k / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, (_, r) in zip(axes.ravel(), chosen.iterrows()):
-        data = [scores[r["factor"]].to_numpy()[labels == c] for c in clusters]
-        ax.boxplot(data, tick_labels=[str(c) for c in clusters])
-        state = "" if r["significant"] else " (not significant)"
-        ax.set_title(f"{r['factor']}: H={r['H']:.1f}, q={r['q']:.2g}{state}", fontsize=9)
-        ax.set_xlabel("cluster")
-        ax.set_ylabel("factor score")
-    for ax in axes.ravel()[k:]:
-        ax.axis("off")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_null(null: np.ndarray, table: pd.DataFrame, path: Path) -> Path:
-    """Histogram of H under permutation per factor, with the observed H as a red line."""
-    plt = _plt()
-    k = len(table)
-    cols = min(4, k)
-    rows = int(np.ceil(k / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.4 * rows), squeeze=False)
-    for f, ax in enumerate(axes.ravel()[:k]):
-        r = table.iloc[f]
-        ax.hist(null[:, f], bins=50, color="0.6")
-        ax.axvline(r["H"], color="red")
-        ax.set_title(f"{r['factor']}: perm p={r['perm_p']:.2g}", fontsize=9)
-        ax.set_xlabel("H")
-    for ax in axes.ravel()[k:]:
-        ax.axis("off")
-    fig.tight_layout()
-    return _save(fig, path)

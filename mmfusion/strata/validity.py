@@ -23,6 +23,7 @@ import pandas as pd
 
 from mmfusion.strata import stability
 from mmfusion.strata import ap_grid
+from mmfusion.report import figures
 from mmfusion.io.atomic import atomic_path, write_json
 from mmfusion.runlog import get_logger, progress
 
@@ -145,7 +146,7 @@ def _write_stability(out_dir: Path, ids: pd.DataFrame, labelings: dict[str, np.n
                                ("clusters.tsv", result.clusters, False), ("coassignment.tsv", co, True)):
         with atomic_path(out_dir / name) as tmp:
             frame.to_csv(tmp, sep="\t", index=index, float_format="%.4g", na_rep="n/a")
-    stability.plot_coassignment(result.coassignment, labelings["final"], names, out_dir / "coassignment.png")
+    figures.plot_coassignment(result.coassignment, labelings["final"], names, out_dir / "coassignment.png")
     write_json(out_dir / "stability.json", result.summary)
 
 
