@@ -17,13 +17,16 @@ def test_the_templates_are_package_data():
         assert any(fnmatch.fnmatch(f, g) for g in globs), f"{f} is not shipped (pyproject package-data)"
 
 
-def test_subject_page_links_the_figure_and_escapes_the_details(tmp_path):
+def test_subject_page_embeds_the_figure_and_escapes_the_details(tmp_path):
     fig = tmp_path / "sub-01" / "figures" / "sub-01_desc-registration_qc.png"
+    fig.parent.mkdir(parents=True)
+    fig.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     page = subject_qc.subject_report(tmp_path / "sub-01.html", "sub-01", fig,
                                      {"subject": "01", "template": {"name": "<MNI>"}, "note": "a & b"})
     text = page.read_text()
     assert text.startswith("<!DOCTYPE html>") and "<h1>sub-01: spatial normalization</h1>" in text
-    assert '<img src="sub-01/figures/sub-01_desc-registration_qc.png" alt="registration QC figure">' in text
+    assert '<img src="data:image/png;base64,iVBORw0KGgo' in text  # one self-contained file
+    assert "<figcaption>sub-01/figures/sub-01_desc-registration_qc.png</figcaption>" in text
     assert "<tr><th>note</th><td><pre>a &amp; b</pre></td></tr>" in text and "&lt;MNI&gt;" in text
     assert "{{" not in text and "{%" not in text
 
