@@ -409,9 +409,12 @@ class Learner:
     def build(self, skips: bool) -> Callable[[], object]:
         if self.builder is not None:
             return lambda: self.builder(self.config["model"], self.modalities, skips)
+        from mmfusion.learning.distribute import sync_batchnorm
         from mmfusion.model.autoencoder import build_autoencoder
 
-        return lambda: build_autoencoder(self.config["model"], self.modalities, skip_connections=skips)
+        setting = self.config["model"]["sync_batchnorm"]
+        return lambda: build_autoencoder(self.config["model"], self.modalities, skip_connections=skips,
+                                         sync_batchnorm=sync_batchnorm(setting, distribution_strategy()))
 
     def fit_normalizer(self, paths: Sequence[Path]) -> PopulationNormalizer:
         norm = PopulationNormalizer.from_config(self.config["normalization"])
