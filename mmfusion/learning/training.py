@@ -261,31 +261,41 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
     trace of the full model costs minutes; it would otherwise recur per fold).
     """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    epochs, patience = int(train_cfg["epochs"]), int(train_cfg["early_stopping_patience"])
     strategy = distribution_strategy()  # first: a multi-worker strategy must precede other TF ops
     state = _read_state(ckpt_dir, run_hash, resume)
     set_determinism(seed)
     model = _compiled_model(build, train_cfg, strategy, cache, cache_key,
                             ckpt_dir / "variables.npz" if state is not None else None)
-    history = list(state["history"]) if state else []
     if state and (state["done"] or state.get("stopped_early")):
         log.info("%s: already trained (%d epochs), loaded from %s", label, state["epoch"], ckpt_dir)
-        return FitResult(model, history, bool(state.get("stopped_early")))
-    start = len(history)
-    if start:
-        log.info("%s: resuming at epoch %d/%d from %s", label, start + 1, epochs, ckpt_dir)
-    monitor = "val_loss" if data.val else "loss"
-    ckpt = _Checkpointer(ckpt_dir, label, run_hash, epochs, patience, monitor, history,
-                         float(state["best"]) if state else float("inf"),
+        return FitResult(model, list(state["history"]), bool(state.get("stopped_early")))
+    ckpt = _resume_checkpointer(ckpt_dir, label, run_hash, train_cfg, bool(data.val), state, stop_after_epochs)
+    start = len(ckpt.history)
+    _train_epochs(model, data, int(train_cfg["batch_size"]), ckpt.epochs, start, seed, ckpt)
+    return _end_fit(model, ckpt)
+
+
+def _resume_checkpointer(ckpt_dir: Path, label: str, run_hash: str, train_cfg: dict, validated: bool,
+                         state: dict | None, stop_after_epochs: int | None) -> _Checkpointer:
+    """The checkpointer of one fit, carrying on from ``state`` (a resumed run) when given."""
+    epochs, patience = int(train_cfg["epochs"]), int(train_cfg["early_stopping_patience"])
+    history = list(state["history"]) if state else []
+    if history:
+        log.info("%s: resuming at epoch %d/%d from %s", label, len(history) + 1, epochs, ckpt_dir)
+    return _Checkpointer(ckpt_dir, label, run_hash, epochs, patience, "val_loss" if validated else "loss",
+                         history, float(state["best"]) if state else float("inf"),
                          int(state["wait"]) if state else 0, stop_after_epochs)
-    _train_epochs(model, data, int(train_cfg["batch_size"]), epochs, start, seed, ckpt)
-    complete = len(history) >= epochs or ckpt.stopped_early
+
+
+def _end_fit(model, ckpt: _Checkpointer) -> FitResult:
+    """After the epochs: the best weights back on early stopping, the final state written."""
+    complete = len(ckpt.history) >= ckpt.epochs or ckpt.stopped_early
     if ckpt.stopped_early:
-        log.info("%s: early stopping after epoch %d; restoring the best weights", label, len(history))
-        with np.load(ckpt_dir / "best.npz") as arrays:
+        log.info("%s: early stopping after epoch %d; restoring the best weights", ckpt.label, len(ckpt.history))
+        with np.load(ckpt.dir / "best.npz") as arrays:
             _assign(model.variables, arrays)
     ckpt.write_state(done=complete)
-    return FitResult(model, history, ckpt.stopped_early, complete)
+    return FitResult(model, ckpt.history, ckpt.stopped_early, complete)
 
 
 def _compiled_model(build: Callable[[], object], train_cfg: dict, strategy, cache: dict | None,
