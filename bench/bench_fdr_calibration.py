@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmfusion.strata.analysis import null_summary, planted_summary, run_series
+from mmfusion.strata.calibration import null_summary, planted_summary, run_series
 
 
 def cluster_scores(X: np.ndarray, truth_labels: np.ndarray, scfg: dict, seed: int, threads: int,

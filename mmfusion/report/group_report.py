@@ -348,7 +348,7 @@ def _section_profiles(out: Path) -> str:
 
 
 def _section_caveats(summary: dict | None) -> str:
-    from mmfusion.strata.analysis import CAVEATS
+    from mmfusion.levels.group import CAVEATS
     caveats = (summary or {}).get("caveats") or CAVEATS
     return "<ul>" + "".join(f"<li>{_esc(c)}</li>" for c in dict.fromkeys(caveats)) + "</ul>"
 
