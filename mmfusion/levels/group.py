@@ -218,8 +218,9 @@ def analyse(ctx, ids: pd.DataFrame, X: np.ndarray, source: Path, pheno: ph.Pheno
     labels = cluster(ctx, ids, X, source, n_threads, summary)
     per_subject = one_row_per_participant(ids, labels)
     others = check_strata(ctx, ids, X, labels, n_threads, confound_values, summary)
-    fa, result = phenotype_statistics(ctx, pheno or ph.load_phenotype_input(ctx.bids_dir, ctx.phenotypes_file),
-                                      per_subject, source, summary)
+    pheno = pheno or ph.load_phenotype_input(ctx.bids_dir, ctx.phenotypes_file)
+    fa = phenotype_factors(ctx, pheno, per_subject, summary)
+    result = factor_statistics(ctx, fa, per_subject, source, summary)
     compare_with_ground_truth(ctx, per_subject, fa, result, others, summary)
     return write_summary(ctx, summary)
 
@@ -278,36 +279,45 @@ def check_strata(ctx, ids: pd.DataFrame, X: np.ndarray, labels: np.ndarray, n_th
             if name == "baseline" or name.startswith("fold-") or name.startswith("baseline_fold-")}
 
 
-def phenotype_statistics(ctx, pheno: ph.PhenotypeInput, per_subject: pd.Series, source: Path, summary: dict):
-    """Phenotype factors (:mod:`mmfusion.strata.phenotypes`) and their tests across the
-    strata (:mod:`mmfusion.strata.stats`); returns (factors, test result), (None, None)
-    without phenotypes."""
+def phenotype_factors(ctx, pheno: ph.PhenotypeInput, per_subject: pd.Series, summary: dict):
+    """Phenotype factors (:mod:`mmfusion.strata.phenotypes`: variables, PCA + varimax) of
+    the participants with an embedding -> group/phenotypes/; None without phenotypes."""
     from mmfusion.provenance import sha256_file
-    from mmfusion.strata import stats
 
     if pheno.raw is None:
         summary["phenotypes"] = {"status": f"not run: {pheno.skipped}"}
-        return None, None
-    group, cfg, files = Path(ctx.group_dir), ctx.config, pheno.files
+        return None
+    cfg, files = ctx.config["phenotypes"], pheno.files
     summary["inputs"]["phenotypes"] = {str(f): sha256_file(f) for f in files}
     common, counts = ph.common_subjects(pheno, list(per_subject.index))
-    table = ph.prepare_variables(pheno.raw.loc[common], cfg["phenotypes"], str(files[0]), files)
-    fa = ph.factor_analysis(table.data, cfg["phenotypes"]["eigenvalue_threshold"])
-    pheno_paths = ph.write_outputs(table, fa, group / "phenotypes", cfg["phenotypes"]["loading_threshold"],
-                                   extra_summary={"subject_counts": counts, "files": [str(f) for f in files]})
-    summary["outputs"]["phenotypes"] = {k: str(v) for k, v in pheno_paths.items()}
+    table = ph.prepare_variables(pheno.raw.loc[common], cfg, str(files[0]), files)
+    fa = ph.factor_analysis(table.data, cfg["eigenvalue_threshold"])
+    paths = ph.write_outputs(table, fa, Path(ctx.group_dir) / "phenotypes", cfg["loading_threshold"],
+                             extra_summary={"subject_counts": counts, "files": [str(f) for f in files]})
+    summary["outputs"]["phenotypes"] = {k: str(v) for k, v in paths.items()}
     summary["phenotypes"] = {"status": "done", "subject_counts": {k: (len(v) if isinstance(v, list) else v)
                                                                   for k, v in counts.items()},
                              "n_factors": int(fa.loadings.shape[1]),
                              "explained_variance_ratio": float(fa.factors["explained_variance_ratio"].sum())}
+    return fa
+
+
+def factor_statistics(ctx, fa, per_subject: pd.Series, source: Path, summary: dict):
+    """The factors' tests across the strata (:mod:`mmfusion.strata.stats`) -> group/stats/;
+    None without factors."""
+    from mmfusion.strata import stats
+
+    if fa is None:
+        return None
+    cfg = ctx.config["stats"]
     labels = per_subject.loc[fa.scores.index].to_numpy()
-    result = stats.run_stats(fa.scores, labels, cfg["stats"], seed=ctx.seed, source=str(source))
-    stat_paths = stats.write_outputs(result, fa.scores, labels, group / "stats")
-    summary["outputs"]["stats"] = {k: str(v) for k, v in stat_paths.items()}
+    result = stats.run_stats(fa.scores, labels, cfg, seed=ctx.seed, source=str(source))
+    paths = stats.write_outputs(result, fa.scores, labels, Path(ctx.group_dir) / "stats")
+    summary["outputs"]["stats"] = {k: str(v) for k, v in paths.items()}
     summary["stats"] = {"n_significant": int(result.table["significant"].sum()),
                         "n_perm_significant": int(result.table["perm_significant"].sum()),
-                        "n_permutations": int(cfg["stats"]["n_permutations"])}
-    return fa, result
+                        "n_permutations": int(cfg["n_permutations"])}
+    return result
 
 
 def compare_with_ground_truth(ctx, per_subject: pd.Series, fa, result, others: dict[str, pd.Series],
