@@ -1,13 +1,13 @@
 """Calibration of the group statistics: false positives on null data, power on planted data.
 
-Every dataset goes through the production path of ``mmfusion.strata.analysis.run_analysis``
+Every dataset goes through the production path of ``mmfusion.levels.group.run_analysis``
 minus the file I/O: ``phenotypes.prepare_variables`` + ``phenotypes.factor_analysis``
 (default config), then ``stats.run_stats`` (Kruskal-Wallis + Benjamini-Hochberg FDR and
 the size-preserving permutation test + BH-FDR, alpha 0.05) and, for planted data,
-``analysis.match_factors`` (each estimated factor -> latent factor it correlates with
+``ground_truth.match_factors`` (each estimated factor -> latent factor it correlates with
 most). Phenotypes come from :func:`mmfusion.simulate.simulate_phenotypes` (no images).
 The per-dataset machinery (``run_series``, ``null_summary``, ``planted_summary``) lives in
-:mod:`mmfusion.strata.analysis`, so tests/test_fdr_calibration.py imports it from the package.
+:mod:`mmfusion.strata.calibration`, so tests/test_fdr_calibration.py imports it from the package.
 
 * Null: ``--datasets`` datasets with ``null=True`` (phenotypes independent of the strata);
   clusters = the strata (near-equal sizes). Reports the family-wise false-positive rate
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmfusion.strata.analysis import null_summary, planted_summary, run_series
+from mmfusion.strata.calibration import null_summary, planted_summary, run_series
 
 
 def cluster_scores(X: np.ndarray, truth_labels: np.ndarray, scfg: dict, seed: int, threads: int,

@@ -109,7 +109,7 @@ def ladder(dirs: list[Path], with_skips: bool, threads: int) -> pd.DataFrame:
     from sklearn.metrics import adjusted_rand_score
 
     from mmfusion.strata import ap_grid
-    from mmfusion.strata.analysis import read_embeddings
+    from mmfusion.io.embeddings import read_embeddings
 
     rows = []
     for d in dirs:

@@ -136,12 +136,12 @@ def _group_dataset(tmp_path, ages, modalities=("jac", "ndi"), lacking=()):
 def no_training(monkeypatch):
     """Fail the test if the group level gets as far as building a model."""
     from mmfusion.learning import distribute
-    from mmfusion.learning import training
+    from mmfusion.levels import group
 
     def refuse(*args, **kwargs):
         raise AssertionError("the group level went on to build/train a model")
 
-    monkeypatch.setattr(training, "run_learning", refuse)
+    monkeypatch.setattr(group, "run_learning", refuse)
     monkeypatch.setattr(distribute, "make_strategy", refuse)
 
 

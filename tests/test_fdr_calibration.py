@@ -1,4 +1,4 @@
-"""Calibration machinery of bench/bench_fdr_calibration.py (mmfusion.strata.analysis) on a few small datasets.
+"""Calibration machinery of bench/bench_fdr_calibration.py (mmfusion.strata.calibration) on a few small datasets.
 
 The bench runs the production path (prepare_variables + factor_analysis + run_stats +
 match_factors) over many simulated datasets; here a handful checks that the bookkeeping
@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmfusion.strata import analysis
+from mmfusion.strata import calibration
 from mmfusion.config import default_config
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The calibration helpers the bench uses (in mmfusion.strata.analysis)."""
-    return analysis
+    """The calibration helpers the bench uses (in mmfusion.strata.calibration)."""
+    return calibration
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmfusion.strata import analysis
+from mmfusion.io import embeddings
+from mmfusion.levels import group
 from mmfusion.report import group_report
 from mmfusion.config import load_config
 from mmfusion.context import RunContext
@@ -71,7 +72,7 @@ def analysed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analysis")
     root, out = tmp / "bids", tmp / "out"
     _dataset(root, out)
-    summary = analysis.run_analysis(_ctx(root, out), out / "group" / "embeddings.tsv")
+    summary = group.run_analysis(_ctx(root, out), out / "group" / "embeddings.tsv")
     return root, out, summary
 
 
@@ -170,7 +171,7 @@ def test_validity_outputs_have_their_columns_and_values_in_range(analysed):
 def test_noise_strata_are_flagged_not_reproducible(tmp_path):
     root, out = tmp_path / "bids", tmp_path / "out"
     _dataset(root, out, n=36, K=1, extra_embedding=False, extra_pheno=False)  # one stratum: pure noise
-    analysis.run_analysis(_ctx(root, out, stratify={"subsamples": 10}), out / "group" / "embeddings.tsv")
+    group.run_analysis(_ctx(root, out, stratify={"subsamples": 10}), out / "group" / "embeddings.tsv")
     stab = json.loads((out / "group" / "stability" / "stability.json").read_text())
     clusters = pd.read_csv(out / "group" / "stability" / "clusters.tsv", sep="\t")
     assert not stab["reproducible"] and clusters["stability"].min() < 0.75 and not clusters["stable"].all()
@@ -184,7 +185,7 @@ def test_a_confound_that_follows_the_strata_is_flagged(tmp_path):
     part = pd.read_csv(root / "participants.tsv", sep="\t")
     part["site"] = np.repeat(["A", "B", "C"], 10)  # rows follow the planted strata, as do the clusters
     part.to_csv(root / "participants.tsv", sep="\t", index=False)
-    summary = analysis.run_analysis(_ctx(root, out, phenotypes={"exclude": ["participant_id", "site"]},
+    summary = group.run_analysis(_ctx(root, out, phenotypes={"exclude": ["participant_id", "site"]},
                                          stratify={"subsamples": 2}), out / "group" / "embeddings.tsv")
     assert any(f.startswith("site") for f in summary["confounds"]["flags"])
     key = group_report.write_report(out).read_text()
@@ -203,7 +204,7 @@ def test_embeddings_with_nan_are_refused(tmp_path):
     pd.DataFrame({"participant_id": ["sub-1", "sub-2"], "session": ["", ""], "emb_0000": [1.0, "nan"]}).to_csv(
         path, sep="\t", index=False)
     with pytest.raises(InputDataError, match="emb.tsv: non-finite embedding values for sub-2"):
-        analysis.read_embeddings(path)
+        embeddings.read_embeddings(path)
 
 
 def test_no_common_subjects_is_a_clear_error(tmp_path):
@@ -214,7 +215,7 @@ def test_no_common_subjects_is_a_clear_error(tmp_path):
     ctx = _ctx(root, out)
     ctx.phenotypes_file = root / "other.tsv"
     with pytest.raises(InputDataError, match="only 0 subject"):
-        analysis.run_analysis(ctx, out / "group" / "embeddings.tsv")
+        group.run_analysis(ctx, out / "group" / "embeddings.tsv")
 
 
 def test_harmonization_removes_a_site_offset_before_clustering(tmp_path):
@@ -229,9 +230,9 @@ def test_harmonization_removes_a_site_offset_before_clustering(tmp_path):
     part = pd.read_csv(root / "participants.tsv", sep="\t").assign(site=sites)
     part.to_csv(root / "participants.tsv", sep="\t", index=False)
     common = {"phenotypes": {"exclude": ["participant_id", "site"]}}
-    raw = analysis.run_analysis(_ctx(root, out, **common, stratify={"subsamples": 2}), out / "group" / "embeddings.tsv")
+    raw = group.run_analysis(_ctx(root, out, **common, stratify={"subsamples": 2}), out / "group" / "embeddings.tsv")
     assert raw["harmonization"] == {"status": "off"} and raw["ground_truth"]["adjusted_rand_index"] < 0.5
-    harmonized = analysis.run_analysis(_ctx(root, out, **common, stratify={"subsamples": 2, "harmonize_site": "site"}),
+    harmonized = group.run_analysis(_ctx(root, out, **common, stratify={"subsamples": 2, "harmonize_site": "site"}),
                                        out / "group" / "embeddings.tsv")
     assert harmonized["harmonization"]["status"] == "done" and harmonized["harmonization"]["sites"] == {"A": 18, "B": 18}
     assert harmonized["ground_truth"]["adjusted_rand_index"] > 0.9

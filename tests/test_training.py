@@ -266,12 +266,12 @@ def test_default_model_is_skip_free_and_its_folds_embed_everyone(tmp_path):
 _LEARN = textwrap.dedent("""
     import sys
     from mmfusion import cli
-    from mmfusion.learning import training
+    from mmfusion.levels import group
     argv = sys.argv[1:]
     args = cli.build_parser().parse_args(argv)
     cli.validate_paths(args)
     ctx = cli.make_context(args, ["mmfusion", *argv])
-    training.run_learning(ctx)
+    group.run_learning(ctx)
 """)
 
 

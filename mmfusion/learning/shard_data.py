@@ -131,6 +131,16 @@ def check_folds(infos: Sequence[ShardInfo], folds: int) -> None:
                          "in --config or add subjects")
 
 
+def scan_and_check(paths: Sequence[Path], modalities: Sequence[str], allow_missing: bool,
+                   config: dict) -> list[ShardInfo]:
+    """:func:`scan_shards`, then the shards vs the config: :func:`check_grid`
+    (``model.input_shape``) and :func:`check_folds` (``training.cv_folds``)."""
+    infos = scan_shards(paths, modalities, allow_missing)
+    check_grid(infos, config["model"]["input_shape"])
+    check_folds(infos, int(config["training"]["cv_folds"]))
+    return infos
+
+
 def read_volume(path: str | Path, modality: str) -> np.ndarray:
     """One float32 (X, Y, Z) volume from a shard.
 

@@ -1,7 +1,8 @@
 """Group-level learning: normalization, k-fold CV, final model, embeddings, reconstructions.
 
-Entry point: :func:`run_learning` (called by :mod:`mmfusion.levels.group`). Outputs, all under
-``output_dir/group``::
+Entry point: :func:`learn` (called by :func:`mmfusion.levels.group.run_learning`); it
+returns the ids and float32 embeddings of every shard in memory, with the paths of what
+it wrote. Outputs, all under ``output_dir/group``::
 
     cv/folds.tsv                  subject, session, fold (held-out fold of each shard)
     cv/metrics_{mse,normdiff,cnr}.tsv   subject, session, fold, modality, variant, value
@@ -12,7 +13,7 @@ Entry point: :func:`run_learning` (called by :mod:`mmfusion.levels.group`). Outp
     figures/cv_<metric>.png, figures/training_curves.png, figures/reconstructions.png
     model/final.keras, final.weights.h5, normalization.json, model.json
     checkpoints/<fold-01|final>/<variant>/{state.json, variables.npz, best.npz}
-    embeddings.tsv                participant_id, session, emb_0000 .. emb_<D-1>
+    embeddings.tsv                participant_id, session, emb_0000 .. emb_<D-1> (%.9g: exact float32)
     embeddings.h5                 participant_id (n,), session (n,), embedding (n, D) float32
     baseline/embeddings.tsv       participant_id, session, emb_0000 .. : PCA scores of the
                                   normalized images (mmfusion.learning.baseline), fitted on all shards
@@ -57,6 +58,7 @@ from mmfusion.learning import shard_data
 from mmfusion.learning import metrics
 from mmfusion.report import figures
 from mmfusion.io.atomic import atomic_path, write_json, write_text
+from mmfusion.io.embeddings import embedding_frame, write_embeddings_h5, write_embeddings_tsv, write_ids
 from mmfusion.config import config_hash
 from mmfusion.errors import StaleOutputError
 from mmfusion.learning.intensity import PopulationNormalizer
@@ -262,31 +264,41 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
     trace of the full model costs minutes; it would otherwise recur per fold).
     """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    epochs, patience = int(train_cfg["epochs"]), int(train_cfg["early_stopping_patience"])
     strategy = distribution_strategy()  # first: a multi-worker strategy must precede other TF ops
     state = _read_state(ckpt_dir, run_hash, resume)
     set_determinism(seed)
     model = _compiled_model(build, train_cfg, strategy, cache, cache_key,
                             ckpt_dir / "variables.npz" if state is not None else None)
-    history = list(state["history"]) if state else []
     if state and (state["done"] or state.get("stopped_early")):
         log.info("%s: already trained (%d epochs), loaded from %s", label, state["epoch"], ckpt_dir)
-        return FitResult(model, history, bool(state.get("stopped_early")))
-    start = len(history)
-    if start:
-        log.info("%s: resuming at epoch %d/%d from %s", label, start + 1, epochs, ckpt_dir)
-    monitor = "val_loss" if data.val else "loss"
-    ckpt = _Checkpointer(ckpt_dir, label, run_hash, epochs, patience, monitor, history,
-                         float(state["best"]) if state else float("inf"),
+        return FitResult(model, list(state["history"]), bool(state.get("stopped_early")))
+    ckpt = _resume_checkpointer(ckpt_dir, label, run_hash, train_cfg, bool(data.val), state, stop_after_epochs)
+    start = len(ckpt.history)
+    _train_epochs(model, data, int(train_cfg["batch_size"]), ckpt.epochs, start, seed, ckpt)
+    return _end_fit(model, ckpt)
+
+
+def _resume_checkpointer(ckpt_dir: Path, label: str, run_hash: str, train_cfg: dict, validated: bool,
+                         state: dict | None, stop_after_epochs: int | None) -> _Checkpointer:
+    """The checkpointer of one fit, carrying on from ``state`` (a resumed run) when given."""
+    epochs, patience = int(train_cfg["epochs"]), int(train_cfg["early_stopping_patience"])
+    history = list(state["history"]) if state else []
+    if history:
+        log.info("%s: resuming at epoch %d/%d from %s", label, len(history) + 1, epochs, ckpt_dir)
+    return _Checkpointer(ckpt_dir, label, run_hash, epochs, patience, "val_loss" if validated else "loss",
+                         history, float(state["best"]) if state else float("inf"),
                          int(state["wait"]) if state else 0, stop_after_epochs)
-    _train_epochs(model, data, int(train_cfg["batch_size"]), epochs, start, seed, ckpt)
-    complete = len(history) >= epochs or ckpt.stopped_early
+
+
+def _end_fit(model, ckpt: _Checkpointer) -> FitResult:
+    """After the epochs: the best weights back on early stopping, the final state written."""
+    complete = len(ckpt.history) >= ckpt.epochs or ckpt.stopped_early
     if ckpt.stopped_early:
-        log.info("%s: early stopping after epoch %d; restoring the best weights", label, len(history))
-        with np.load(ckpt_dir / "best.npz") as arrays:
+        log.info("%s: early stopping after epoch %d; restoring the best weights", ckpt.label, len(ckpt.history))
+        with np.load(ckpt.dir / "best.npz") as arrays:
             _assign(model.variables, arrays)
     ckpt.write_state(done=complete)
-    return FitResult(model, history, ckpt.stopped_early, complete)
+    return FitResult(model, ckpt.history, ckpt.stopped_early, complete)
 
 
 def _compiled_model(build: Callable[[], object], train_cfg: dict, strategy, cache: dict | None,
@@ -410,9 +422,12 @@ class Learner:
     def build(self, skips: bool) -> Callable[[], object]:
         if self.builder is not None:
             return lambda: self.builder(self.config["model"], self.modalities, skips)
+        from mmfusion.learning.distribute import sync_batchnorm
         from mmfusion.model.autoencoder import build_autoencoder
 
-        return lambda: build_autoencoder(self.config["model"], self.modalities, skip_connections=skips)
+        setting = self.config["model"]["sync_batchnorm"]
+        return lambda: build_autoencoder(self.config["model"], self.modalities, skip_connections=skips,
+                                         sync_batchnorm=sync_batchnorm(setting, distribution_strategy()))
 
     def fit_normalizer(self, paths: Sequence[Path]) -> PopulationNormalizer:
         norm = PopulationNormalizer.from_config(self.config["normalization"])
@@ -481,7 +496,6 @@ def run_cross_validation(learner: Learner) -> dict[str, Path]:
     import pandas as pd
 
     k = int(learner.config["training"]["cv_folds"])
-    shard_data.check_folds(learner.infos, k)
     folds = make_folds(learner.infos, k, learner.seed)
     cv_dir = learner.group_dir / "cv"
     _write_tsv(cv_dir / "folds.tsv", pd.DataFrame({
@@ -519,20 +533,12 @@ def gather_fold_embeddings(learner: Learner, k: int, path: Path) -> Path:
             parts.append((arrays["model"], arrays["baseline"]))
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as h5:
-            _write_ids(h5, learner.infos)
+            write_ids(h5, shard_ids(learner.infos))
             h5.create_dataset("model", data=np.stack([m for m, _ in parts]).astype(np.float32))
             h5.create_dataset("baseline", data=np.stack([b for _, b in parts]).astype(np.float32))
             h5.attrs["variant"] = learner.embedding_variant
             h5.attrs["folds"] = k
     return path
-
-
-def _write_ids(h5, infos: Sequence[shard_data.ShardInfo]) -> None:
-    import h5py
-
-    h5.create_dataset("participant_id", data=np.array([f"sub-{i.subject}" for i in infos], dtype=object),
-                      dtype=h5py.string_dtype())
-    h5.create_dataset("session", data=np.array([i.session for i in infos], dtype=object), dtype=h5py.string_dtype())
 
 
 def _write_tsv(path: Path, frame) -> Path:
@@ -574,21 +580,14 @@ def load_final_model(model_dir: Path):
     return model, PopulationNormalizer.load(Path(model_dir) / "normalization.json"), meta["modalities"]
 
 
-def write_embeddings(learner: Learner, model, norm: PopulationNormalizer) -> dict[str, Path]:
-    """Embeddings of every shard -> group/embeddings.tsv and group/embeddings.h5."""
-    import h5py
-
+def write_embeddings(learner: Learner, model, norm: PopulationNormalizer) -> tuple[np.ndarray, dict[str, Path]]:
+    """Embeddings of every shard (float32 (n, D), returned) -> group/embeddings.tsv and .h5."""
     emb = embed(model, [i.path for i in learner.infos], learner.modalities, norm, progress_label="embeddings")
-    tsv = _write_tsv(learner.group_dir / "embeddings.tsv", _embedding_frame(learner.infos, emb, "emb"))
-    h5_path = learner.group_dir / "embeddings.h5"
-    with atomic_path(h5_path, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w") as h5:
-            _write_ids(h5, learner.infos)
-            h5.create_dataset("embedding", data=emb)
-            h5.attrs["modalities"] = json.dumps(learner.modalities)
-            h5.attrs["seed"] = learner.seed
+    ids = shard_ids(learner.infos)
+    tsv = write_embeddings_tsv(learner.group_dir / "embeddings.tsv", ids, emb)
+    h5_path = write_embeddings_h5(learner.group_dir / "embeddings.h5", ids, emb, learner.modalities, learner.seed)
     log.info("embeddings: %d subjects x %d values -> %s", *emb.shape, tsv)
-    return {"embeddings_tsv": tsv, "embeddings_h5": h5_path}
+    return emb, {"embeddings_tsv": tsv, "embeddings_h5": h5_path}
 
 
 def embed(model, paths: Sequence[Path], modalities: Sequence[str], norm: PopulationNormalizer,
@@ -606,14 +605,12 @@ def embed(model, paths: Sequence[Path], modalities: Sequence[str], norm: Populat
     return np.stack(vectors)
 
 
-def _embedding_frame(infos: Sequence[shard_data.ShardInfo], values: np.ndarray, prefix: str):
-    """participant_id, session, then ``<prefix>_0000`` ... columns (one row per shard)."""
+def shard_ids(infos: Sequence[shard_data.ShardInfo]):
+    """participant_id (``sub-`` label) and session of every shard, a DataFrame (n rows)."""
     import pandas as pd
 
-    frame = pd.DataFrame(values, columns=[f"{prefix}_{j:04d}" for j in range(values.shape[1])])
-    frame.insert(0, "session", [i.session for i in infos])
-    frame.insert(0, "participant_id", [f"sub-{i.subject}" for i in infos])
-    return frame
+    return pd.DataFrame({"participant_id": [f"sub-{i.subject}" for i in infos],
+                         "session": [i.session for i in infos]})
 
 
 def write_baseline(learner: Learner, norm: PopulationNormalizer) -> dict[str, Path]:
@@ -624,7 +621,8 @@ def write_baseline(learner: Learner, norm: PopulationNormalizer) -> dict[str, Pa
     paths = [i.path for i in learner.infos]
     scores = baseline_embeddings(paths, paths, learner.modalities, norm,
                                  int(learner.config["stratify"]["baseline_components"]), learner.seed)
-    tsv = _write_tsv(learner.group_dir / "baseline" / "embeddings.tsv", _embedding_frame(learner.infos, scores, "emb"))
+    tsv = _write_tsv(learner.group_dir / "baseline" / "embeddings.tsv",
+                     embedding_frame(shard_ids(learner.infos), scores))
     log.info("baseline: PCA of the normalized images, %d subjects x %d components -> %s", *scores.shape, tsv)
     return {"baseline_tsv": tsv}
 
@@ -651,52 +649,61 @@ def write_reconstructions(learner: Learner, model, norm: PopulationNormalizer) -
     return written
 
 
-def run_learning(ctx, infos: Sequence[shard_data.ShardInfo] | None = None) -> dict:
-    """The learning half of the group level (see the module docstring for the outputs).
+@dataclass
+class LearningResult:
+    """What :func:`learn` produced: ``ids`` (participant_id, session of every shard),
+    ``embeddings`` float32 (n, D) in the same order (the exact values of embeddings.h5),
+    and ``outputs`` (name -> path of what it wrote; ``result[name]`` reads them)."""
 
-    ``ctx`` is a :class:`mmfusion.context.RunContext`; ``infos`` the shards already
-    scanned by :func:`mmfusion.levels.group.check_late_inputs` (scanned here when None). Returns {'embeddings_tsv',
-    'embeddings_h5', 'model_path', 'normalization', 'metrics_mse', 'metrics_normdiff',
-    'metrics_cnr', 'summary', 'figure_*', 'training_curves', 'reconstructions'}.
-    """
-    out = learn(ctx.output_dir / "shards", ctx.group_dir, list(ctx.modalities), ctx.config, int(ctx.seed),
-                resume=bool(ctx.resume), allow_missing=bool(ctx.allow_missing),
-                participant_labels=list(ctx.participant_labels), infos=infos)
-    ctx.provenance.extra["learning"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()
-                                        if k != "reconstructions"}
-    return out
+    ids: object
+    embeddings: np.ndarray
+    outputs: dict
+
+    def __getitem__(self, key: str):
+        return self.outputs[key]
 
 
 def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict, seed: int, resume: bool = False,
           allow_missing: bool = False, participant_labels: Sequence[str] = (), builder: Callable | None = None,
-          infos: Sequence[shard_data.ShardInfo] | None = None) -> dict:
-    """:func:`run_learning` without a RunContext (``builder`` replaces build_autoencoder in
-    tests; ``infos``: shards already scanned and checked, else those of ``shard_dir``)."""
-    import shutil
-
+          infos: Sequence[shard_data.ShardInfo] | None = None) -> LearningResult:
+    """Cross-validation, final model, embeddings, baseline and reconstructions of the
+    shards ``infos`` (already scanned and checked; else those of ``shard_dir``, restricted
+    to ``participant_labels``). ``builder`` replaces build_autoencoder in tests."""
     group_dir = _worker_group_dir(Path(group_dir), resume)
     if infos is None:
         paths = shard_data.discover_shards(shard_dir, participant_labels)
-        infos = shard_data.scan_shards(paths, modalities, allow_missing)
-        shard_data.check_grid(infos, config["model"]["input_shape"])
-        shard_data.check_folds(infos, int(config["training"]["cv_folds"]))
-    infos = list(infos)
+        infos = shard_data.scan_and_check(paths, modalities, allow_missing, config)
+    learner = _start(group_dir, list(infos), modalities, config, seed, resume, builder)
+    out = run_cross_validation(learner)
+    model, norm, final, paths_out = train_final(learner)
+    out.update(paths_out)
+    out.update(write_training_curves(learner, {**out.pop("histories"), "final": final.history}))
+    emb, emb_paths = write_embeddings(learner, model, norm)
+    out.update(emb_paths)
+    out.update(write_baseline(learner, norm))
+    out["reconstructions"] = write_reconstructions(learner, model, norm)
+    return LearningResult(shard_ids(learner.infos), emb, out)
+
+
+def _start(group_dir: Path, infos: list[shard_data.ShardInfo], modalities: list[str], config: dict, seed: int,
+           resume: bool, builder: Callable | None) -> Learner:
+    """The :class:`Learner` of a run (old checkpoints discarded without ``resume``)."""
+    import shutil
+
     log.info("learning on %d shard(s) of %d subject(s), modalities %s, grid %s", len(infos),
              len({i.subject for i in infos}), modalities, infos[0].shape)
     if not resume and (group_dir / "checkpoints").exists():
         log.info("no --resume: discarding old checkpoints in %s", group_dir / "checkpoints")
         shutil.rmtree(group_dir / "checkpoints")
     stats = shard_data.scan_volume_stats(infos, modalities)
-    learner = Learner(Path(group_dir), infos, modalities, config, seed, resume, stats, builder)
-    out = run_cross_validation(learner)
-    model, norm, final, paths_out = train_final(learner)
-    out.update(paths_out)
-    histories = {**out.pop("histories"), "final": final.history}
-    out["training_curves"] = _write_tsv(group_dir / "cv" / "training_curves.tsv", _curves_frame(histories))
+    return Learner(group_dir, infos, modalities, config, seed, resume, stats, builder)
+
+
+def write_training_curves(learner: Learner, histories: dict[str, list[dict]]) -> dict[str, Path]:
+    """cv/training_curves.tsv and figures/training_curves.png of every model trained."""
+    group_dir = learner.group_dir
+    out = {"training_curves": _write_tsv(group_dir / "cv" / "training_curves.tsv", _curves_frame(histories))}
     out["figure_training_curves"] = figures.plot_training_curves(histories, group_dir / "figures" / "training_curves.png")
-    out.update(write_embeddings(learner, model, norm))
-    out.update(write_baseline(learner, norm))
-    out["reconstructions"] = write_reconstructions(learner, model, norm)
     return out
 
 

@@ -1,17 +1,109 @@
-"""The group level: shards -> model + embeddings -> strata + phenotype statistics -> report.
+"""The group level, stage by stage; every stage returns here.
 
-Orchestration only; the work is in :mod:`mmfusion.learning.training`, :mod:`mmfusion.strata.analysis`
-and :mod:`mmfusion.report.group_report`.
+:func:`run_group_level` calls, in order:
+
+1. the input checks (:func:`check_inputs`): the shards, listed once (:func:`check_shards`),
+   scanned and checked against the config (:func:`mmfusion.learning.shard_data.scan_and_check`),
+   the phenotype tables, read and checked once (:mod:`mmfusion.strata.phenotypes`), the
+   site harmonization (:mod:`mmfusion.strata.harmonize`);
+2. the learning (:func:`run_learning` -> :func:`mmfusion.learning.training.learn`): CV,
+   final model, embeddings, baseline; returns the ids and the float32 embeddings;
+3. the analysis of those embeddings (:func:`analyse`): clustering (:mod:`mmfusion.strata.ap_grid`),
+   the checks of the strata (:mod:`mmfusion.strata.validity`: baseline, stability,
+   confounds), phenotype factors (:mod:`mmfusion.strata.phenotypes`) and statistics
+   (:mod:`mmfusion.strata.stats`), the ground-truth comparison of simulated data
+   (:mod:`mmfusion.strata.ground_truth`), the summary (``analysis_summary.json``);
+4. the report (:mod:`mmfusion.report.group_report`).
+
+Analysis outputs, under ``ctx.group_dir`` (docs/method.md#6-clustering,
+docs/method.md#7-phenotypes-and-statistics)::
+
+    group/strata/       labels.tsv, ap_grid.tsv, ap_grid.png, ap_selection.json
+    group/phenotypes/   variables.tsv, missing.tsv, factors.tsv, loadings.tsv,
+                        loadings.png, scores.tsv, summary.json
+    group/stats/        kruskal_wallis.tsv, profiles.tsv, profiles_median.tsv,
+                        profiles.png, distributions.png, permutation_null.png
+    group/baseline/, group/stability/, group/confounds/   :mod:`mmfusion.strata.validity`
+    group/ground_truth/ comparison.json, confusion.tsv, factor_match.tsv
+                        (only for simulated datasets with sourcedata/ground_truth/)
+    group/analysis_summary.json   inputs (with sha256), counts, output paths, caveats
+
+Every embedding row (subject-session) is clustered. Subjects with several sessions enter
+the statistics once, with the cluster of their first session (sorted label), since
+phenotypes are per participant.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from mmfusion.errors import MissingInputError
-from mmfusion.runlog import get_logger, terminal_print
 from mmfusion.io.shards import split_stem
+from mmfusion.runlog import get_logger, terminal_print
+from mmfusion.strata import phenotypes as ph
 
 log = get_logger(__name__)
+
+CAVEATS = [
+    "Affinity propagation picks the number of clusters through the preference; the chosen fit "
+    "maximises the silhouette over the grid, which favours compact, well-separated clusters and "
+    "is itself a choice made on the same data that the statistics then test.",
+    "The permutation test re-partitions subjects with the observed cluster sizes; it tests the "
+    "phenotype differences given the clustering, not the existence of the clusters.",
+    "Factor scores come from a PCA with varimax rotation of the available phenotypes; missing "
+    "values were handled as stated in the phenotype summary, which changes the scores a little.",
+    "With U-Net skip connections (model.skip_connections: true, the paper's model) the decoders "
+    "can bypass the joint embedding: reconstruction quality alone does not show that the "
+    "embedding is informative; compare the strata with the PCA baseline and their stability.",
+]
+
+
+def run_group_level(ctx) -> Path | None:
+    """Run the whole group level; returns the path of the HTML report (None on a
+    non-chief worker of a multi-worker run, which only trains)."""
+    from mmfusion.learning import distribute
+
+    inputs = check_inputs(ctx)
+    log.info("group level on %d subject(s), modalities %s", len(ctx.participant_labels), " ".join(ctx.modalities))
+    distribute.make_strategy()  # a multi-worker strategy must exist before any other TF op
+    learned = run_learning(ctx, inputs.infos)
+    if not distribute.is_chief():
+        log.info("non-chief worker: training done; the chief writes the analysis and the report")
+        return None
+    analyse(ctx, learned.ids, learned.embeddings.astype(np.float64), Path(learned["embeddings_tsv"]), inputs.pheno)
+    return write_report(ctx)
+
+
+# ------------------------------------------------------------------------ 1. inputs
+@dataclass
+class GroupInputs:
+    """What the checks found: the scanned shards and the phenotype tables."""
+
+    infos: list
+    pheno: ph.PhenotypeInput
+
+
+def check_inputs(ctx) -> GroupInputs:
+    """Everything the group level would otherwise find wrong only after training, checked
+    before any model is built: the shards (exit 66 for subjects without one, or a shard
+    that lacks a requested modality; their grid vs ``model.input_shape``;
+    ``training.cv_folds`` vs the number of subjects, exit 64), the phenotype tables (read
+    and type-checked, exit 65 naming the file, column and line of a junk cell) and the
+    site harmonization. Sets ``ctx.participant_labels`` to the subjects analysed."""
+    from mmfusion.learning import shard_data
+
+    ctx.participant_labels, paths = select_shards(ctx, list_shards(ctx))
+    count_phenotype_only(ctx)
+    infos = shard_data.scan_and_check(paths, ctx.modalities, ctx.allow_missing, ctx.config)
+    participants = [f"sub-{s}" for s in dict.fromkeys(i.subject for i in infos)]
+    pheno = ph.check_phenotype_input(ph.load_phenotype_input(ctx.bids_dir, ctx.phenotypes_file), participants,
+                                     ctx.config["phenotypes"])
+    ctx.provenance.add_inputs(pheno.files)
+    check_harmonization(ctx, infos)
+    return GroupInputs(infos, pheno)
 
 
 def expected_subjects(bids_dir: Path, labels: list[str]) -> list[str]:
@@ -22,16 +114,21 @@ def expected_subjects(bids_dir: Path, labels: list[str]) -> list[str]:
     return sorted(p.name[4:] for p in bids_dir.glob("sub-*") if p.is_dir())
 
 
-def subjects_with_shards(output_dir: Path) -> set[str]:
-    """Subject labels that have at least one shard in ``output_dir/shards``."""
-    return {split_stem(p.stem)[0] for p in (output_dir / "shards").glob("sub-*.h5")}
+def list_shards(ctx) -> list[Path]:
+    """Every shard of ``output_dir/shards`` (``sub-*.h5``), sorted: the one listing of the run."""
+    return sorted((ctx.output_dir / "shards").glob("sub-*.h5"))
 
 
 def check_shards(ctx) -> list[str]:
     """Return the subjects to analyse; refuse (exit 66) if some have no shard, unless
     ``--allow-missing`` is given, in which case they are listed and skipped."""
+    return select_shards(ctx, list_shards(ctx))[0]
+
+
+def select_shards(ctx, paths: list[Path]) -> tuple[list[str], list[Path]]:
+    """(subjects to analyse, their shards) among ``paths``: see :func:`check_shards`."""
     expected = expected_subjects(ctx.bids_dir, ctx.participant_labels)
-    present = subjects_with_shards(ctx.output_dir)
+    present = {split_stem(p.stem)[0] for p in paths}
     missing = [s for s in expected if s not in present]
     available = [s for s in expected if s in present]
     if missing and not ctx.allow_missing:
@@ -45,9 +142,10 @@ def check_shards(ctx) -> list[str]:
     if not available:
         raise MissingInputError(f"{ctx.output_dir / 'shards'}: no shards found; run the participant level first")
     ctx.provenance.extra["subjects_missing_shards"] = [f"sub-{s}" for s in missing]
-    shards = sorted(p for s in available for p in (ctx.output_dir / "shards").glob(f"sub-{s}[._]*h5"))
+    wanted = set(available)
+    shards = [p for p in paths if split_stem(p.stem)[0] in wanted]
     ctx.provenance.add_inputs(shards)
-    return available
+    return available, shards
 
 
 def count_phenotype_only(ctx) -> list[str]:
@@ -63,33 +161,10 @@ def count_phenotype_only(ctx) -> list[str]:
     return labels
 
 
-def check_late_inputs(ctx):
-    """Everything the group level would otherwise find wrong only after training, checked
-    before any model is built: the shards (exit 66 naming a shard that lacks a requested
-    modality; their grid vs ``model.input_shape``; ``training.cv_folds`` vs the number of
-    subjects, exit 64) and the phenotype tables (read and type-checked, exit 65 naming the
-    file, column and line of a junk cell). Returns (shard infos, phenotype input)."""
-    from mmfusion.strata import analysis
-    from mmfusion.learning import shard_data
-
-    paths = shard_data.discover_shards(ctx.output_dir / "shards", ctx.participant_labels)
-    infos = shard_data.scan_shards(paths, ctx.modalities, ctx.allow_missing)
-    shard_data.check_grid(infos, ctx.config["model"]["input_shape"])
-    shard_data.check_folds(infos, ctx.config["training"]["cv_folds"])
-    participants = [f"sub-{s}" for s in dict.fromkeys(i.subject for i in infos)]
-    pheno = analysis.check_phenotype_input(ctx, participants)
-    ctx.provenance.add_inputs(pheno.files)
-    check_harmonization(ctx, infos)
-    return infos, pheno
-
-
 def check_harmonization(ctx, infos) -> None:
     """With ``stratify.harmonize_site`` set: the column exists, covariates are numeric,
     every shard has a site and every site >= 2 shards (a ComBat fit on random data with
     the real confound table), before any training; exit 64/65 naming the problem."""
-    import numpy as np
-    import pandas as pd
-
     from mmfusion.strata.harmonize import harmonize_for_clustering
     from mmfusion.strata.validity import collect_confounds
 
@@ -101,24 +176,176 @@ def check_harmonization(ctx, infos) -> None:
     harmonize_for_clustering(trial, collect_confounds(ctx, ids), cfg)
 
 
-def run_group_level(ctx) -> Path | None:
-    """Run the whole group level; returns the path of the HTML report (None on a
-    non-chief worker of a multi-worker run, which only trains)."""
-    from mmfusion.strata import analysis
-    from mmfusion.learning import distribute
-    from mmfusion.report import group_report
+# ---------------------------------------------------------------------- 2. learning
+def run_learning(ctx, infos=None):
+    """The learning stage (:func:`mmfusion.learning.training.learn`; outputs in its module
+    docstring) on the shards ``infos`` checked by :func:`check_inputs` (when None: the
+    shards of ``ctx.participant_labels``, listed and checked by ``learn``); records the
+    output paths in the provenance. Returns the
+    :class:`mmfusion.learning.training.LearningResult` (ids, float32 embeddings, paths)."""
     from mmfusion.learning import training
 
-    ctx.participant_labels = check_shards(ctx)
-    count_phenotype_only(ctx)
-    infos, pheno = check_late_inputs(ctx)
-    log.info("group level on %d subject(s), modalities %s", len(ctx.participant_labels), " ".join(ctx.modalities))
-    distribute.make_strategy()  # a multi-worker strategy must exist before any other TF op
-    learning = training.run_learning(ctx, infos)
-    if not distribute.is_chief():
-        log.info("non-chief worker: training done; the chief writes the analysis and the report")
+    result = training.learn(ctx.output_dir / "shards", ctx.group_dir, list(ctx.modalities), ctx.config,
+                            int(ctx.seed), resume=bool(ctx.resume), allow_missing=bool(ctx.allow_missing),
+                            participant_labels=list(ctx.participant_labels), infos=infos)
+    ctx.provenance.extra["learning"] = {k: (str(v) if isinstance(v, Path) else v)
+                                        for k, v in result.outputs.items() if k != "reconstructions"}
+    return result
+
+
+# ---------------------------------------------------------------------- 3. analysis
+def run_analysis(ctx, embeddings_tsv: Path, pheno: ph.PhenotypeInput | None = None) -> dict:
+    """:func:`analyse` of the embeddings in ``embeddings_tsv`` (a re-analysis of a finished
+    training); ``pheno``: the checked tables (read here when None)."""
+    from mmfusion.io.embeddings import read_embeddings
+
+    ids, X = read_embeddings(embeddings_tsv)
+    return analyse(ctx, ids, X, Path(embeddings_tsv), pheno)
+
+
+def analyse(ctx, ids: pd.DataFrame, X: np.ndarray, source: Path, pheno: ph.PhenotypeInput | None = None) -> dict:
+    """Strata + their checks + phenotype factors + statistics (+ ground truth when
+    simulated) of the embeddings ``X`` (n, d) of the rows ``ids`` (participant_id,
+    session), as saved in ``source`` (the embeddings TSV, hashed into the summary).
+    Returns the summary (also written as analysis_summary.json)."""
+    from mmfusion.strata import validity
+
+    n_threads = max(1, int(getattr(ctx, "nprocs", 1) or 1), int(getattr(ctx, "omp_nthreads", 1) or 1))
+    log.info("analysis of %d embedding(s) of dimension %d on %d thread(s)", X.shape[0], X.shape[1], n_threads)
+    summary = _summary_head(ctx, X, source)
+    confound_values = validity.collect_confounds(ctx, ids)
+    X = harmonize(ctx, X, confound_values, summary)
+    labels = cluster(ctx, ids, X, source, n_threads, summary)
+    per_subject = one_row_per_participant(ids, labels)
+    others = check_strata(ctx, ids, X, labels, n_threads, confound_values, summary)
+    pheno = pheno or ph.load_phenotype_input(ctx.bids_dir, ctx.phenotypes_file)
+    fa = phenotype_factors(ctx, pheno, per_subject, summary)
+    result = factor_statistics(ctx, fa, per_subject, source, summary)
+    compare_with_ground_truth(ctx, per_subject, fa, result, others, summary)
+    return write_summary(ctx, summary)
+
+
+def _summary_head(ctx, X: np.ndarray, source: Path) -> dict:
+    from mmfusion.provenance import sha256_file
+
+    return {"inputs": {"embeddings": str(source), "embeddings_sha256": sha256_file(source)},
+            "n_embeddings": int(X.shape[0]), "embedding_dim": int(X.shape[1]), "seed": int(ctx.seed),
+            "outputs": {}, "caveats": []}
+
+
+def harmonize(ctx, X: np.ndarray, confound_values: pd.DataFrame, summary: dict) -> np.ndarray:
+    """``X`` harmonized across sites when ``stratify.harmonize_site`` is set (:mod:`mmfusion.strata.harmonize`)."""
+    from mmfusion.strata.harmonize import harmonize_for_clustering
+
+    cfg = ctx.config["stratify"]
+    X, summary["harmonization"] = harmonize_for_clustering(X, confound_values, cfg)
+    if summary["harmonization"]["status"] == "done":
+        log.info("embeddings harmonized across %s (%s) before clustering", cfg["harmonize_site"],
+                 ", ".join(f"{k}: {v}" for k, v in summary["harmonization"]["sites"].items()))
+    return X
+
+
+def cluster(ctx, ids: pd.DataFrame, X: np.ndarray, source: Path, n_threads: int, summary: dict) -> np.ndarray:
+    """The strata: AP grid search (:mod:`mmfusion.strata.ap_grid`) -> group/strata/; returns the labels (n,)."""
+    from mmfusion.strata import ap_grid
+
+    grid = ap_grid.grid_search(X, ctx.config["stratify"], seed=ctx.seed, n_threads=n_threads, source=str(source))
+    paths = ap_grid.write_outputs(grid, ids, Path(ctx.group_dir) / "strata")
+    summary["outputs"]["strata"] = {k: str(v) for k, v in paths.items()}
+    summary["clustering"] = {"best": grid.best, "counts": grid.counts,
+                             "cluster_sizes": np.bincount(grid.labels).tolist()}
+    if ids["session"].ne("").any() and ids["participant_id"].duplicated().any():
+        summary["caveats"].append("several sessions per subject: every session was clustered, the "
+                                  "statistics use each subject's first session")
+    return grid.labels
+
+
+def one_row_per_participant(ids: pd.DataFrame, labels: np.ndarray) -> pd.Series:
+    """Cluster label per participant (first session in sorted order)."""
+    df = ids.assign(cluster=labels).sort_values(["participant_id", "session"], kind="mergesort")
+    return df.drop_duplicates("participant_id").set_index("participant_id")["cluster"]
+
+
+def check_strata(ctx, ids: pd.DataFrame, X: np.ndarray, labels: np.ndarray, n_threads: int,
+                 confound_values: pd.DataFrame, summary: dict) -> dict[str, pd.Series]:
+    """Baseline, stability and confounds (:mod:`mmfusion.strata.validity`); returns the
+    other clusterings per participant (baseline, fold models) for the ground truth."""
+    from mmfusion.strata import validity
+
+    checks = validity.run_checks(ctx, Path(ctx.group_dir), ids, X, labels, n_threads, confound_values)
+    labelings = checks.pop("labelings")
+    summary.update(checks)
+    return {name: one_row_per_participant(ids, lab) for name, lab in labelings.items()
+            if name == "baseline" or name.startswith("fold-") or name.startswith("baseline_fold-")}
+
+
+def phenotype_factors(ctx, pheno: ph.PhenotypeInput, per_subject: pd.Series, summary: dict):
+    """Phenotype factors (:mod:`mmfusion.strata.phenotypes`: variables, PCA + varimax) of
+    the participants with an embedding -> group/phenotypes/; None without phenotypes."""
+    from mmfusion.provenance import sha256_file
+
+    if pheno.raw is None:
+        summary["phenotypes"] = {"status": f"not run: {pheno.skipped}"}
         return None
-    analysis.run_analysis(ctx, Path(learning["embeddings_tsv"]), pheno)
+    cfg, files = ctx.config["phenotypes"], pheno.files
+    summary["inputs"]["phenotypes"] = {str(f): sha256_file(f) for f in files}
+    common, counts = ph.common_subjects(pheno, list(per_subject.index))
+    table = ph.prepare_variables(pheno.raw.loc[common], cfg, str(files[0]), files)
+    fa = ph.factor_analysis(table.data, cfg["eigenvalue_threshold"])
+    paths = ph.write_outputs(table, fa, Path(ctx.group_dir) / "phenotypes", cfg["loading_threshold"],
+                             extra_summary={"subject_counts": counts, "files": [str(f) for f in files]})
+    summary["outputs"]["phenotypes"] = {k: str(v) for k, v in paths.items()}
+    summary["phenotypes"] = {"status": "done", "subject_counts": {k: (len(v) if isinstance(v, list) else v)
+                                                                  for k, v in counts.items()},
+                             "n_factors": int(fa.loadings.shape[1]),
+                             "explained_variance_ratio": float(fa.factors["explained_variance_ratio"].sum())}
+    return fa
+
+
+def factor_statistics(ctx, fa, per_subject: pd.Series, source: Path, summary: dict):
+    """The factors' tests across the strata (:mod:`mmfusion.strata.stats`) -> group/stats/;
+    None without factors."""
+    from mmfusion.strata import stats
+
+    if fa is None:
+        return None
+    cfg = ctx.config["stats"]
+    labels = per_subject.loc[fa.scores.index].to_numpy()
+    result = stats.run_stats(fa.scores, labels, cfg, seed=ctx.seed, source=str(source))
+    paths = stats.write_outputs(result, fa.scores, labels, Path(ctx.group_dir) / "stats")
+    summary["outputs"]["stats"] = {k: str(v) for k, v in paths.items()}
+    summary["stats"] = {"n_significant": int(result.table["significant"].sum()),
+                        "n_perm_significant": int(result.table["perm_significant"].sum()),
+                        "n_permutations": int(cfg["n_permutations"])}
+    return result
+
+
+def compare_with_ground_truth(ctx, per_subject: pd.Series, fa, result, others: dict[str, pd.Series],
+                              summary: dict) -> None:
+    """A simulated dataset (``sourcedata/ground_truth/strata.tsv``): the strata, factors
+    and other clusterings vs the planted truth (:mod:`mmfusion.strata.ground_truth`)."""
+    from mmfusion.strata.ground_truth import compare_ground_truth
+
+    truth = Path(ctx.bids_dir) / "sourcedata" / "ground_truth"
+    if (truth / "strata.tsv").is_file():
+        summary["ground_truth"] = compare_ground_truth(truth, per_subject, Path(ctx.group_dir) / "ground_truth",
+                                                       fa, result, others)
+
+
+def write_summary(ctx, summary: dict) -> dict:
+    """The caveats appended, ``group/analysis_summary.json`` written; returns ``summary``."""
+    from mmfusion.io.atomic import write_json
+
+    summary["caveats"] += CAVEATS
+    write_json(Path(ctx.group_dir) / "analysis_summary.json", summary)
+    return summary
+
+
+# ------------------------------------------------------------------------ 4. report
+def write_report(ctx) -> Path:
+    """The HTML report of the group outputs (:mod:`mmfusion.report.group_report`)."""
+    from mmfusion.report import group_report
+
     path = group_report.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
     log.info("report: %s", path)
     terminal_print(f"mmfusion report: {path}")

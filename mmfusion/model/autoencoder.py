@@ -25,7 +25,6 @@ import re
 
 import keras
 
-from mmfusion.learning.distribute import sync_batchnorm
 from mmfusion.errors import ConfigError
 from mmfusion.model.blocks import (
     BlockSettings,
@@ -96,7 +95,8 @@ def _decoder(embedding, skips, mod: str, cfg: dict, settings: BlockSettings, ski
 
 
 def build_autoencoder(
-    model_cfg: dict, modalities: list[str], skip_connections: bool | None = None
+    model_cfg: dict, modalities: list[str], skip_connections: bool | None = None,
+    sync_batchnorm: bool | None = None,
 ) -> keras.Model:
     """Build the (uncompiled) multimodal autoencoder.
 
@@ -104,6 +104,11 @@ def build_autoencoder(
         model_cfg: ``config['model']`` (keys of ``mmfusion/defaults/model.yaml``).
         modalities: modality names, e.g. ``["JAC", "NDI"]`` (1..M).
         skip_connections: overrides ``model_cfg['skip_connections']`` when not None.
+        sync_batchnorm: BatchNormalization over all replicas (the caller resolves
+            ``model.sync_batchnorm`` for its strategy: the training passes
+            :func:`mmfusion.learning.distribute.sync_batchnorm`); when None,
+            ``model_cfg['sync_batchnorm']`` true/false as set, null/auto: whether the
+            strategy in scope has more than one replica.
 
     Returns:
         ``keras.Model`` named ``mmfusion_autoencoder``; inputs dict ``in_<m>``
@@ -119,7 +124,7 @@ def build_autoencoder(
         l2=float(cfg["l2"]),
         separable=bool(cfg["separable"]),
         implementation=str(cfg["depthwise_implementation"]),
-        sync_batchnorm=sync_batchnorm(cfg["sync_batchnorm"]),
+        sync_batchnorm=_sync_default(cfg["sync_batchnorm"]) if sync_batchnorm is None else bool(sync_batchnorm),
     )
     inputs, codes, all_skips = {}, [], {}
     for mod in modalities:
@@ -143,6 +148,16 @@ def build_autoencoder(
     LOG.debug("built autoencoder: %d modalities, %d parameters, skips=%s, separable=%s",
               len(modalities), model.count_params(), skip_on, settings.separable)
     return model
+
+
+def _sync_default(setting) -> bool:
+    """``model.sync_batchnorm`` (already checked by :func:`validate_model_config`) when the
+    caller passed no flag: true/false as set; null/auto: several replicas in the strategy in scope."""
+    if str(setting).strip().lower() in ("true", "false"):
+        return str(setting).strip().lower() == "true"
+    import tensorflow as tf
+
+    return int(tf.distribute.get_strategy().num_replicas_in_sync) > 1
 
 
 def embedding_model(model: keras.Model) -> keras.Model:

@@ -328,7 +328,7 @@ def _section_profiles(out: Path, prof: pd.DataFrame) -> list[dict]:
 
 @_section()
 def _section_caveats(out: Path, summary: dict | None) -> list[dict]:
-    from mmfusion.strata.analysis import CAVEATS
+    from mmfusion.levels.group import CAVEATS
     caveats = (summary or {}).get("caveats") or CAVEATS
     return [{"kind": "list", "entries": list(dict.fromkeys(caveats))}]
 

@@ -140,6 +140,50 @@ def load_phenotypes(bids_dir: Path | None = None, phenotypes_file: Path | None =
     return table, files
 
 
+@dataclass
+class PhenotypeInput:
+    """The phenotype tables of a run: ``raw`` (text cells, index participant_id) and the
+    ``files`` read, or ``raw`` None and ``skipped`` saying why (no tables in bids_dir)."""
+
+    raw: pd.DataFrame | None
+    files: list[Path] = field(default_factory=list)
+    skipped: str = ""
+
+
+def load_phenotype_input(bids_dir: Path, phenotypes_file: Path | None = None) -> PhenotypeInput:
+    """``phenotypes_file`` (``--phenotypes``) or participants.tsv + phenotype/*.tsv of
+    ``bids_dir``; without ``phenotypes_file`` missing tables only skip the statistics
+    (logged), with it they are an error."""
+    try:
+        raw, files = load_phenotypes(bids_dir, phenotypes_file)
+    except MissingInputError as exc:
+        if phenotypes_file is not None:
+            raise
+        log.warning("no phenotypes (%s); skipping factor analysis and statistics", exc)
+        return PhenotypeInput(None, skipped=str(exc))
+    return PhenotypeInput(raw, files)
+
+
+def common_subjects(pheno: PhenotypeInput, participants: list[str]) -> tuple[list[str], dict]:
+    """Participants (``sub-`` labels) with both an embedding and phenotypes, and the
+    counts of :func:`align_subjects`; refuse fewer than 3."""
+    common, counts = align_subjects(participants, list(pheno.raw.index))
+    if len(common) < 3:
+        raise PhenotypeError(f"{pheno.files[0]}: only {len(common)} subject(s) have both an embedding and "
+                             "phenotypes; check that participant_id labels match (e.g. sub-01)")
+    return common, counts
+
+
+def check_phenotype_input(pheno: PhenotypeInput, participants: list[str], cfg: dict) -> PhenotypeInput:
+    """Run every check the group level's statistics will run on the tables (variables, junk
+    cells, missing-value policy, enough subjects) for the ``participants`` that will get
+    an embedding (``cfg``: ``config['phenotypes']``); called before any model is trained."""
+    if pheno.raw is not None:
+        common, _ = common_subjects(pheno, participants)
+        prepare_variables(pheno.raw.loc[common], cfg, str(pheno.files[0]), pheno.files)
+    return pheno
+
+
 def locate_cell(files: Sequence[Path], column: str, participant: str) -> tuple[Path, int] | None:
     """(file, line number) of ``participant``'s cell in ``column`` of the joined table
     (``column`` may carry the file-stem prefix :func:`load_phenotypes` adds on a clash);

@@ -1,7 +1,7 @@
 """Are the strata reproducible? Agreement of clusterings across models and subsamples.
 
 docs/method.md#6-clustering ("Stability"). Pure computation on label vectors; the group
-level (:mod:`mmfusion.strata.analysis`) feeds it the final clustering, the clusterings of every
+level (:mod:`mmfusion.levels.group`) feeds it the final clustering, the clusterings of every
 cross-validation fold model's embeddings of all subjects, and the clusterings of random
 subsamples of subjects (the whole AP grid search rerun on each), and writes the tables.
 

@@ -2,7 +2,7 @@
 
 docs/method.md#6-clustering ("Baseline", "Stability", "Confounds"). Orchestration of
 :mod:`mmfusion.strata.ap_grid` (the same AP grid search as the strata), :mod:`mmfusion.strata.stability`
-and :mod:`mmfusion.strata.confounds`; called by :func:`mmfusion.strata.analysis.run_analysis` with the
+and :mod:`mmfusion.strata.confounds`; called by the group level (:mod:`mmfusion.levels.group`) with the
 final clustering. Outputs::
 
     group/baseline/    embeddings.tsv (written by training), strata/ (labels.tsv, ap_grid.*),
@@ -25,6 +25,7 @@ from mmfusion.strata import stability
 from mmfusion.strata import ap_grid
 from mmfusion.report import figures
 from mmfusion.io.atomic import atomic_path, write_json
+from mmfusion.io.embeddings import read_embeddings
 from mmfusion.runlog import get_logger, progress
 
 log = get_logger(__name__)
@@ -64,8 +65,6 @@ def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, s
                  n_threads: int, prepare=None) -> dict:
     """Cluster the PCA baseline (group/baseline/embeddings.tsv) with the same grid search;
     returns {'labels' (n,), 'ari_with_strata', 'n_clusters', ...} or {'status': 'not run: ...'}."""
-    from mmfusion.strata.analysis import read_embeddings
-
     tsv = group / "baseline" / "embeddings.tsv"
     if not tsv.is_file():
         return {"status": f"not run: {tsv} not found (written by the group-level training)"}
