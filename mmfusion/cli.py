@@ -25,13 +25,6 @@ CONFIG_OPTIONS = {
 }
 
 
-class UsageParser(argparse.ArgumentParser):
-    """argparse that raises UsageError (exit 64) instead of exiting with code 2 (also ``mmfusion simulate``)."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -4,6 +4,7 @@ Exit codes follow the BIDS-Apps execution specification where it has one, and th
 BSD ``sysexits.h`` conventions otherwise. ``docs/exit-codes.md`` lists them; keep the
 two in step (a test compares them).
 """
+import argparse
 
 EXIT_CODES = {
     0: "success",
@@ -77,3 +78,10 @@ class BrokenInstallError(MmfusionError):
     """A dependency (TensorFlow, ANTsPy, ...) is installed but does not import."""
 
     exit_code = 78
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (exit 64) instead of exiting with code 2 (also ``mmfusion simulate``)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{message} (see {self.prog} --help)")

@@ -42,7 +42,7 @@ import pandas as pd
 from mmfusion._version import __version__
 from mmfusion.io.atomic import atomic_dir, write_json, write_text
 from mmfusion.io.bids import BIDS_VERSION, subject_folder, subject_stem
-from mmfusion.cli import UsageParser
+from mmfusion.errors import UsageParser
 from mmfusion.errors import MmfusionError, OutputError, UsageError
 from mmfusion.runlog import get_logger, progress
 

@@ -42,23 +42,11 @@ import pandas as pd
 
 from mmfusion.errors import MissingInputError
 from mmfusion.io.shards import split_stem
+from mmfusion.report.group_report import CAVEATS
 from mmfusion.runlog import get_logger, terminal_print
 from mmfusion.strata import phenotypes as ph
 
 log = get_logger(__name__)
-
-CAVEATS = [
-    "Affinity propagation picks the number of clusters through the preference; the chosen fit "
-    "maximises the silhouette over the grid, which favours compact, well-separated clusters and "
-    "is itself a choice made on the same data that the statistics then test.",
-    "The permutation test re-partitions subjects with the observed cluster sizes; it tests the "
-    "phenotype differences given the clustering, not the existence of the clusters.",
-    "Factor scores come from a PCA with varimax rotation of the available phenotypes; missing "
-    "values were handled as stated in the phenotype summary, which changes the scores a little.",
-    "With U-Net skip connections (model.skip_connections: true, the paper's model) the decoders "
-    "can bypass the joint embedding: reconstruction quality alone does not show that the "
-    "embedding is informative; compare the strata with the PCA baseline and their stability.",
-]
 
 
 def run_group_level(ctx) -> Path | None:

@@ -52,6 +52,21 @@ log = get_logger(__name__)
 REPORT_NAME = "mmfusion_report.html"
 NOT_RUN = "not run"
 
+# Method caveats every report states (also written to group/analysis_summary.json).
+CAVEATS = [
+    "Affinity propagation picks the number of clusters through the preference; the chosen fit "
+    "maximises the silhouette over the grid, which favours compact, well-separated clusters and "
+    "is itself a choice made on the same data that the statistics then test.",
+    "The permutation test re-partitions subjects with the observed cluster sizes; it tests the "
+    "phenotype differences given the clustering, not the existence of the clusters.",
+    "Factor scores come from a PCA with varimax rotation of the available phenotypes; missing "
+    "values were handled as stated in the phenotype summary, which changes the scores a little.",
+    "With U-Net skip connections (model.skip_connections: true, the paper's model) the decoders "
+    "can bypass the joint embedding: reconstruction quality alone does not show that the "
+    "embedding is informative; compare the strata with the PCA baseline and their stability.",
+]
+
+
 
 # --------------------------------------------------------------------------- helpers
 # A section is built as a list of blocks (dicts) that templates/_blocks.html.j2 renders.
@@ -328,7 +343,6 @@ def _section_profiles(out: Path, prof: pd.DataFrame) -> list[dict]:
 
 @_section()
 def _section_caveats(out: Path, summary: dict | None) -> list[dict]:
-    from mmfusion.levels.group import CAVEATS
     caveats = (summary or {}).get("caveats") or CAVEATS
     return [{"kind": "list", "entries": list(dict.fromkeys(caveats))}]
 
