@@ -643,7 +643,7 @@ def write_reconstructions(learner: Learner, model, norm: PopulationNormalizer) -
                 with atomic_path(path) as tmp:
                     nib.save(nib.Nifti1Image(vol, info.affine), tmp)
                 written.append(path)
-            panels.append((info.key, m, real[m], rec[m]))
+            panels.append((info.key, m, real[m], rec[m], info.affine))
     if panels:
         figures.plot_reconstructions(panels, learner.group_dir / "figures" / "reconstructions.png")
     return written

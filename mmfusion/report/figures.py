@@ -96,26 +96,23 @@ def plot_training_curves(histories: dict, path) -> Path:
 
 
 def plot_reconstructions(panels, path) -> Path:
-    """Real vs reconstructed mid slices. ``panels``: [(key, modality, real, rec)], (X, Y, Z) each
-    (the model's input arrays). Drawn in voxel order (rot90, no orientation labels): the
-    panels carry no affine, so unlike :func:`registration_figure` left/right follow the grid's
-    storage order."""
+    """Real vs reconstructed images, one row per (subject, modality). ``panels``:
+    [(key, modality, real, rec, affine)], ``real``/``rec`` (X, Y, Z) on the normalized
+    [0, 1] scale (the model's input arrays), ``affine`` (4, 4) voxel -> world (RAS+, mm) of
+    the shard's grid. Sagittal, coronal and axial cuts through the grid centre, drawn by
+    nilearn in world coordinates with orientation labels (as :func:`registration_figure`)."""
     plt = pyplot()
-    cols = [("real axial", 0, 2), ("rec axial", 1, 2), ("real coronal", 0, 1), ("rec coronal", 1, 1),
-            ("real sagittal", 0, 0), ("rec sagittal", 1, 0)]
-    fig, axes = plt.subplots(len(panels), len(cols), figsize=(2 * len(cols), 2 * len(panels)), squeeze=False)
-    for r, (key, m, real, rec) in enumerate(panels):
-        for c, (title, which, axis) in enumerate(cols):
-            vol = (real, rec)[which]
-            sl = np.take(vol, vol.shape[axis] // 2, axis=axis)
-            ax = axes[r, c]
-            ax.imshow(np.rot90(sl), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=8)
-            if c == 0:
-                ax.set_ylabel(f"{key}\n{m}", fontsize=7)
+    from nilearn import plotting
+
+    fig = plt.figure(figsize=(12, 2.2 * len(panels)), facecolor="black")
+    height = 1.0 / len(panels)
+    for r, (key, m, real, rec, affine) in enumerate(panels):
+        for c, (what, vol) in enumerate((("real", real), ("reconstructed", rec))):
+            img = _canonical(vol, affine)
+            ax = fig.add_axes((0.5 * c, 1.0 - (r + 1) * height, 0.5, height * 0.92))
+            plotting.plot_img(img, axes=ax, display_mode="ortho", cut_coords=_centre_world(img),
+                              annotate=True, draw_cross=False, black_bg=True, cmap="gray", vmin=0, vmax=1,
+                              colorbar=False, title=f"{key} {m} {what}")
     return save_figure(fig, path)
 
 
@@ -261,6 +258,12 @@ def _canonical(arr: np.ndarray, affine: np.ndarray):
     return nib.as_closest_canonical(nib.Nifti1Image(np.asarray(arr, dtype=np.float32), np.asarray(affine, float)))
 
 
+def _centre_world(img) -> tuple[float, float, float]:
+    """World coordinates (mm) of the centre voxel of the NIfTI ``img``: where the cuts go."""
+    centre = np.asarray(img.shape[:3]) // 2
+    return tuple(float(c) for c in (img.affine @ np.r_[centre, 1.0])[:3])
+
+
 def registration_figure(path, warped_t1: np.ndarray, template: np.ndarray, logjac: np.ndarray,
                         mask: np.ndarray, title: str, affine: np.ndarray) -> Path:
     """Write the subject's registration QC PNG atomically.
@@ -281,8 +284,7 @@ def registration_figure(path, warped_t1: np.ndarray, template: np.ndarray, logja
     t1 = _canonical(warped_t1, affine)
     edge = _canonical(edges(template, mask), affine)
     jac = _canonical(np.where(inside, logjac, 0.0), affine)  # 0 (no change) is left transparent
-    centre = np.asarray(t1.shape[:3]) // 2
-    cut = tuple(float(c) for c in (t1.affine @ np.r_[centre, 1.0])[:3])
+    cut = _centre_world(t1)
     fig = plt.figure(figsize=(10, 6.6), facecolor="black")
     common = dict(display_mode="ortho", cut_coords=cut, annotate=True, draw_cross=False, black_bg=True,
                   figure=fig, vmin=0, vmax=t1max, cmap="gray", colorbar=False)
