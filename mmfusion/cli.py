@@ -14,7 +14,7 @@ from pathlib import Path
 from mmfusion import __version__
 from mmfusion.io.bids import MODALITIES
 from mmfusion.errors import (BrokenInstallError, MmfusionError, NotImplementedLevelError,
-                             OutputError, UnknownLevelError, UsageError)
+                             OutputError, UnknownLevelError, UsageError, UsageParser)
 
 LEVELS = ("template", "participant", "group")
 #: Options that set a config key: option -> (argparse dest, "section.key"). Applied to the
