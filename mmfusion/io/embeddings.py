@@ -2,8 +2,8 @@
 learning, read back by a re-analysis and by the baseline check.
 
 TSV: ``participant_id``, ``session`` (empty or ``n/a`` when the dataset has no sessions),
-then ``emb_0000``... floats, one row per subject-session; written with ``%.9g``, which
-round-trips float32 exactly. HDF5: ``participant_id`` (n,), ``session`` (n,) strings and
+then ``emb_0000``... floats, one row per subject-session; written with ``%.9g`` for float32
+values and ``%.17g`` for float64 ones (the PCA baseline), so every value reads back exactly. HDF5: ``participant_id`` (n,), ``session`` (n,) strings and
 ``embedding`` (n, D) float32, attrs ``modalities`` (JSON) and ``seed``.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pandas as pd
 from mmfusion.errors import InputDataError, MissingInputError
 from mmfusion.io.atomic import atomic_path, write_text
 
-FLOAT32_FORMAT = "%.9g"  # 9 significant digits: every float32 value is read back exactly
+EXACT_FORMATS = {np.dtype(np.float32): "%.9g", np.dtype(np.float64): "%.17g"}  # digits that read back exactly
 
 
 def embedding_frame(ids: pd.DataFrame, values: np.ndarray, prefix: str = "emb") -> pd.DataFrame:
@@ -29,11 +29,11 @@ def embedding_frame(ids: pd.DataFrame, values: np.ndarray, prefix: str = "emb") 
     return frame
 
 
-def write_embeddings_tsv(path: Path, ids: pd.DataFrame, values: np.ndarray,
-                         float_format: str = FLOAT32_FORMAT) -> Path:
-    """``ids`` + ``values`` (n, D) -> ``path`` (TSV, see the module docstring)."""
-    frame = embedding_frame(ids, values)
-    write_text(path, frame.to_csv(sep="\t", index=False, float_format=float_format, na_rep="n/a"))
+def write_embeddings_tsv(path: Path, ids: pd.DataFrame, values: np.ndarray, prefix: str = "emb") -> Path:
+    """``ids`` + ``values`` (n, D) float32 or float64 -> ``path`` (TSV, see the module docstring)."""
+    values = np.asarray(values)
+    frame = embedding_frame(ids, values, prefix)
+    write_text(path, frame.to_csv(sep="\t", index=False, float_format=EXACT_FORMATS.get(values.dtype, "%.17g"), na_rep="n/a"))
     return Path(path)
 
 

@@ -50,6 +50,14 @@ class ShardInfo:
         return subject_stem(self.subject, self.session)
 
 
+def shard_ids(infos: Sequence[ShardInfo]):
+    """participant_id (``sub-`` label) and session of every shard, a DataFrame (n rows)."""
+    import pandas as pd
+
+    return pd.DataFrame({"participant_id": [f"sub-{i.subject}" for i in infos],
+                         "session": [i.session for i in infos]})
+
+
 def _listing(paths: Sequence, limit: int = 20) -> str:
     names = [Path(p).name for p in paths]
     return " ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")

@@ -58,7 +58,7 @@ from mmfusion.learning import shard_data
 from mmfusion.learning import metrics
 from mmfusion.report import figures
 from mmfusion.io.atomic import atomic_path, write_json, write_text
-from mmfusion.io.embeddings import embedding_frame, write_embeddings_h5, write_embeddings_tsv, write_ids
+from mmfusion.io.embeddings import write_embeddings_h5, write_embeddings_tsv, write_ids
 from mmfusion.config import config_hash
 from mmfusion.errors import StaleOutputError
 from mmfusion.learning.intensity import PopulationNormalizer
@@ -533,7 +533,7 @@ def gather_fold_embeddings(learner: Learner, k: int, path: Path) -> Path:
             parts.append((arrays["model"], arrays["baseline"]))
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as h5:
-            write_ids(h5, shard_ids(learner.infos))
+            write_ids(h5, shard_data.shard_ids(learner.infos))
             h5.create_dataset("model", data=np.stack([m for m, _ in parts]).astype(np.float32))
             h5.create_dataset("baseline", data=np.stack([b for _, b in parts]).astype(np.float32))
             h5.attrs["variant"] = learner.embedding_variant
@@ -583,7 +583,7 @@ def load_final_model(model_dir: Path):
 def write_embeddings(learner: Learner, model, norm: PopulationNormalizer) -> tuple[np.ndarray, dict[str, Path]]:
     """Embeddings of every shard (float32 (n, D), returned) -> group/embeddings.tsv and .h5."""
     emb = embed(model, [i.path for i in learner.infos], learner.modalities, norm, progress_label="embeddings")
-    ids = shard_ids(learner.infos)
+    ids = shard_data.shard_ids(learner.infos)
     tsv = write_embeddings_tsv(learner.group_dir / "embeddings.tsv", ids, emb)
     h5_path = write_embeddings_h5(learner.group_dir / "embeddings.h5", ids, emb, learner.modalities, learner.seed)
     log.info("embeddings: %d subjects x %d values -> %s", *emb.shape, tsv)
@@ -605,14 +605,6 @@ def embed(model, paths: Sequence[Path], modalities: Sequence[str], norm: Populat
     return np.stack(vectors)
 
 
-def shard_ids(infos: Sequence[shard_data.ShardInfo]):
-    """participant_id (``sub-`` label) and session of every shard, a DataFrame (n rows)."""
-    import pandas as pd
-
-    return pd.DataFrame({"participant_id": [f"sub-{i.subject}" for i in infos],
-                         "session": [i.session for i in infos]})
-
-
 def write_baseline(learner: Learner, norm: PopulationNormalizer) -> dict[str, Path]:
     """The final PCA baseline (fitted on all shards, final normalization) ->
     ``group/baseline/embeddings.tsv`` (participant_id, session, emb_0000 ... = PC scores)."""
@@ -621,8 +613,7 @@ def write_baseline(learner: Learner, norm: PopulationNormalizer) -> dict[str, Pa
     paths = [i.path for i in learner.infos]
     scores = baseline_embeddings(paths, paths, learner.modalities, norm,
                                  int(learner.config["stratify"]["baseline_components"]), learner.seed)
-    tsv = _write_tsv(learner.group_dir / "baseline" / "embeddings.tsv",
-                     embedding_frame(shard_ids(learner.infos), scores))
+    tsv = write_embeddings_tsv(learner.group_dir / "baseline" / "embeddings.tsv", shard_data.shard_ids(learner.infos), scores)
     log.info("baseline: PCA of the normalized images, %d subjects x %d components -> %s", *scores.shape, tsv)
     return {"baseline_tsv": tsv}
 
@@ -682,7 +673,7 @@ def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict,
     out.update(emb_paths)
     out.update(write_baseline(learner, norm))
     out["reconstructions"] = write_reconstructions(learner, model, norm)
-    return LearningResult(shard_ids(learner.infos), emb, out)
+    return LearningResult(shard_data.shard_ids(learner.infos), emb, out)
 
 
 def _start(group_dir: Path, infos: list[shard_data.ShardInfo], modalities: list[str], config: dict, seed: int,

@@ -61,17 +61,20 @@ def run_group_level(ctx) -> Path | None:
     if not distribute.is_chief():
         log.info("non-chief worker: training done; the chief writes the analysis and the report")
         return None
-    analyse(ctx, learned.ids, learned.embeddings.astype(np.float64), Path(learned["embeddings_tsv"]), inputs.pheno)
+    analyse(ctx, learned.ids, learned.embeddings.astype(np.float64), Path(learned["embeddings_tsv"]), inputs.pheno,
+            inputs.confounds)
     return write_report(ctx)
 
 
 # ------------------------------------------------------------------------ 1. inputs
 @dataclass
 class GroupInputs:
-    """What the checks found: the scanned shards and the phenotype tables."""
+    """What the checks found: the scanned shards, the phenotype tables and the confound
+    table (one row per shard, in the order of ``infos``)."""
 
     infos: list
     pheno: ph.PhenotypeInput
+    confounds: pd.DataFrame
 
 
 def check_inputs(ctx) -> GroupInputs:
@@ -90,8 +93,9 @@ def check_inputs(ctx) -> GroupInputs:
     pheno = ph.check_phenotype_input(ph.load_phenotype_input(ctx.bids_dir, ctx.phenotypes_file), participants,
                                      ctx.config["phenotypes"])
     ctx.provenance.add_inputs(pheno.files)
-    check_harmonization(ctx, infos)
-    return GroupInputs(infos, pheno)
+    confounds = collect_confounds(ctx, infos)
+    check_harmonization(ctx, infos, confounds)
+    return GroupInputs(infos, pheno, confounds)
 
 
 def expected_subjects(bids_dir: Path, labels: list[str]) -> list[str]:
@@ -149,19 +153,28 @@ def count_phenotype_only(ctx) -> list[str]:
     return labels
 
 
-def check_harmonization(ctx, infos) -> None:
+def collect_confounds(ctx, infos) -> pd.DataFrame:
+    """The confound table of the shards ``infos`` (:func:`mmfusion.strata.validity.collect_confounds`),
+    collected once, before training."""
+    from mmfusion.learning.shard_data import shard_ids
+    from mmfusion.strata import validity
+
+    return validity.collect_confounds(ctx, shard_ids(infos))
+
+
+def check_harmonization(ctx, infos, confounds: pd.DataFrame | None = None) -> None:
     """With ``stratify.harmonize_site`` set: the column exists, covariates are numeric,
-    every shard has a site and every site >= 2 shards (a ComBat fit on random data with
-    the real confound table), before any training; exit 64/65 naming the problem."""
+    every shard of ``infos`` has a site and every site >= 2 shards (a ComBat fit on random
+    data with the real confound table, ``confounds`` when already collected), before any
+    training; exit 64/65 naming the problem."""
     from mmfusion.strata.harmonize import harmonize_for_clustering
-    from mmfusion.strata.validity import collect_confounds
 
     cfg = ctx.config["stratify"]
     if cfg["harmonize_site"] is None:
         return
-    ids = pd.DataFrame({"participant_id": [f"sub-{i.subject}" for i in infos], "session": [i.session for i in infos]})
-    trial = np.random.default_rng(0).standard_normal((len(infos), 3))
-    harmonize_for_clustering(trial, collect_confounds(ctx, ids), cfg)
+    confounds = collect_confounds(ctx, infos) if confounds is None else confounds
+    trial = np.random.default_rng(0).standard_normal((len(confounds), 3))
+    harmonize_for_clustering(trial, confounds, cfg)
 
 
 # ---------------------------------------------------------------------- 2. learning
@@ -191,7 +204,8 @@ def run_analysis(ctx, embeddings_tsv: Path, pheno: ph.PhenotypeInput | None = No
     return analyse(ctx, ids, X, Path(embeddings_tsv), pheno)
 
 
-def analyse(ctx, ids: pd.DataFrame, X: np.ndarray, source: Path, pheno: ph.PhenotypeInput | None = None) -> dict:
+def analyse(ctx, ids: pd.DataFrame, X: np.ndarray, source: Path, pheno: ph.PhenotypeInput | None = None,
+            confound_values: pd.DataFrame | None = None) -> dict:
     """Strata + their checks + phenotype factors + statistics (+ ground truth when
     simulated) of the embeddings ``X`` (n, d) of the rows ``ids`` (participant_id,
     session), as saved in ``source`` (the embeddings TSV, hashed into the summary).
@@ -201,7 +215,8 @@ def analyse(ctx, ids: pd.DataFrame, X: np.ndarray, source: Path, pheno: ph.Pheno
     n_threads = max(1, int(getattr(ctx, "nprocs", 1) or 1), int(getattr(ctx, "omp_nthreads", 1) or 1))
     log.info("analysis of %d embedding(s) of dimension %d on %d thread(s)", X.shape[0], X.shape[1], n_threads)
     summary = _summary_head(ctx, X, source)
-    confound_values = validity.collect_confounds(ctx, ids)
+    if confound_values is None:  # a re-analysis: collected here
+        confound_values = validity.collect_confounds(ctx, ids)
     X = harmonize(ctx, X, confound_values, summary)
     labels = cluster(ctx, ids, X, source, n_threads, summary)
     per_subject = one_row_per_participant(ids, labels)
