@@ -185,6 +185,8 @@ def test_nearest_exemplar_and_threshold():
     assert assign.novelty_threshold(np.arange(101.0)) == 95.0
     a = assign.assign(X, E, threshold=2.0)
     np.testing.assert_array_equal(a.novel, [False, False, True])
+    np.testing.assert_array_equal(assign.medoids(np.array([[0.0], [1.0], [5.0], [9.0], [10.0], [11.0]]),
+                                                 np.array([0, 0, 0, 1, 1, 1])), [1, 4])
 
 
 # ------------------------------------------------------------------- refusals

@@ -373,7 +373,7 @@ def write_model_bundle(ctx, infos, ids: pd.DataFrame, embeddings: np.ndarray) ->
     if harmonized:  # the strata live in the harmonized space: no exemplars new subjects could use
         index, exemplars, own, threshold = np.zeros(0, int), np.zeros((0, X.shape[1])), np.full(len(X), np.nan), None
     else:
-        ex = assign.training_exemplars(X, labels, best, ctx.config["stratify"], int(ctx.seed))
+        ex = assign.training_exemplars(X, labels, best, ctx.config["stratify"], int(ctx.seed), log_only=True)
         index, exemplars = ex.index, ex.embeddings
         own = assign.own_exemplar_distance(X, labels, exemplars)
         threshold = assign.novelty_threshold(own)
@@ -473,8 +473,15 @@ def check_apply_inputs(ctx):
                          "(stratify.harmonize_site), which new subjects cannot be mapped into; retrain without "
                          "harmonization to apply the model")
     ctx.participant_labels, paths = select_shards(ctx, list_shards(ctx))
+    other_config = []
     for path in paths:
-        bd.check_shard(read_attrs(path), path, bundle)
+        attrs = read_attrs(path)
+        bd.check_shard(attrs, path, bundle)
+        if str(attrs.get("config_hash")) != str(bundle.meta.get("shard_config_hash")):
+            other_config.append(path.name)
+    if other_config:
+        log.warning("%d shard(s) were made with another spatial config than the training cohort's (same template "
+                    "and grid): %s", len(other_config), " ".join(other_config[:10]))
     participants = [f"sub-{s}" for s in dict.fromkeys(ctx.participant_labels)]
     pheno = ph.check_phenotype_input(ph.load_phenotype_input(ctx.bids_dir, ctx.phenotypes_file), participants,
                                      ctx.config["phenotypes"])
@@ -496,13 +503,15 @@ def embed_with_bundle(bundle, paths: list[Path], root: Path) -> tuple[pd.DataFra
 
     start = time.perf_counter()
     model, norm, modalities = load_final_model(bundle.model_dir)
+    loaded = time.perf_counter()
     X = embed(model, paths, modalities, norm, progress_label="embeddings")
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - loaded
+    log.info("model loaded in %.1f s", loaded - start)
     stems = [split_stem(p.stem) for p in paths]
     ids = pd.DataFrame({"participant_id": [f"sub-{s}" for s, _ in stems], "session": [e for _, e in stems]})
     write_embeddings_tsv(root / "embeddings.tsv", ids, X)
     write_embeddings_h5(root / "embeddings.h5", ids, X, modalities, int(bundle.meta["provenance"]["seed"]))
-    log.info("embedded %d shard(s) in %.1f s (%.2f s per shard, model loading included)", len(paths), seconds,
+    log.info("embedded %d shard(s) in %.1f s (%.2f s per shard)", len(paths), seconds,
              seconds / max(len(paths), 1))
     return ids, X, seconds
 

@@ -32,12 +32,14 @@ class Exemplars:
     embeddings: np.ndarray
 
 
-def training_exemplars(X: np.ndarray, labels: np.ndarray, best: dict, cfg: dict, seed: int) -> Exemplars:
+def training_exemplars(X: np.ndarray, labels: np.ndarray, best: dict, cfg: dict, seed: int,
+                       log_only: bool = False) -> Exemplars:
     """The exemplars of the chosen AP fit, recovered by refitting it: the fit of
     :func:`mmfusion.strata.ap_grid.grid_search` at ``best`` (its ``damping`` and
     ``preference``) on ``X`` (n, D) with the same noise (``seed``) and ``cfg`` (the
-    ``stratify`` section). Checked against ``labels`` (n,) of that search; raises
-    RuntimeError if the refit differs (it is the same arithmetic)."""
+    ``stratify`` section). Checked against ``labels`` (n,) of that search: if the refit
+    differs (it is the same arithmetic, so it should not), raises RuntimeError, or with
+    ``log_only`` logs a warning and falls back on :func:`medoids`."""
     from mmfusion.strata.ap_grid import similarity_matrix
     from mmfusion.strata.ap_kernel import ap_exemplars, noised_similarity
 
@@ -46,8 +48,23 @@ def training_exemplars(X: np.ndarray, labels: np.ndarray, best: dict, cfg: dict,
     refit, index = ap_exemplars(Sn, zd, float(best["damping"]), float(best["preference"]),
                                 int(cfg["max_iter"]), int(cfg["convergence_iter"]))
     if not np.array_equal(refit, np.asarray(labels)):
-        raise RuntimeError("the refit of the chosen AP grid point does not reproduce the strata")
+        if not log_only:
+            raise RuntimeError("the refit of the chosen AP grid point does not reproduce the strata")
+        log.warning("the refit of the chosen AP grid point does not reproduce the strata; the bundle's "
+                    "exemplars are the strata's medoids instead")
+        index = medoids(X, np.asarray(labels))
     return Exemplars(index=index, embeddings=X[index].copy())
+
+
+def medoids(X: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Row index (K,) of each stratum's member with the highest summed similarity
+    (-squared distance) to the other members: AP's exemplar refinement on the final strata."""
+    out = []
+    for k in range(int(labels.max()) + 1):
+        members = np.flatnonzero(labels == k)
+        d2 = ((X[members, None, :] - X[None, members, :]) ** 2).sum(-1)
+        out.append(members[np.argmin(d2.sum(0))])
+    return np.asarray(out, dtype=np.int64)
 
 
 def nearest_exemplar(X: np.ndarray, exemplars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
