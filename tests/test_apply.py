@@ -246,3 +246,13 @@ def test_cli_refuses_a_bad_model_path_early(tmp_path, capsys):
     assert code == 64 and "no manifest.json" in capsys.readouterr().err
     code = cli.main([str(root), str(out), "participant", "--model", str(tmp_path / "empty"), "--skip-bids-validation"])
     assert code == 64 and "at the group level" in capsys.readouterr().err
+
+
+def test_bundle_of_harmonized_strata_is_refused(trained):
+    tmp, root, _, path, _ = trained
+    harmonized = _tampered(tmp, path, "harmonized")
+    meta = json.loads((harmonized / "bundle.json").read_text())
+    meta["strata"]["harmonized"] = True
+    (harmonized / "bundle.json").write_text(json.dumps(meta))
+    bd.write_manifest(harmonized, "test")  # a consistent bundle, only harmonized
+    _refused(tmp, root, "harmonized", harmonized, UsageError, r"site-harmonized embeddings.*retrain without")
