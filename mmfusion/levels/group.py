@@ -13,7 +13,14 @@
    confounds), phenotype factors (:mod:`mmfusion.strata.phenotypes`) and statistics
    (:mod:`mmfusion.strata.stats`), the ground-truth comparison of simulated data
    (:mod:`mmfusion.strata.ground_truth`), the summary (``analysis_summary.json``);
-4. the report (:mod:`mmfusion.report.group_report`).
+4. the trained-model bundle (:func:`write_model_bundle` -> ``group/bundle/``,
+   :mod:`mmfusion.io.bundle`);
+5. the report (:mod:`mmfusion.report.group_report`).
+
+With ``--model BUNDLE`` it runs :func:`apply_group_level` instead: the bundle and the shards
+checked against it, the embeddings of the stored model, each subject's stratum and novelty
+(:mod:`mmfusion.strata.assign`), the new cohort's phenotype statistics, ``group/applied/``
+and the report ``mmfusion_applied_report.html`` (:mod:`mmfusion.report.applied_report`).
 
 Analysis outputs, under ``ctx.group_dir`` (docs/method.md#6-clustering,
 docs/method.md#7-phenotypes-and-statistics)::
