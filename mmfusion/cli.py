@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the template level in output_dir, else MNI152 2009 (built in)")
     g.add_argument("--template-subjects", type=_positive_int, metavar="N",
                    help="template level: build from a seeded random subset of N subjects (default: all)")
+    g.add_argument("--model", type=Path, metavar="BUNDLE",
+                   help="group level: apply the trained-model bundle BUNDLE (output_dir/group/bundle of a "
+                        "training run) to this dataset's shards instead of training: embeddings, stratum "
+                        "of each subject with a novelty flag, report mmfusion_applied_report.html")
     g.add_argument("--modalities", nargs="+", choices=MODALITIES, default=["jac", "ndi"],
                    help="group level: modalities fed to the autoencoder")
 
@@ -164,11 +168,28 @@ def validate_paths(args: argparse.Namespace) -> None:
             raise OutputError(f"{path}: cannot create {what} ({exc.strerror}); choose a writable folder") from exc
         if not os.access(path, os.W_OK):
             raise OutputError(f"{path}: {what} is not writable; choose a writable folder")
+    if args.model is not None:
+        check_model_option(args)
     for path, opt in ((args.config, "--config"), (args.template, "--template"),
                       (args.phenotypes, "--phenotypes"), (args.bids_filter_file, "--bids-filter-file")):
         if path is not None and not path.is_file():
             raise UsageError(f"{path}: file given to {opt} does not exist")
     init_output_dir(args.output_dir, args.bids_dir)
+
+
+def check_model_option(args: argparse.Namespace) -> None:
+    """``--model``: group level only, a folder holding a bundle manifest (exit 64 otherwise;
+    its content is verified by the group level before any work)."""
+    if args.analysis_level != "group":
+        raise UsageError(f"--model applies a trained model at the group level, not the {args.analysis_level} "
+                         "level; run 'mmfusion BIDS_DIR OUT_DIR group --model BUNDLE'")
+    if not args.model.is_dir():
+        raise UsageError(f"{args.model}: folder given to --model does not exist; give the bundle folder "
+                         "(output_dir/group/bundle of a training group run)")
+    if not (args.model / "manifest.json").is_file():
+        raise UsageError(f"{args.model}: not a trained-model bundle (no manifest.json); give the bundle folder "
+                         "(output_dir/group/bundle of a training group run)")
+    args.model = args.model.resolve()
 
 
 def config_overrides(args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -219,7 +240,7 @@ def make_context(args: argparse.Namespace, argv: list[str]):
         template=args.template.resolve() if args.template else None,
         phenotypes_file=args.phenotypes.resolve() if args.phenotypes else None,
         nprocs=nprocs, omp_nthreads=args.omp_nthreads or nprocs, mem_gb=args.mem,
-        force=args.force, resume=args.resume, allow_missing=args.allow_missing,
+        force=args.force, resume=args.resume, allow_missing=args.allow_missing, model=args.model,
     )
     if not args.skip_bids_validation:
         logger.info("validating %s with bids-validator-deno", args.bids_dir)

@@ -41,6 +41,7 @@ class RunContext:
     force: bool = False
     resume: bool = False
     allow_missing: bool = False
+    model: Path | None = None             # --model: a trained-model bundle to apply (group level)
 
     @property
     def logs_dir(self) -> Path:

@@ -802,7 +802,8 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_size: float = 1.25,
                      seed: int = 0, bias_field: bool = True, noise: bool = True,
                      random_affine: bool = True, sessions: int = 1, null_phenotypes: bool = False,
-                     overwrite: bool = False, n_sites: int = 1, site_follows_stratum: bool = False) -> Path:
+                     overwrite: bool = False, n_sites: int = 1, site_follows_stratum: bool = False,
+                     design_seed: int | None = None) -> Path:
     """Write a complete synthetic BIDS dataset to ``out_dir`` (atomically) and return it.
 
     Subjects are assigned to strata 1..``n_strata`` in near-equal numbers. With
@@ -811,7 +812,10 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
     needs 2 <= N <= n_strata), each with a scanner effect (T1w and NDI gains, see
     :func:`plan_sites`) and its own T1w sidecar fields; ``n_sites == 1`` writes exactly
     the files of a run without sites. Same arguments (seed included) give identical
-    files. Raises ``UsageError`` (exit 64) for impossible options and ``OutputError``
+    files. ``design_seed`` (default: ``seed``) seeds the population design alone: the
+    planted regions, the stratum of each subject and the diffusion texture shared by all
+    subjects; two datasets with the same ``design_seed`` and different ``seed`` are two
+    samples of one population (same strata, different subjects). Raises ``UsageError`` (exit 64) for impossible options and ``OutputError``
     (exit 73) if ``out_dir`` is not empty and ``overwrite`` is False.
     """
     out_dir = Path(out_dir)
@@ -822,9 +826,13 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
                 null_phenotypes=null_phenotypes)
     if n_sites > 1:  # only then: a run with one site writes the same planted.json as before sites existed
         opts.update(n_sites=n_sites, site_follows_stratum=site_follows_stratum)
+    design_seed = seed if design_seed is None else int(design_seed)
+    if design_seed != seed:  # only then: a run without it writes the same planted.json as before
+        opts.update(design_seed=design_seed)
     # Children 0-3 of spawn(5) equal those of spawn(4), so the SITES stream leaves the others unchanged.
     seeds = np.random.SeedSequence(seed).spawn(5)
-    design_rng = np.random.default_rng(seeds[DESIGN])
+    design_seeds = np.random.SeedSequence(design_seed).spawn(5)
+    design_rng = np.random.default_rng(design_seeds[DESIGN])
     grid = load_template_grid(float(voxel_size))
     cgrid = control_grid(float(voxel_size))
     regions = plan_regions(design_rng, grid, n_strata)
@@ -833,7 +841,7 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
     site_of = (assign_sites(np.random.default_rng(seeds[SITES]), strata, n_sites, site_follows_stratum)
                if sites else None)
     pheno = simulate_phenotypes(strata, np.random.default_rng(seeds[PHENO]), null=null_phenotypes)
-    base_maps = diffusion_templates(np.random.default_rng(seeds[TEXTURE]), grid, cgrid)
+    base_maps = diffusion_templates(np.random.default_rng(design_seeds[TEXTURE]), grid, cgrid)
     stratum_maps = {k: {m: base_maps[m] * _gaussian_bumps(regions, m, k, grid) for m in base_maps}
                     for k in range(1, n_strata + 1)}
     from scipy import ndimage
@@ -969,6 +977,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-strata", type=int, default=3, help="number of planted strata (default 3)")
     p.add_argument("--voxel-size", type=float, default=1.25, help="isotropic voxel size in mm (default 1.25)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--design-seed", type=int, default=None,
+                   help="seed of the population design alone (planted regions, strata, texture; "
+                        "default: --seed): same --design-seed, other --seed = new subjects of the same strata")
     p.add_argument("--sessions", type=int, default=1, help="sessions per subject (default 1: no ses- level)")
     p.add_argument("--no-bias-field", dest="bias_field", action="store_false", help="no T1w bias field")
     p.add_argument("--no-noise", dest="noise", action="store_false", help="no image noise")
@@ -997,7 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
                          voxel_size=args.voxel_size, seed=args.seed, bias_field=args.bias_field,
                          noise=args.noise, random_affine=args.random_affine, sessions=args.sessions,
                          null_phenotypes=args.null_phenotypes, overwrite=args.overwrite,
-                         n_sites=args.n_sites, site_follows_stratum=args.site_follows_stratum)
+                         n_sites=args.n_sites, site_follows_stratum=args.site_follows_stratum,
+                         design_seed=args.design_seed)
     except MmfusionError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -364,3 +364,24 @@ def test_cli_bad_option_is_usage_error(tmp_path):
     assert sim.main([str(tmp_path / "x"), "--n-strata", "5", "--n-subjects", "3"]) == 64
     assert sim.main([str(tmp_path / "x"), "--voxel-size", "abc"]) == 64
     assert not (tmp_path / "x").exists()
+
+
+def test_design_seed_shares_the_design_not_the_subjects(tmp_path, small_sessions):
+    """Same --design-seed, other --seed: the same planted regions, other subjects; the
+    default (design seed = seed) writes exactly the files of a run without it."""
+    same = sim.simulate_dataset(tmp_path / "same", n_subjects=3, n_strata=2, voxel_size=5.0, seed=3, sessions=2,
+                                design_seed=3)
+    assert _all_content(same).keys() == _all_content(small_sessions).keys()
+    assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+               for a, b in zip(_all_content(same).values(), _all_content(small_sessions).values()))
+    new = sim.simulate_dataset(tmp_path / "new", n_subjects=3, n_strata=2, voxel_size=5.0, seed=9, sessions=2,
+                               design_seed=3)
+    planted = [json.loads((d / "sourcedata" / "ground_truth" / "planted.json").read_text())
+               for d in (small_sessions, new)]
+    assert planted[0]["regions"] == planted[1]["regions"]
+    t1 = "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
+    assert not np.array_equal(_all_content(small_sessions)[t1], _all_content(new)[t1])
+    other = sim.simulate_dataset(tmp_path / "other", n_subjects=3, n_strata=2, voxel_size=5.0, seed=3, sessions=2,
+                                 design_seed=8)
+    assert json.loads((other / "sourcedata" / "ground_truth" / "planted.json").read_text())["regions"] \
+        != planted[0]["regions"]

@@ -168,3 +168,17 @@ def test_n150_labels_and_iterations_identical_to_sklearn():
         if ref_conv:
             np.testing.assert_array_equal(labels[k], ref)
     assert conv.sum() >= 4
+
+
+def test_exemplars_of_one_fit_equal_sklearn_centers():
+    """ap_exemplars (the refit the bundle uses): scikit-learn's labels and cluster centers."""
+    from sklearn.cluster import AffinityPropagation
+
+    X, _ = _blobs(n=40, std=2.0)
+    S = st.similarity_matrix(X)
+    pref = float(np.median(S[~np.eye(len(X), dtype=bool)]))
+    Sn, zd = apk.noised_similarity(S, seed=5)
+    labels, centers = apk.ap_exemplars(Sn, zd, 0.6, pref, 200, 15)
+    ref = AffinityPropagation(damping=0.6, preference=pref, max_iter=200, convergence_iter=15, random_state=5).fit(X)
+    np.testing.assert_array_equal(labels, ref.labels_)
+    np.testing.assert_array_equal(centers, ref.cluster_centers_indices_)

@@ -13,7 +13,14 @@
    confounds), phenotype factors (:mod:`mmfusion.strata.phenotypes`) and statistics
    (:mod:`mmfusion.strata.stats`), the ground-truth comparison of simulated data
    (:mod:`mmfusion.strata.ground_truth`), the summary (``analysis_summary.json``);
-4. the report (:mod:`mmfusion.report.group_report`).
+4. the trained-model bundle (:func:`write_model_bundle` -> ``group/bundle/``,
+   :mod:`mmfusion.io.bundle`);
+5. the report (:mod:`mmfusion.report.group_report`).
+
+With ``--model BUNDLE`` it runs :func:`apply_group_level` instead: the bundle and the shards
+checked against it, the embeddings of the stored model, each subject's stratum and novelty
+(:mod:`mmfusion.strata.assign`), the new cohort's phenotype statistics, ``group/applied/``
+and the report ``mmfusion_applied_report.html`` (:mod:`mmfusion.report.applied_report`).
 
 Analysis outputs, under ``ctx.group_dir`` (docs/method.md#6-clustering,
 docs/method.md#7-phenotypes-and-statistics)::
@@ -51,9 +58,12 @@ log = get_logger(__name__)
 
 def run_group_level(ctx) -> Path | None:
     """Run the whole group level; returns the path of the HTML report (None on a
-    non-chief worker of a multi-worker run, which only trains)."""
+    non-chief worker of a multi-worker run, which only trains). With ``--model``
+    (``ctx.model``) the trained model is applied instead (:func:`apply_group_level`)."""
     from mmfusion.learning import distribute
 
+    if getattr(ctx, "model", None) is not None:
+        return apply_group_level(ctx)
     inputs = check_inputs(ctx)
     log.info("group level on %d subject(s), modalities %s", len(ctx.participant_labels), " ".join(ctx.modalities))
     distribute.make_strategy()  # a multi-worker strategy must exist before any other TF op
@@ -63,6 +73,7 @@ def run_group_level(ctx) -> Path | None:
         return None
     analyse(ctx, learned.ids, learned.embeddings.astype(np.float64), Path(learned["embeddings_tsv"]), inputs.pheno,
             inputs.confounds)
+    write_model_bundle(ctx, inputs.infos, learned.ids, learned.embeddings)
     return write_report(ctx)
 
 
@@ -282,9 +293,10 @@ def check_strata(ctx, ids: pd.DataFrame, X: np.ndarray, labels: np.ndarray, n_th
             if name == "baseline" or name.startswith("fold-") or name.startswith("baseline_fold-")}
 
 
-def phenotype_factors(ctx, pheno: ph.PhenotypeInput, per_subject: pd.Series, summary: dict):
+def phenotype_factors(ctx, pheno: ph.PhenotypeInput, per_subject: pd.Series, summary: dict, root: Path | None = None):
     """Phenotype factors (:mod:`mmfusion.strata.phenotypes`: variables, PCA + varimax) of
-    the participants with an embedding -> group/phenotypes/; None without phenotypes."""
+    the participants with an embedding -> ``root``/phenotypes/ (``root``: group/ unless
+    given); None without phenotypes."""
     from mmfusion.provenance import sha256_file
 
     if pheno.raw is None:
@@ -295,7 +307,7 @@ def phenotype_factors(ctx, pheno: ph.PhenotypeInput, per_subject: pd.Series, sum
     common, counts = ph.common_subjects(pheno, list(per_subject.index))
     table = ph.prepare_variables(pheno.raw.loc[common], cfg, str(files[0]), files)
     fa = ph.factor_analysis(table.data, cfg["eigenvalue_threshold"])
-    paths = ph.write_outputs(table, fa, Path(ctx.group_dir) / "phenotypes", cfg["loading_threshold"],
+    paths = ph.write_outputs(table, fa, Path(root or ctx.group_dir) / "phenotypes", cfg["loading_threshold"],
                              extra_summary={"subject_counts": counts, "files": [str(f) for f in files]})
     summary["outputs"]["phenotypes"] = {k: str(v) for k, v in paths.items()}
     summary["phenotypes"] = {"status": "done", "subject_counts": {k: (len(v) if isinstance(v, list) else v)
@@ -305,9 +317,9 @@ def phenotype_factors(ctx, pheno: ph.PhenotypeInput, per_subject: pd.Series, sum
     return fa
 
 
-def factor_statistics(ctx, fa, per_subject: pd.Series, source: Path, summary: dict):
-    """The factors' tests across the strata (:mod:`mmfusion.strata.stats`) -> group/stats/;
-    None without factors."""
+def factor_statistics(ctx, fa, per_subject: pd.Series, source: Path, summary: dict, root: Path | None = None):
+    """The factors' tests across the strata (:mod:`mmfusion.strata.stats`) -> ``root``/stats/
+    (``root``: group/ unless given); None without factors."""
     from mmfusion.strata import stats
 
     if fa is None:
@@ -315,7 +327,7 @@ def factor_statistics(ctx, fa, per_subject: pd.Series, source: Path, summary: di
     cfg = ctx.config["stats"]
     labels = per_subject.loc[fa.scores.index].to_numpy()
     result = stats.run_stats(fa.scores, labels, cfg, seed=ctx.seed, source=str(source))
-    paths = stats.write_outputs(result, fa.scores, labels, Path(ctx.group_dir) / "stats")
+    paths = stats.write_outputs(result, fa.scores, labels, Path(root or ctx.group_dir) / "stats")
     summary["outputs"]["stats"] = {k: str(v) for k, v in paths.items()}
     summary["stats"] = {"n_significant": int(result.table["significant"].sum()),
                         "n_perm_significant": int(result.table["perm_significant"].sum()),
@@ -324,14 +336,15 @@ def factor_statistics(ctx, fa, per_subject: pd.Series, source: Path, summary: di
 
 
 def compare_with_ground_truth(ctx, per_subject: pd.Series, fa, result, others: dict[str, pd.Series],
-                              summary: dict) -> None:
+                              summary: dict, root: Path | None = None) -> None:
     """A simulated dataset (``sourcedata/ground_truth/strata.tsv``): the strata, factors
-    and other clusterings vs the planted truth (:mod:`mmfusion.strata.ground_truth`)."""
+    and other clusterings vs the planted truth (:mod:`mmfusion.strata.ground_truth`) ->
+    ``root``/ground_truth/ (``root``: group/ unless given)."""
     from mmfusion.strata.ground_truth import compare_ground_truth
 
     truth = Path(ctx.bids_dir) / "sourcedata" / "ground_truth"
     if (truth / "strata.tsv").is_file():
-        summary["ground_truth"] = compare_ground_truth(truth, per_subject, Path(ctx.group_dir) / "ground_truth",
+        summary["ground_truth"] = compare_ground_truth(truth, per_subject, Path(root or ctx.group_dir) / "ground_truth",
                                                        fa, result, others)
 
 
@@ -344,12 +357,229 @@ def write_summary(ctx, summary: dict) -> dict:
     return summary
 
 
-# ------------------------------------------------------------------------ 4. report
+# ------------------------------------------------------------------ 4. the bundle
+def write_model_bundle(ctx, infos, ids: pd.DataFrame, embeddings: np.ndarray) -> Path:
+    """The trained-model bundle (:mod:`mmfusion.io.bundle`) -> ``group/bundle/``: the final
+    model, its normalizer, the config, the grid and template of the shards ``infos``, the
+    training embeddings (n, D) of the rows ``ids`` with their strata and exemplars, the
+    novelty threshold, the model card and the manifest."""
+    import json
+
+    from mmfusion import __version__
+    from mmfusion.config import config_hash
+    from mmfusion.io import bundle as bd
+    from mmfusion.report.model_card import card_markdown, model_card
+    from mmfusion.strata import assign
+
+    g = Path(ctx.group_dir)
+    analysis = json.loads((g / "analysis_summary.json").read_text())
+    labels = pd.read_csv(g / "strata" / "labels.tsv", sep="\t")["cluster"].to_numpy()
+    harmonized = (analysis.get("harmonization") or {}).get("status") == "done"
+    best = analysis["clustering"]["best"]
+    X = np.asarray(embeddings, dtype=np.float64)
+    if harmonized:  # the strata live in the harmonized space: no exemplars new subjects could use
+        index, exemplars, own, threshold = np.zeros(0, int), np.zeros((0, X.shape[1])), np.full(len(X), np.nan), None
+    else:
+        ex = assign.training_exemplars(X, labels, best, ctx.config["stratify"], int(ctx.seed), log_only=True)
+        index, exemplars = ex.index, ex.embeddings
+        own = assign.own_exemplar_distance(X, labels, exemplars)
+        threshold = assign.novelty_threshold(own)
+    meta = bundle_meta(ctx, infos, labels, best, harmonized, threshold, config_hash(ctx.config), __version__)
+    cv = g / "cv" / "summary.tsv"
+    card = model_card(len({i.subject for i in infos}), len(infos), list(ctx.modalities), meta["grid"],
+                      meta["template"], meta["provenance"], ctx.config["training"],
+                      pd.read_csv(cv, sep="\t") if cv.is_file() else None, meta["strata"]["sizes"], best,
+                      analysis, meta["novelty"])
+    strata = {"ids": ids, "embeddings": embeddings, "stratum": labels, "own_distance": own,
+              "exemplar_index": index, "exemplar_embedding": exemplars}
+    path = bd.write_bundle(g / "bundle", g / "model", meta, ctx.config, strata, card, card_markdown(card), __version__)
+    log.info("trained-model bundle: %s (apply it with group --model %s)", path, path)
+    return path
+
+
+def bundle_meta(ctx, infos, labels: np.ndarray, best: dict, harmonized: bool, threshold: float | None,
+                cfg_hash: str, version: str) -> dict:
+    """bundle.json: modalities, template, grid, provenance, strata, novelty rule."""
+    from mmfusion.io.shards import read_attrs
+    from mmfusion.strata.assign import NOVELTY_PERCENTILE
+
+    attrs = read_attrs(infos[0].path)
+    affine = np.asarray(infos[0].affine, dtype=np.float64)
+    return {
+        "modalities": list(ctx.modalities),
+        "template": {"hash": str(attrs.get("template_hash")), "source": str(attrs.get("template_source"))},
+        "grid": {"shape": [int(v) for v in infos[0].shape], "affine": affine.tolist(),
+                 "voxel_size_mm": float(np.linalg.norm(affine[:3, 0]))},
+        "shard_config_hash": str(attrs.get("config_hash")),
+        "provenance": {"mmfusion_version": version, "seed": int(ctx.seed), "config_hash": cfg_hash,
+                       "run_id": ctx.provenance.run_id, "trained": ctx.provenance.started},
+        "strata": {"n_strata": int(labels.max()) + 1, "sizes": np.bincount(labels).tolist(),
+                   "n_training_rows": int(len(labels)), "harmonized": bool(harmonized),
+                   "ap_fit": {k: best.get(k) for k in ("damping", "preference", "silhouette", "n_clusters")}},
+        "novelty": {"rule": f"distance to the nearest exemplar > the {NOVELTY_PERCENTILE:g}th percentile of the "
+                            "training subjects' distances to their own exemplar",
+                    "percentile": NOVELTY_PERCENTILE, "threshold": threshold},
+    }
+
+
+# ------------------------------------------------------------------------ 5. report
 def write_report(ctx) -> Path:
     """The HTML report of the group outputs (:mod:`mmfusion.report.group_report`)."""
     from mmfusion.report import group_report
 
     path = group_report.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
+    log.info("report: %s", path)
+    terminal_print(f"mmfusion report: {path}")
+    return path
+
+
+# ----------------------------------------------------------- applying a trained model
+def apply_group_level(ctx) -> Path:
+    """``group --model BUNDLE``: the trained model applied to this dataset's shards.
+
+    Every check first (:func:`check_apply_inputs`: the bundle, the modalities, each
+    shard's template and grid, the phenotype tables), then the embeddings, the stratum of
+    each subject (:mod:`mmfusion.strata.assign`), the phenotype statistics of the new
+    cohort, the ground truth of simulated data, ``group/applied/summary.json`` and the
+    report ``mmfusion_applied_report.html``. Outputs under ``group/applied/``:
+    embeddings.tsv/.h5, labels.tsv + labels.json, projection.png, phenotypes/, stats/,
+    ground_truth/, summary.json. Returns the report's path."""
+    bundle, paths, pheno = check_apply_inputs(ctx)
+    root = Path(ctx.group_dir) / "applied"
+    ids, X, seconds = embed_with_bundle(bundle, paths, root)
+    assignment = place_in_strata(bundle, ids, X, root)
+    summary = applied_summary(ctx, bundle, ids, assignment, seconds)
+    per_subject = one_row_per_participant(ids, assignment.stratum)
+    source = root / "embeddings.tsv"
+    fa = phenotype_factors(ctx, pheno, per_subject, summary, root=root)
+    result = None
+    if fa is not None and per_subject.loc[fa.scores.index].nunique() < 2:
+        summary["stats"] = {"status": "not run: the new subjects with phenotypes fall in fewer than 2 strata"}
+    else:
+        result = factor_statistics(ctx, fa, per_subject, source, summary, root=root)
+    compare_with_ground_truth(ctx, per_subject, fa, result, {}, summary, root=root)
+    from mmfusion.io.atomic import write_json
+
+    write_json(root / "summary.json", summary)
+    return write_applied_report(ctx)
+
+
+def check_apply_inputs(ctx):
+    """(bundle, shard paths, phenotype input), all checked before any model is loaded:
+    the bundle (:func:`mmfusion.io.bundle.read_bundle`: schema, files, sha256), the
+    modalities, a bundle whose strata were harmonized (exit 64), every shard vs the
+    bundle's template and grid (:func:`mmfusion.io.bundle.check_shard`), the phenotypes."""
+    from mmfusion.errors import UsageError
+    from mmfusion.io import bundle as bd
+    from mmfusion.io.shards import read_attrs
+
+    bundle = bd.read_bundle(ctx.model)
+    bd.check_modalities(bundle, list(ctx.modalities))
+    if bundle.meta["strata"].get("harmonized"):
+        raise UsageError(f"{bundle.root / 'bundle.json'}: its strata were found on site-harmonized embeddings "
+                         "(stratify.harmonize_site), which new subjects cannot be mapped into; retrain without "
+                         "harmonization to apply the model")
+    ctx.participant_labels, paths = select_shards(ctx, list_shards(ctx))
+    other_config = []
+    for path in paths:
+        attrs = read_attrs(path)
+        bd.check_shard(attrs, path, bundle)
+        if str(attrs.get("config_hash")) != str(bundle.meta.get("shard_config_hash")):
+            other_config.append(path.name)
+    if other_config:
+        log.warning("%d shard(s) were made with another spatial config than the training cohort's (same template "
+                    "and grid): %s", len(other_config), " ".join(other_config[:10]))
+    participants = [f"sub-{s}" for s in dict.fromkeys(ctx.participant_labels)]
+    pheno = ph.check_phenotype_input(ph.load_phenotype_input(ctx.bids_dir, ctx.phenotypes_file), participants,
+                                     ctx.config["phenotypes"])
+    ctx.provenance.add_inputs(pheno.files)
+    ctx.provenance.extra["model_bundle"] = {"path": str(bundle.root), **bundle.meta["provenance"]}
+    log.info("applying the model of %s (trained on %d rows, mmfusion %s) to %d shard(s)", bundle.root,
+             bundle.meta["strata"]["n_training_rows"], bundle.meta["provenance"]["mmfusion_version"], len(paths))
+    return bundle, paths, pheno
+
+
+def embed_with_bundle(bundle, paths: list[Path], root: Path) -> tuple[pd.DataFrame, np.ndarray, float]:
+    """The bundle's model and normalizer on the shards ``paths``: (ids, float32 (n, D)
+    embeddings, seconds spent embedding), written to ``root``/embeddings.tsv and .h5."""
+    import time
+
+    from mmfusion.io.embeddings import write_embeddings_h5, write_embeddings_tsv
+    from mmfusion.io.shards import split_stem
+    from mmfusion.learning.training import embed, load_final_model
+
+    start = time.perf_counter()
+    model, norm, modalities = load_final_model(bundle.model_dir)
+    loaded = time.perf_counter()
+    X = embed(model, paths, modalities, norm, progress_label="embeddings")
+    seconds = time.perf_counter() - loaded
+    log.info("model loaded in %.1f s", loaded - start)
+    stems = [split_stem(p.stem) for p in paths]
+    ids = pd.DataFrame({"participant_id": [f"sub-{s}" for s, _ in stems], "session": [e for _, e in stems]})
+    write_embeddings_tsv(root / "embeddings.tsv", ids, X)
+    write_embeddings_h5(root / "embeddings.h5", ids, X, modalities, int(bundle.meta["provenance"]["seed"]))
+    log.info("embedded %d shard(s) in %.1f s (%.2f s per shard)", len(paths), seconds,
+             seconds / max(len(paths), 1))
+    return ids, X, seconds
+
+
+LABELS_SIDECAR = {
+    "participant_id": {"Description": "participant label (sub-<label>)"},
+    "session": {"Description": "session label without 'ses-' ('n/a' when the dataset has no sessions)"},
+    "stratum": {"Description": "trained stratum whose exemplar is nearest in the embedding space used for "
+                               "clustering (Euclidean distance), numbered as in the training run's "
+                               "group/strata/labels.tsv (column cluster)"},
+    "distance": {"Description": "Euclidean distance of the subject's embedding to that exemplar",
+                 "Units": "embedding units (the model's embedding values, not mm)"},
+    "novel": {"Description": "true when distance exceeds the novelty threshold: the 95th percentile of the "
+                             "training subjects' distances to their own exemplar (see NoveltyThreshold)",
+              "Levels": {"true": "farther from every exemplar than 95% of the training subjects were from "
+                                 "their own: outside the training distribution",
+                         "false": "within the training distribution"}},
+}
+
+
+def place_in_strata(bundle, ids: pd.DataFrame, X: np.ndarray, root: Path):
+    """Each embedding (n, D) in the bundle's strata (:func:`mmfusion.strata.assign.assign`)
+    -> ``root``/labels.tsv (participant_id, session, stratum, distance, novel) and its
+    sidecar labels.json; also projection.png. Returns the Assignment."""
+    from mmfusion.io.atomic import atomic_path, write_json
+    from mmfusion.report import figures
+    from mmfusion.strata import assign
+
+    strata = bundle.strata()
+    a = assign.assign(X, strata["exemplar_embedding"], float(bundle.meta["novelty"]["threshold"]))
+    table = ids.assign(session=ids["session"].replace("", "n/a"), stratum=a.stratum,
+                       distance=a.distance, novel=np.where(a.novel, "true", "false"))
+    with atomic_path(root / "labels.tsv") as tmp:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    write_json(root / "labels.json", {**LABELS_SIDECAR, "NoveltyThreshold": {
+        "Value": a.threshold, "Units": "embedding units", "Percentile": bundle.meta["novelty"]["percentile"]}})
+    figures.plot_projection(strata["embedding"], strata["stratum"], strata["exemplar_index"], X, a.novel,
+                            root / "projection.png")
+    return a
+
+
+def applied_summary(ctx, bundle, ids: pd.DataFrame, a, seconds: float) -> dict:
+    """summary.json of an applied run (its first part): the bundle, the counts, timing."""
+    k = int(bundle.meta["strata"]["n_strata"])
+    return {"bundle": {"path": str(bundle.root), "provenance": bundle.meta["provenance"],
+                       "template": bundle.meta["template"], "n_training_rows": bundle.meta["strata"]["n_training_rows"],
+                       "n_training_subjects": bundle.card["trained_on"]["n_subjects"]},
+            "n_embeddings": int(len(ids)), "modalities": bundle.modalities,
+            "stratum_sizes": {"training": bundle.meta["strata"]["sizes"],
+                              "applied": np.bincount(a.stratum, minlength=k).tolist()},
+            "novelty": {"threshold": a.threshold, "percentile": bundle.meta["novelty"]["percentile"],
+                        "n_novel": int(a.novel.sum()), "fraction_novel": float(a.novel.mean())},
+            "seconds_embedding": seconds, "seconds_per_shard": seconds / max(len(ids), 1),
+            "seed": int(ctx.seed), "inputs": {}, "outputs": {}, "caveats": []}
+
+
+def write_applied_report(ctx) -> Path:
+    """The applied run's report (:mod:`mmfusion.report.applied_report`)."""
+    from mmfusion.report import applied_report
+
+    path = applied_report.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
     log.info("report: %s", path)
     terminal_print(f"mmfusion report: {path}")
     return path

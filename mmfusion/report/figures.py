@@ -141,6 +141,40 @@ def plot_grid(grid, best: dict, path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_projection(train: np.ndarray, train_labels: np.ndarray, exemplar_index: np.ndarray, new: np.ndarray,
+                    novel: np.ndarray, path) -> Path:
+    """New subjects among the training embeddings in 2-D: a PCA (2 components) fitted on
+    the training embeddings ``train`` (n, D) alone, ``new`` (m, D) projected into it.
+    Training points coloured by stratum ``train_labels`` (n,), their exemplars
+    (``exemplar_index`` (K,)) as large diamonds, new subjects as black crosses, the
+    ``novel`` (m,) ones circled in red."""
+    from sklearn.decomposition import PCA
+
+    plt = pyplot()
+    pca = PCA(n_components=2).fit(np.asarray(train, dtype=np.float64))
+    tr, nw = pca.transform(np.asarray(train, dtype=np.float64)), pca.transform(np.asarray(new, dtype=np.float64))
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    cmap = plt.get_cmap("tab10")
+    for k in np.unique(train_labels):
+        sel = train_labels == k
+        ax.scatter(tr[sel, 0], tr[sel, 1], s=22, color=cmap(int(k) % 10), alpha=0.55, label=f"training, stratum {k}")
+    ex = np.asarray(exemplar_index, dtype=int)
+    if ex.size:
+        ax.scatter(tr[ex, 0], tr[ex, 1], s=110, marker="D", facecolor="none", edgecolor="k", label="exemplars")
+    ax.scatter(nw[:, 0], nw[:, 1], s=30, marker="x", color="k", label="new subjects")
+    novel = np.asarray(novel, dtype=bool)
+    if novel.any():
+        ax.scatter(nw[novel, 0], nw[novel, 1], s=120, facecolor="none", edgecolor="red", linewidth=1.5,
+                   label=f"novel ({int(novel.sum())})")
+    ratio = pca.explained_variance_ratio_
+    ax.set_xlabel(f"PC1 of the training embeddings ({100 * ratio[0]:.0f}%)")
+    ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}%)")
+    ax.set_title("New subjects among the training embeddings")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_coassignment(matrix: np.ndarray, final: np.ndarray, names: list[str], path) -> Path:
     """Heat map of the co-assignment matrix, rows and columns ordered by final cluster."""
     plt = pyplot()

@@ -327,10 +327,17 @@ def final_labels(Sn: np.ndarray, sdiag: np.ndarray, E: np.ndarray) -> np.ndarray
     building S: only the needed columns/blocks are gathered and their diagonal entries
     patched. Returns labels (n,) int in 0..K-1, or all -1 when there is no exemplar.
     """
+    labels, _ = final_labels_and_exemplars(Sn, sdiag, E)
+    return labels
+
+
+def final_labels_and_exemplars(Sn: np.ndarray, sdiag: np.ndarray, E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`final_labels` and the refined exemplars: (labels (n,) int in 0..K-1, exemplar
+    row index (K,) of each label, ascending); (all -1, empty) when there is no exemplar."""
     I = np.flatnonzero(E)
     K = I.size
     if K == 0:
-        return np.full(Sn.shape[0], -1)
+        return np.full(Sn.shape[0], -1), np.zeros(0, dtype=np.int64)
     c = np.argmax(_columns(Sn, sdiag, I), axis=1)
     c[I] = np.arange(K)
     for k in range(K):
@@ -343,7 +350,7 @@ def final_labels(Sn: np.ndarray, sdiag: np.ndarray, E: np.ndarray) -> np.ndarray
     c[I] = np.arange(K)
     labels = I[c]
     centers = np.unique(labels)
-    return np.searchsorted(centers, labels)
+    return np.searchsorted(centers, labels), centers.astype(np.int64)
 
 
 def _columns(Sn: np.ndarray, sdiag: np.ndarray, I: np.ndarray) -> np.ndarray:
@@ -382,3 +389,25 @@ def ap_fits(Sn, z_diag, dampings, preferences, max_iter=1000, convergence_iter=1
     for p in np.flatnonzero(converged):
         labels[p] = final_labels(Sn, sdiags[p], E[p])
     return labels, n_iter, converged
+
+
+def ap_exemplars(Sn, z_diag, damping: float, preference: float, max_iter=1000, convergence_iter=15,
+                 use_numba=None) -> tuple[np.ndarray, np.ndarray]:
+    """One fit of :func:`ap_fits` (same arithmetic), returning (labels (n,), exemplar row
+    index (K,) of each label); labels all -1 if it did not converge."""
+    dampings = np.asarray([damping], dtype=np.float64)
+    sdiags = np.stack([noised_diagonal(float(preference), z_diag)])
+    n = Sn.shape[0]
+    E = np.zeros((1, n), dtype=np.bool_)
+    n_iter = np.zeros(1, dtype=np.int64)
+    converged = np.zeros(1, dtype=np.bool_)
+    if use_numba is None:
+        use_numba = HAVE_NUMBA
+    if use_numba:
+        _ap_batch_numba(np.ascontiguousarray(Sn), sdiags, dampings, int(max_iter), int(convergence_iter),
+                        E, n_iter, converged)
+    else:
+        E[0], n_iter[0], converged[0] = _ap_iterate_numpy(Sn, sdiags[0], dampings[0], max_iter, convergence_iter)
+    if not converged[0]:
+        return np.full(n, -1), np.zeros(0, dtype=np.int64)
+    return final_labels_and_exemplars(Sn, sdiags[0], E[0])
