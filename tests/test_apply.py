@@ -25,7 +25,7 @@ from mmfusion.errors import InputDataError, MissingInputError, UsageError
 from mmfusion.io import bundle as bd
 from mmfusion.io.shards import Shard, shard_path, write_shard
 from mmfusion.levels import group
-from mmfusion.provenance import Provenance
+from mmfusion.provenance import Provenance, sha256_file
 from mmfusion.strata import assign
 
 SHAPE = (16, 16, 12)
@@ -127,7 +127,7 @@ def test_bundle_is_complete_hashed_and_has_no_absolute_paths(trained):
                 "model/model.json", "model/final.weights.h5", "model/normalization.json"}
     assert set(manifest["files"]) == expected
     for rel, digest in manifest["files"].items():
-        assert bd._sha256(path / rel) == digest
+        assert sha256_file(path / rel) == digest
     for rel in ("bundle.json", "model_card.json", "MODEL_CARD.md", "config.json"):
         assert str(tmp) not in (path / rel).read_text(), rel
     meta = json.loads((path / "bundle.json").read_text())
@@ -256,3 +256,21 @@ def test_bundle_of_harmonized_strata_is_refused(trained):
     (harmonized / "bundle.json").write_text(json.dumps(meta))
     bd.write_manifest(harmonized, "test")  # a consistent bundle, only harmonized
     _refused(tmp, root, "harmonized", harmonized, UsageError, r"site-harmonized embeddings.*retrain without")
+
+
+def test_the_study_template_travels_with_the_bundle(tmp_path):
+    """Shards registered to a study template: the bundle carries it and its brain mask, so a
+    new site makes its shards with --template BUNDLE/template/...; the built-in template is
+    not copied (every installation has it)."""
+    from mmfusion.levels.group import bundle_template_files
+    from mmfusion.spatial.template import study_template_paths
+
+    paths = study_template_paths(tmp_path, 3.0)
+    assert bundle_template_files(tmp_path, "study", 3.0) == {}  # missing: nothing (and a warning)
+    paths["dir"].mkdir()
+    for k in ("t1w", "mask"):
+        paths[k].write_bytes(b"nifti")
+    files = bundle_template_files(tmp_path, "study", 3.0)
+    assert files == {"template/tpl-study_res-3_T1w.nii.gz": paths["t1w"],
+                     "template/tpl-study_res-3_desc-brain_mask.nii.gz": paths["mask"]}
+    assert bundle_template_files(tmp_path, "builtin", 3.0) == {}

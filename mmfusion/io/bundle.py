@@ -14,6 +14,8 @@ a temporary folder, then renamed), read by ``mmfusion ... group --model BUNDLE``
                            stratum (n,), own_distance (n,); exemplar_index (K,),
                            exemplar_embedding (K, D) float64, exemplar_stratum (K,)
     model_card.json, MODEL_CARD.md
+    template/              the study template and its brain mask, when the shards were registered
+                           to one (``--template`` for the participant level of a new cohort)
 
 Nothing inside refers to an absolute path: the folder can be copied anywhere.
 :func:`read_bundle` verifies it (schema version, every file present, sha256) before
@@ -31,20 +33,11 @@ import numpy as np
 
 from mmfusion.errors import InputDataError, MissingInputError, UsageError
 from mmfusion.io.atomic import atomic_dir
+from mmfusion.provenance import sha256_file
 
 BUNDLE_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILES = ("model.json", "final.weights.h5", "normalization.json")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------- writing
@@ -68,7 +61,7 @@ def write_strata_h5(path: Path, ids, embeddings: np.ndarray, stratum: np.ndarray
 
 def write_manifest(root: Path, version: str) -> dict:
     """``root/manifest.json``: schema version, mmfusion version, sha256 of every other file."""
-    files = {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     manifest = {"bundle_schema_version": BUNDLE_SCHEMA_VERSION, "mmfusion_version": version, "files": files}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -76,15 +69,19 @@ def write_manifest(root: Path, version: str) -> dict:
 
 
 def write_bundle(path: Path, model_dir: Path, meta: dict, config: dict, strata: dict, card: dict,
-                 card_md: str, version: str) -> Path:
+                 card_md: str, version: str, extra_files: dict[str, Path] | None = None) -> Path:
     """Write the bundle folder ``path`` atomically (a temporary folder next to it, renamed
     at the end; an older bundle is replaced). ``model_dir``: group/model; ``meta``: the
     content of bundle.json; ``strata``: the keyword arguments of :func:`write_strata_h5`
-    but ``path``; ``card``/``card_md``: the model card (JSON, Markdown)."""
+    but ``path``; ``card``/``card_md``: the model card (JSON, Markdown); ``extra_files``:
+    {path inside the bundle: file to copy} (the study template)."""
     with atomic_dir(path) as root:
         (root / "model").mkdir()
         for name in MODEL_FILES:
             shutil.copy2(Path(model_dir) / name, root / "model" / name)
+        for rel, src in (extra_files or {}).items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / rel)
         write_strata_h5(root / "strata.h5", **strata)
         (root / "bundle.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         (root / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
@@ -160,7 +157,7 @@ def verify_files(root: Path, manifest: dict) -> None:
         p = root / rel
         if not p.is_file():
             raise MissingInputError(f"{p}: file of the bundle missing; copy the whole bundle folder again")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise InputDataError(f"{p}: altered (sha256 differs from {MANIFEST}); copy the bundle again "
                                  "from its source, or retrain")
 

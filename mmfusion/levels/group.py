@@ -385,6 +385,9 @@ def write_model_bundle(ctx, infos, ids: pd.DataFrame, embeddings: np.ndarray) ->
         own = assign.own_exemplar_distance(X, labels, exemplars)
         threshold = assign.novelty_threshold(own)
     meta = bundle_meta(ctx, infos, labels, best, harmonized, threshold, config_hash(ctx.config), __version__)
+    template_files = bundle_template_files(ctx.output_dir, meta["template"]["source"],
+                                           float(ctx.config["spatial"]["registration_resolution"]))
+    meta["template"]["files"] = sorted(template_files)
     cv = g / "cv" / "summary.tsv"
     card = model_card(len({i.subject for i in infos}), len(infos), list(ctx.modalities), meta["grid"],
                       meta["template"], meta["provenance"], ctx.config["training"],
@@ -392,9 +395,26 @@ def write_model_bundle(ctx, infos, ids: pd.DataFrame, embeddings: np.ndarray) ->
                       analysis, meta["novelty"])
     strata = {"ids": ids, "embeddings": embeddings, "stratum": labels, "own_distance": own,
               "exemplar_index": index, "exemplar_embedding": exemplars}
-    path = bd.write_bundle(g / "bundle", g / "model", meta, ctx.config, strata, card, card_markdown(card), __version__)
+    path = bd.write_bundle(g / "bundle", g / "model", meta, ctx.config, strata, card, card_markdown(card), __version__,
+                           extra_files=template_files)
     log.info("trained-model bundle: %s (apply it with group --model %s)", path, path)
     return path
+
+
+def bundle_template_files(output_dir: Path, source: str, resolution: float) -> dict[str, Path]:
+    """The template the shards were registered to, for the bundle ({bundle path: file}): the
+    study template and its brain mask (``source`` 'study'), so another site makes its shards
+    with ``--template BUNDLE/template/tpl-study_res-<r>_T1w.nii.gz``; nothing for the
+    built-in template (every installation has it) or a user template (the user has it)."""
+    from mmfusion.spatial.template import study_template_paths
+
+    if source != "study":
+        return {}
+    paths = study_template_paths(output_dir, resolution)
+    if not (paths["t1w"].is_file() and paths["mask"].is_file()):
+        log.warning("the study template %s is missing: the bundle is written without it", paths["t1w"])
+        return {}
+    return {f"template/{paths[k].name}": paths[k] for k in ("t1w", "mask")}
 
 
 def bundle_meta(ctx, infos, labels: np.ndarray, best: dict, harmonized: bool, threshold: float | None,
