@@ -95,8 +95,8 @@ def _fake_training(ctx: RunContext, paths: list[Path]):
     X = training.embed(model, paths, ctx.modalities, norm)
     ids = shard_data.shard_ids(infos)
     tsv = write_embeddings_tsv(ctx.group_dir / "embeddings.tsv", ids, X)
-    group.analyse(ctx, ids, X.astype(np.float64), tsv)
-    return infos, ids, X
+    summary = group.analyse(ctx, ids, X.astype(np.float64), tsv)
+    return infos, ids, X, summary
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +105,8 @@ def trained(tmp_path_factory):
     root, out = _bids(tmp / "bids"), tmp / "train"
     paths = _shards(out)
     ctx = _ctx(root, out)
-    infos, ids, X = _fake_training(ctx, paths)
-    path = group.write_model_bundle(ctx, infos, ids, X)
+    infos, ids, X, summary = _fake_training(ctx, paths)
+    path = group.write_model_bundle(ctx, infos, ids, X, summary)
     return tmp, root, out, path, X
 
 

@@ -71,9 +71,9 @@ def run_group_level(ctx) -> Path | None:
     if not distribute.is_chief():
         log.info("non-chief worker: training done; the chief writes the analysis and the report")
         return None
-    analyse(ctx, learned.ids, learned.embeddings.astype(np.float64), Path(learned["embeddings_tsv"]), inputs.pheno,
-            inputs.confounds)
-    write_model_bundle(ctx, inputs.infos, learned.ids, learned.embeddings)
+    summary = analyse(ctx, learned.ids, learned.embeddings.astype(np.float64), Path(learned["embeddings_tsv"]),
+                      inputs.pheno, inputs.confounds)
+    write_model_bundle(ctx, inputs.infos, learned.ids, learned.embeddings, summary)
     return write_report(ctx)
 
 
@@ -358,13 +358,12 @@ def write_summary(ctx, summary: dict) -> dict:
 
 
 # ------------------------------------------------------------------ 4. the bundle
-def write_model_bundle(ctx, infos, ids: pd.DataFrame, embeddings: np.ndarray) -> Path:
+def write_model_bundle(ctx, infos, ids: pd.DataFrame, embeddings: np.ndarray, analysis: dict) -> Path:
     """The trained-model bundle (:mod:`mmfusion.io.bundle`) -> ``group/bundle/``: the final
     model, its normalizer, the config, the grid and template of the shards ``infos``, the
     training embeddings (n, D) of the rows ``ids`` with their strata and exemplars, the
-    novelty threshold, the model card and the manifest."""
-    import json
-
+    novelty threshold, the model card and the manifest. ``analysis``: the summary
+    :func:`analyse` returned."""
     from mmfusion import __version__
     from mmfusion.config import config_hash
     from mmfusion.io import bundle as bd
@@ -372,7 +371,6 @@ def write_model_bundle(ctx, infos, ids: pd.DataFrame, embeddings: np.ndarray) ->
     from mmfusion.strata import assign
 
     g = Path(ctx.group_dir)
-    analysis = json.loads((g / "analysis_summary.json").read_text())
     labels = pd.read_csv(g / "strata" / "labels.tsv", sep="\t")["cluster"].to_numpy()
     harmonized = (analysis.get("harmonization") or {}).get("status") == "done"
     best = analysis["clustering"]["best"]
@@ -443,11 +441,13 @@ def bundle_meta(ctx, infos, labels: np.ndarray, best: dict, harmonized: bool, th
 
 
 # ------------------------------------------------------------------------ 5. report
-def write_report(ctx) -> Path:
-    """The HTML report of the group outputs (:mod:`mmfusion.report.group_report`)."""
-    from mmfusion.report import group_report
+def write_report(ctx, applied: bool = False) -> Path:
+    """The HTML report of the group outputs (:mod:`mmfusion.report.group_report`), or of an
+    applied run (:mod:`mmfusion.report.applied_report`); its path is the terminal's last line."""
+    from mmfusion.report import applied_report, group_report
 
-    path = group_report.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
+    writer = applied_report if applied else group_report
+    path = writer.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
     log.info("report: %s", path)
     terminal_print(f"mmfusion report: {path}")
     return path
@@ -481,7 +481,7 @@ def apply_group_level(ctx) -> Path:
     from mmfusion.io.atomic import write_json
 
     write_json(root / "summary.json", summary)
-    return write_applied_report(ctx)
+    return write_report(ctx, applied=True)
 
 
 def check_apply_inputs(ctx):
@@ -594,12 +594,3 @@ def applied_summary(ctx, bundle, ids: pd.DataFrame, a, seconds: float) -> dict:
             "seconds_embedding": seconds, "seconds_per_shard": seconds / max(len(ids), 1),
             "seed": int(ctx.seed), "inputs": {}, "outputs": {}, "caveats": []}
 
-
-def write_applied_report(ctx) -> Path:
-    """The applied run's report (:mod:`mmfusion.report.applied_report`)."""
-    from mmfusion.report import applied_report
-
-    path = applied_report.write_report(ctx.output_dir, provenance=ctx.provenance.as_dict())
-    log.info("report: %s", path)
-    terminal_print(f"mmfusion report: {path}")
-    return path
