@@ -25,7 +25,13 @@ DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
 
 
 def default_config() -> dict[str, dict[str, Any]]:
-    """Return the default configuration, a fresh nested dict ``{section: {key: value}}``."""
+    """Return the default configuration, a fresh nested dict ``{section: {key: value}}``
+    (``model.input_shape`` resolved to ``spatial.grid_shape``, see :func:`resolve_input_shape`)."""
+    return resolve_input_shape(_default_files())
+
+
+def _default_files() -> dict[str, dict[str, Any]]:
+    """The defaults as the YAML files in ``mmfusion/defaults/`` hold them."""
     cfg: dict[str, dict[str, Any]] = {}
     for path in sorted(DEFAULTS_DIR.glob("*.yaml")):
         with open(path) as fh:
@@ -33,8 +39,19 @@ def default_config() -> dict[str, dict[str, Any]]:
     return cfg
 
 
+def resolve_input_shape(cfg: dict, origins: dict[str, str] | None = None) -> dict:
+    """One source of truth for the model's input: ``model.input_shape: null`` (the default)
+    becomes ``spatial.grid_shape``, the shards' grid. An explicit value stays, and
+    :mod:`mmfusion.config_rules` refuses it if it differs from the grid. Returns ``cfg``."""
+    if cfg["model"].get("input_shape") is None:
+        cfg["model"]["input_shape"] = list(cfg["spatial"]["grid_shape"])
+        if origins is not None:
+            origins["model.input_shape"] = origins.get("spatial.grid_shape", "the defaults")
+    return cfg
+
+
 def _type_ok(default: Any, value: Any) -> bool:
-    if default is None or value is None:
+    if default is None or value is None or default == "auto":  # 'auto' or a value: the key's rule decides
         return True
     if isinstance(default, bool):
         return isinstance(value, bool)
@@ -79,7 +96,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     """
     from mmfusion.config_rules import check_config
 
-    cfg = default_config()
+    cfg = _default_files()
     origins: dict[str, str] = {}
     if path is not None:
         path = Path(path)
@@ -97,6 +114,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         _merge(cfg, user, "", str(path), origins)
     if overrides:
         _merge(cfg, copy.deepcopy(overrides), "", override_source, origins)
+    resolve_input_shape(cfg, origins)
     check_config(cfg, origins, "the defaults")
     return cfg
 

@@ -97,12 +97,31 @@ def test_every_key_has_a_rule_and_the_defaults_pass():
 
 def test_a_rule_between_keys_names_every_place_that_set_them(tmp_path):
     path = tmp_path / "cfg.yaml"
-    path.write_text("spatial:\n  grid_shape: [32, 32, 24]\n")
-    with pytest.raises(ConfigError, match=rf"^{path}: model.input_shape: \[128, 128, 96\] differs from "
-                                          r"spatial.grid_shape \[32, 32, 24\]"):
+    path.write_text("spatial:\n  grid_shape: [64, 64, 32]\nmodel:\n  input_shape: [64, 64, 64]\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: model.input_shape: \[64, 64, 64\] differs from "
+                                          r"spatial.grid_shape \[64, 64, 32\]"):
         load_config(path)
     with pytest.raises(ConfigError, match=r"^override: stratify.convergence_iter: 20 exceeds stratify.max_iter"):
         load_config(overrides={"stratify": {"max_iter": 10, "convergence_iter": 20}})
+
+
+def test_the_model_input_shape_follows_the_grid_unless_set(tmp_path):
+    assert default_config()["model"]["input_shape"] == default_config()["spatial"]["grid_shape"]
+    path = tmp_path / "cfg.yaml"
+    path.write_text("spatial:\n  grid_shape: [64, 96, 64]\n")
+    assert load_config(path)["model"]["input_shape"] == [64, 96, 64]
+    path.write_text("spatial:\n  grid_shape: [64, 96, 64]\nmodel:\n  input_shape: [64, 96, 64]\n")
+    assert load_config(path)["model"]["input_shape"] == [64, 96, 64]
+    path.write_text("spatial:\n  grid_shape: [64, 96, 60]\n")  # the grid's shape must suit the model too
+    with pytest.raises(ConfigError, match=rf"^{path}: model.input_shape: \[64, 96, 60\]: every dimension must be divisible"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", ["automatic", 0, -1.5])
+def test_grid_voxel_size_is_auto_or_a_positive_number(value):
+    with pytest.raises(ConfigError, match=r"spatial.grid_voxel_size: .* use 'auto' or a number > 0"):
+        load_config(overrides={"spatial": {"grid_voxel_size": value}})
+    assert load_config(overrides={"spatial": {"grid_voxel_size": 1.5}})["spatial"]["grid_voxel_size"] == 1.5
 
 
 # --------------------------------------------------- late inputs of the group level

@@ -17,7 +17,9 @@ def test_defaults_are_the_paper():
     cfg = default_config()
     assert cfg["model"]["filters"] == [2, 4, 8, 16, 32]
     assert cfg["model"]["kernel_size"] == [5, 6, 5]
-    assert cfg["spatial"]["grid_shape"] == [128, 128, 96] and cfg["spatial"]["grid_voxel_size"] == 2.5
+    # the paper's 96x128x96 brain-filling input (its code cropped to the brain's bounding box)
+    assert cfg["spatial"]["grid_shape"] == [96, 128, 96] and cfg["spatial"]["grid_voxel_size"] == "auto"
+    assert cfg["model"]["input_shape"] == [96, 128, 96]
     assert cfg["normalization"]["lower_percentile"] == 0.1 and cfg["normalization"]["upper_percentile"] == 99.9
     assert cfg["training"]["cv_folds"] == 10 and cfg["training"]["learning_rate"] == 1e-3
     assert cfg["stats"]["n_permutations"] == 10000

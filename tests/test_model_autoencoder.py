@@ -44,16 +44,16 @@ def _inputs(model, batch=1, seed=0):
 def test_default_config_is_the_paper_model_shapes():
     model = build_autoencoder(_cfg(), ["JAC", "NDI"])
     assert set(model.input) == {"in_JAC", "in_NDI"}
-    assert all(tuple(t.shape) == (None, 128, 128, 96, 1) for t in model.input.values())
+    assert all(tuple(t.shape) == (None, 96, 128, 96, 1) for t in model.input.values())
     assert set(model.output) == {"rec_JAC", "rec_NDI"}
-    assert all(tuple(t.shape) == (None, 128, 128, 96, 1) for t in model.output.values())
-    for mod in ("JAC", "NDI"):  # each modality's code: 4x4x3x32 = 1536 values
+    assert all(tuple(t.shape) == (None, 96, 128, 96, 1) for t in model.output.values())
+    for mod in ("JAC", "NDI"):  # each modality's code: 3x4x3x32 = 1152 values
         code = model.get_layer(f"enc_{mod}_l4_down_pool").output
-        assert tuple(code.shape) == (None, 4, 4, 3, 32)
-        assert int(np.prod(code.shape[1:])) == 1536
-    assert tuple(model.get_layer("embedding").output.shape) == (None, 4, 4, 3, 32)
-    assert model.get_layer("fusion_conv").kernel_size == (4, 4, 3)
-    assert tuple(embedding_model(model).output.shape) == (None, 1536)
+        assert tuple(code.shape) == (None, 3, 4, 3, 32)
+        assert int(np.prod(code.shape[1:])) == 1152
+    assert tuple(model.get_layer("embedding").output.shape) == (None, 3, 4, 3, 32)
+    assert model.get_layer("fusion_conv").kernel_size == (3, 4, 3)
+    assert tuple(embedding_model(model).output.shape) == (None, 1152)
     seps = [layer for layer in model.layers if isinstance(layer, SeparableConv3D)]
     assert len(seps) == 2 * 2 * 5 * 3  # (enc + dec) x modalities x levels x 3
     assert all(layer.kernel_size == (5, 6, 5) for layer in seps)

@@ -84,7 +84,44 @@ def test_shards_validate_and_record_provenance(pipeline):
         assert meta["template_source"] == "study" and meta["preset"] == "fast-test" and meta["jac_kind"] == "log"
         assert set(meta["input_hashes"]) == {"t1w", "fa", "ndi"} and meta["timings_s"]["reg_syn"] > 0
         assert meta["qc"]["similarity_t1_template"] > 0.5
+        assert meta["grid"] == {"shape": [32, 32, 24], "voxel_size_mm": 5.0, "rule": "template-centred",
+                                "margin_mm": None}
     assert not shard_path(out, "03").exists()
+
+
+def test_a_schema_1_shard_is_refused_and_force_remakes_it(pipeline, tmp_path):
+    import h5py
+    from mmfusion.levels.participant import up_to_date
+    _, _, out, _ = pipeline
+    old = tmp_path / "sub-01.h5"
+    shutil.copyfile(shard_path(out, "01"), old)
+    with h5py.File(old, "r+") as h5:  # what mmfusion < 0.3.0 wrote: schema 1, no grid record
+        h5.attrs["schema_version"] = 1
+        del h5.attrs["grid"]
+    with pytest.raises(StaleOutputError, match=rf"^{old}: shard schema 1 .*rerun the participant level with --force"):
+        read_attrs(old)
+    with pytest.raises(StaleOutputError, match="shard schema 1"):
+        up_to_date(old, {}, force=False)
+    assert up_to_date(old, {}, force=True) is False  # --force: remade without reading the old one
+    with h5py.File(old, "r+") as h5:  # schema 2 must carry its grid record
+        h5.attrs["schema_version"] = 2
+    with pytest.raises(InputDataError, match=r"not an mmfusion shard \(missing \['grid'\]\)"):
+        read_attrs(old)
+
+
+def test_the_brain_fitted_rule_on_the_study_template(pipeline):
+    """The default rule (grid_voxel_size: auto) on the template level's own mask."""
+    from mmfusion.levels.participant import describe_grid
+    from mmfusion.spatial.template import TemplateInfo
+    _, _, out, _ = pipeline
+    import ants
+    tpl = ants.image_read(str(out / "template" / "tpl-study_res-4_T1w.nii.gz"))
+    mask = ants.image_read(str(out / "template" / "tpl-study_res-4_desc-brain_mask.nii.gz"))
+    info = TemplateInfo(tpl, mask, "study", "study", "bids::template", "0")
+    fitted = describe_grid(info, {"grid_voxel_size": "auto", "grid_shape": [32, 32, 24], "grid_margin_mm": 4.0})
+    centred = describe_grid(info, {"grid_voxel_size": 5.0, "grid_shape": [32, 32, 24], "grid_margin_mm": 4.0})
+    assert fitted["rule"] == "brain-fitted" and fitted["mask_inside"] >= 0.999
+    assert centred["mask_inside"] < 0.95  # 5 mm x 32x32x24 around the image centre cuts the brain
 
 
 def test_bids_derivative_outputs(pipeline):

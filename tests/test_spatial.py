@@ -15,7 +15,10 @@ from mmfusion.errors import ConfigError
 from mmfusion.simulate import simulate_dataset
 from mmfusion.spatial import presets
 from mmfusion.spatial import registration as reg
-from mmfusion.spatial.resample import image_centre, output_grid, ras_affine, to_grid
+from mmfusion.config import default_config
+from mmfusion.spatial.resample import (brain_fitted_grid, grid_coverage, grid_for_template, image_centre,
+                                       mask_box, output_grid, ras_affine, to_grid)
+from mmfusion.spatial.template import builtin_mni
 
 
 def _template(spacing=4.0, shape=(40, 48, 40)):
@@ -39,6 +42,41 @@ def test_output_grid_is_axis_aligned_for_oblique_template():
     tpl.set_direction(rot)
     grid = output_grid(tpl, 2.5, (16, 16, 16))
     assert np.allclose(grid.direction, np.eye(3))
+
+
+def test_the_default_grid_fits_the_builtin_brain():
+    """The default rule on the built-in MNI152 2009 mask: the whole brain inside, brain >= 30 %
+    of the grid (it was 7.7 % on the 2.5 mm 128x128x96 grid), at ~1.5-1.8 mm."""
+    spatial = default_config()["spatial"]
+    template, mask = builtin_mni(spatial["registration_resolution"])
+    grid, rule = grid_for_template(template, mask, spatial)
+    cover = grid_coverage(mask, grid)
+    assert rule == "brain-fitted" and grid.shape == (96, 128, 96)
+    assert 1.5 <= grid.spacing[0] <= 1.8 and np.allclose(grid.spacing, grid.spacing[0])
+    assert cover["mask_inside"] >= 0.999 and cover["brain_fill"] >= 0.30
+    resampled = to_grid(mask, grid, "nearestNeighbor").numpy() > 0.5  # what the shards hold
+    assert resampled.mean() >= 0.30 and not resampled[[0, -1]].any() and not resampled[:, [0, -1]].any()
+    old = output_grid(template, 2.5, (128, 128, 96))
+    assert grid_coverage(mask, old)["brain_fill"] < 0.08
+
+
+def test_brain_fitted_grid_follows_any_mask_and_an_explicit_voxel_size_wins():
+    tpl = _template(2.0, (60, 70, 60))
+    arr = np.zeros((60, 70, 60), np.float32)
+    arr[10:40, 20:60, 15:45] = 1  # a 60 x 80 x 60 mm box, off-centre
+    mask = tpl.new_image_like(arr)
+    low, high = mask_box(mask)
+    assert np.allclose(high - low, [60, 80, 60])
+    grid = brain_fitted_grid(mask, (32, 32, 32), margin_mm=2.0)
+    assert np.isclose(grid.spacing[0], 2.63)  # (80 + 4) / 32 = 2.625 -> rounded up
+    assert np.allclose(image_centre(grid), (low + high) / 2, atol=1e-4)  # centred on the box (identity axes)
+    assert not np.allclose(image_centre(grid), image_centre(mask), atol=1.0)  # not on the image's centre
+    assert grid_coverage(mask, grid)["mask_inside"] == 1.0
+    explicit, rule = grid_for_template(tpl, mask, {"grid_voxel_size": 3.0, "grid_shape": [16, 16, 16],
+                                                   "grid_margin_mm": 2.0})
+    assert rule == "template-centred" and np.allclose(explicit.spacing, 3.0)
+    assert np.allclose(image_centre(explicit), image_centre(tpl), atol=1e-4)
+    assert grid_coverage(mask, explicit)["mask_inside"] < 1.0  # 48 mm cannot hold an 80 mm brain
 
 
 def test_ras_affine_matches_nibabel(tmp_path):

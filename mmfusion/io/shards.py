@@ -1,6 +1,6 @@
 """The HDF5 shard: one file per subject/session, the hand-off from participant to group.
 
-Schema (version 1), file ``output_dir/shards/sub-<label>[_ses-<label>].h5``::
+Schema (version 2), file ``output_dir/shards/sub-<label>[_ses-<label>].h5``::
 
     /<modality>      float32 (X, Y, Z), one per modality in MODALITIES that was produced,
                      chunked (one z-slab per chunk), gzip level 4, on the output grid.
@@ -10,11 +10,13 @@ Schema (version 1), file ``output_dir/shards/sub-<label>[_ses-<label>].h5``::
                      fa: fractional anisotropy (0..1); ndi: neurite density index (0..1)
     /mask            uint8 (X, Y, Z), template brain mask on the output grid
     attrs:
-      schema_version  int (1)
+      schema_version  int (2; version 1, mmfusion < 0.3.0, is refused: rerun the participant level)
       subject         str, label without 'sub-'
       session         str, label without 'ses-' ('' if none)
       affine          float64 (4, 4), voxel -> world (mm, RAS+) of the output grid
       voxel_size_mm   float
+      grid            JSON str (version 2): {"shape": [X, Y, Z], "voxel_size_mm": float,
+                      "rule": "brain-fitted" | "template-centred", "margin_mm": float | null}
       modalities      list[str], datasets present
       mmfusion_version, config_hash, template_hash, template_source, preset  str
       jac_kind        'log' (natural log of the determinant)
@@ -37,12 +39,15 @@ import numpy as np
 
 from mmfusion.io.atomic import atomic_path
 from mmfusion.io.bids import MODALITIES, subject_stem
-from mmfusion.errors import InputDataError, MissingInputError
+from mmfusion.errors import InputDataError, MissingInputError, StaleOutputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _STR_ATTRS = ("subject", "session", "mmfusion_version", "config_hash", "template_hash",
               "template_source", "preset", "jac_kind")
-_JSON_ATTRS = ("input_hashes", "timings_s", "qc")
+_JSON_ATTRS = ("input_hashes", "timings_s", "qc", "grid")
+#: The attributes every shard of a schema version has (what :func:`read_attrs` checks).
+REQUIRED_ATTRS = {1: ("schema_version", "subject", "affine", "modalities"),
+                  2: ("schema_version", "subject", "affine", "modalities", "grid")}
 
 
 @dataclass
@@ -115,11 +120,16 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
             shape = h5["mask"].shape if "mask" in h5 else None
     except OSError as exc:
         raise InputDataError(f"{path}: not a readable HDF5 shard ({exc}); delete it and rerun the participant level") from exc
-    missing = [k for k in ("schema_version", "subject", "affine", "modalities") if k not in attrs]
+    version = int(attrs["schema_version"]) if "schema_version" in attrs else None
+    missing = [k for k in REQUIRED_ATTRS.get(version, REQUIRED_ATTRS[SCHEMA_VERSION]) if k not in attrs]
     if missing or shape is None:
         raise InputDataError(f"{path}: not an mmfusion shard (missing {missing or ['mask']}); rerun the participant level")
-    if int(attrs["schema_version"]) != SCHEMA_VERSION:
-        raise InputDataError(f"{path}: shard schema {attrs['schema_version']} != {SCHEMA_VERSION}; rerun the participant level with this version")
+    if version == 1:
+        raise StaleOutputError(f"{path}: shard schema 1 (made by mmfusion < 0.3.0, on the old 2.5 mm grid); "
+                               "rerun the participant level with --force to remake it")
+    if version != SCHEMA_VERSION:
+        raise InputDataError(f"{path}: shard schema {version} is not one this version reads ({SCHEMA_VERSION}); "
+                             "rerun the participant level with this version")
     out: dict[str, Any] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
     out["modalities"] = json.loads(out["modalities"])
     for key in _JSON_ATTRS:

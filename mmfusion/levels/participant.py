@@ -29,7 +29,7 @@ from mmfusion.runlog import get_logger, progress
 from mmfusion.io.shards import Shard, read_attrs, shard_path, write_shard
 from mmfusion.spatial import registration as reg
 from mmfusion.spatial.presets import resolve_preset
-from mmfusion.spatial.resample import output_grid, ras_affine, to_grid
+from mmfusion.spatial.resample import grid_coverage, grid_for_template, ras_affine, to_grid
 from mmfusion.spatial.template import TemplateInfo, resolve_template
 
 log = get_logger(__name__)
@@ -47,6 +47,7 @@ class GridImages:
     mask: np.ndarray               # template brain mask, uint8
     affine: np.ndarray             # (4, 4) RAS affine of the grid
     grid: ants.ANTsImage           # the grid as an ANTs image, the reference for writing NIfTIs
+    record: dict                   # shape, voxel size, rule, margin (grid_record): stored in the shard
 
 
 def spatial_hash(config: dict) -> str:
@@ -67,11 +68,32 @@ def run_participant_level(ctx) -> list[Path]:
     ctx.logger.info("template: %s (space-%s, hash %s); preset %s",
                     template.source, template.space, template.hash, cfg["preset"])
     ctx.provenance.extra["template"] = template.as_dict()
+    ctx.provenance.extra["grid"] = describe_grid(template, cfg)
     ctx.provenance.extra["preset"] = {"name": cfg["preset"], "params": params}
     out = []
     for record in progress(ctx.records, "participant"):
         out.append(process_subject(ctx, record, template, params))
     return out
+
+
+def grid_record(grid: ants.ANTsImage, rule: str, spatial: dict) -> dict:
+    """What a shard records of its grid: shape, voxel size (mm), rule, margin (mm)."""
+    return {"shape": [int(d) for d in grid.shape], "voxel_size_mm": round(float(grid.spacing[0]), 6),
+            "rule": rule, "margin_mm": float(spatial["grid_margin_mm"]) if rule == "brain-fitted" else None}
+
+
+def describe_grid(template: TemplateInfo, spatial: dict) -> dict:
+    """The output grid for ``template`` (:func:`grid_record`) plus how well it holds the
+    brain mask (``mask_inside``, ``brain_fill``: fractions); logged once per run."""
+    grid, rule = grid_for_template(template.image, template.mask, spatial)
+    described = {**grid_record(grid, rule, spatial), **grid_coverage(template.mask, grid)}
+    log.info("output grid: %s voxels at %.2f mm (%s): %.2f %% of the template brain mask inside, "
+             "brain %.1f %% of the grid", "x".join(map(str, described["shape"])), described["voxel_size_mm"],
+             rule, 100 * described["mask_inside"], 100 * described["brain_fill"])
+    if described["mask_inside"] < 0.999:
+        log.warning("the output grid cuts off %.2f %% of the template brain mask: enlarge spatial.grid_shape "
+                    "or spatial.grid_voxel_size, or use grid_voxel_size: auto", 100 * (1 - described["mask_inside"]))
+    return described
 
 
 def _input_hashes(ctx, paths: dict[str, Path]) -> dict[str, str]:
@@ -85,7 +107,7 @@ def up_to_date(path: Path, expected: dict, force: bool) -> bool:
 
     Raises StaleOutputError when it exists but differs and ``force`` is False.
     """
-    recorded = read_attrs(path) if path.is_file() else None
+    recorded = read_attrs(path) if path.is_file() and not force else None
     return reuse_existing(path, recorded, expected, force,
                           "pass --force to redo it, or use another output_dir")
 
@@ -114,7 +136,8 @@ def process_subject(ctx, record, template: TemplateInfo, params: dict) -> Path:
                   meta={"mmfusion_version": __version__, "config_hash": expected["config_hash"],
                         "template_hash": template.hash, "template_source": template.source,
                         "preset": cfg["preset"], "jac_kind": "log",
-                        "input_hashes": expected["input_hashes"], "timings_s": timings, "qc": grids_qc})
+                        "input_hashes": expected["input_hashes"], "timings_s": timings, "qc": grids_qc,
+                        "grid": grids.record})
     write_shard(shard_file, shard)
     ctx.logger.info("%s: shard %s (%.0f s)", key, shard_file, sum(timings.values()))
     return shard_file
@@ -140,14 +163,14 @@ def _register_and_resample(cfg, t1_nii, maps, template: TemplateInfo, params,
         in_template[m] = reg.apply_to_template(template.image, ants.from_nibabel_nifti(nii), result)
     timings["jac_and_warp_maps"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    grid = output_grid(template.image, float(cfg["grid_voxel_size"]), cfg["grid_shape"])
+    grid, rule = grid_for_template(template.image, template.mask, cfg)
     images = {m: to_grid(img, grid).numpy().astype(np.float32) for m, img in in_template.items()}
     tpl = to_grid(template.image, grid).numpy().astype(np.float32)
     mask = (to_grid(template.mask, grid, "nearestNeighbor").numpy() > 0.5).astype(np.uint8)
     for m in MAP_MODALITIES:
         if m in images:
             images[m] = np.nan_to_num(images[m], nan=0.0, posinf=0.0, neginf=0.0)
-    grids = GridImages(images, tpl, mask, ras_affine(grid), grid)
+    grids = GridImages(images, tpl, mask, ras_affine(grid), grid, grid_record(grid, rule, cfg))
     timings["resample"] = time.perf_counter() - t0
     return grids, {k: round(v, 2) for k, v in timings.items()}, result
 
@@ -161,7 +184,7 @@ def _write_derivatives(ctx, record, template: TemplateInfo, grids: GridImages, r
     """NIfTIs + sidecars + transforms + QC figure + HTML. Returns {'similarity': r}."""
     cfg = ctx.config["spatial"]
     out_dir, sub, ses = ctx.output_dir, record.subject, record.session
-    vox = float(cfg["grid_voxel_size"])
+    vox = grids.record["voxel_size_mm"]
     sources = {m: derivatives.bids_uri(p, ctx.bids_dir) for m, p in inputs.items()}
     t1_src = [sources["t1w"]]
     written = {}
