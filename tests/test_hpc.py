@@ -285,7 +285,7 @@ def test_submit_chains_array_and_group_with_dependency(tmp_path, fake_bin):
     env, log = fake_bin
     env["MMFUSION_GROUP_GRES"] = ""
     bids = _tiny_bids(tmp_path / "bids")
-    proc = _submit([bids, tmp_path / "out", "--throttle", "2", "--allow-missing", "--template",
+    proc = _submit([bids, tmp_path / "out", "--throttle", "2", "--allow-missing", "--template", "--group-single",
                     "--", "--skip-bids-validation"], env)
     assert proc.returncode == 0, proc.stderr
     ids = dict(line.split("=") for line in proc.stdout.split())
@@ -301,10 +301,35 @@ def test_submit_chains_array_and_group_with_dependency(tmp_path, fake_bin):
     assert labels[0].read_text().split() == ["01", "02", "03"]
 
 
+def test_submit_builds_the_group_dag_folds_array_final_then_analysis(tmp_path, fake_bin):
+    env, log = fake_bin
+    bids = _tiny_bids(tmp_path / "bids")
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  levels: 3\ntraining:  # k-fold\n  epochs: 2\n  cv_folds: 5   # five\n")
+    proc = _submit([bids, tmp_path / "out", "--config", config, "--folds-per-gpu", "2", "--fold-time", "08:00:00",
+                    "--signal-lead", "240", "--", "--skip-bids-validation"], env)
+    assert proc.returncode == 0, proc.stderr
+    ids = dict(line.split("=") for line in proc.stdout.split())
+    assert list(ids) == ["participant_job_id", "fold_job_id", "final_job_id", "analysis_job_id"]
+    _, fold, final, analysis = log.read_text().strip().splitlines()
+    assert "--array=1-3 " in fold and "MMFUSION_GROUP_STEP=train-fold" in fold  # 5 folds, 2 per task
+    assert "MMFUSION_FOLDS_PER_TASK=2" in fold and "MMFUSION_CV_FOLDS=5" in fold and "--time=08:00:00" in fold
+    for job in (fold, final):
+        assert f"--dependency=afterany:{ids['participant_job_id']}" in job and "--gres=gpu:1" in job
+        assert "--signal=B:USR1@240" in job and "--requeue" in job and "--open-mode=append" in job
+    assert "MMFUSION_GROUP_STEP=train-final" in final
+    assert f"--dependency=afterok:{ids['fold_job_id']}:{ids['final_job_id']}" in analysis
+    assert "MMFUSION_GROUP_STEP=analysis" in analysis and "--gres=none" in analysis
+    assert "--requeue" not in analysis
+    refused = _submit([bids, tmp_path / "out2", "--group-nodes", "2", "--dry-run"], env)
+    assert refused.returncode == 64 and "--group-single" in refused.stderr
+
+
 def test_submit_dry_run_prints_and_creates_nothing(tmp_path, fake_bin):
     env, log = fake_bin
     bids = _tiny_bids(tmp_path / "bids")
-    proc = _submit([bids, tmp_path / "out", "--group-gres", "gpu:4", "--group-nodes", "2", "--dry-run"], env)
+    proc = _submit([bids, tmp_path / "out", "--group-gres", "gpu:4", "--group-nodes", "2", "--group-single",
+                    "--dry-run"], env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("sbatch ") for line in lines)
@@ -522,7 +547,7 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     (root / "config").mkdir()
     slurm_config = root / "config" / "slurm_tiny.yaml"
     slurm_config.write_text(yaml.safe_dump(config))
-    common = ["--config", slurm_config, "--participant-cpus", "1", "--participant-mem", "2G",
+    common = ["--config", slurm_config, "--group-single", "--participant-cpus", "1", "--participant-mem", "2G",
               "--participant-time", "00:10:00", "--group-cpus", "2", "--group-mem", "4G",
               "--group-time", "00:10:00"]
     proc = _submit([bids, out, *common, "--", "--skip-bids-validation"], env)
