@@ -150,6 +150,21 @@ def limit_gpu_memory(environ: Mapping[str, str] | None = None) -> int | None:
     return int(raw) if gpus else None
 
 
+def set_threads(threads: int | None) -> None:
+    """TensorFlow's intra-op threads of this process (``--omp-nthreads``), before its runtime
+    starts. Op determinism makes a run repeatable at a given thread count, not across thread
+    counts: two runs that must agree bit for bit (the plain group level and its steps) need
+    the same count."""
+    import tensorflow as tf
+
+    if not threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+    except RuntimeError as exc:  # the runtime already started (e.g. several levels in one process)
+        log.warning("TensorFlow threads not set to %s: %s", threads, exc)
+
+
 @functools.lru_cache(maxsize=1)
 def make_strategy():
     """The process's ``tf.distribute.Strategy`` (created once, then cached).

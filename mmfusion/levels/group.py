@@ -71,6 +71,7 @@ def run_group_level(ctx) -> Path | None:
     (``ctx.model``) the trained model is applied instead (:func:`apply_group_level`)."""
     from mmfusion.learning import distribute
 
+    distribute.set_threads(getattr(ctx, "omp_nthreads", None))  # before any TensorFlow op
     if getattr(ctx, "model", None) is not None:
         return apply_group_level(ctx)
     step = getattr(ctx, "step", "all")
