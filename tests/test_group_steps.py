@@ -130,14 +130,11 @@ def test_sigusr1_ends_the_epoch_checkpoints_and_resume_gives_the_same_weights(tm
     monkeypatch.setattr(training, "_epochs_this_process", 0)
     monkeypatch.setenv(training.SIGNAL_ENV, "1")  # SIGUSR1 arrives while epoch 1 runs
     previous = {s: signal.getsignal(s) for s in training.STOP_SIGNALS}
-    try:
-        training.stop_on_signals()
+    with training.stop_on_signals():
         with pytest.raises(TrainingInterrupted, match=r"SIGUSR1 after interrupted epoch 1's checkpoint.*--resume"):
             _fit(tmp_path, "interrupted", epochs=2)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        training._stop.update(signal=None, in_epoch=False)
+    assert {s: signal.getsignal(s) for s in training.STOP_SIGNALS} == previous  # handlers put back
+    assert training._stop == {"signal": None, "in_epoch": False}
     state = json.loads((tmp_path / "interrupted" / "state.json").read_text())
     assert state["epoch"] == 1 and not state["done"]  # the epoch under way was finished and saved
     monkeypatch.delenv(training.SIGNAL_ENV)

@@ -53,13 +53,14 @@ or the final model is unfinished). Each training step fits its own normalizer on
 training shards, as :func:`learn` does. The results equal :func:`learn`'s bit for bit on
 CPU (same seed; ``TF_ENABLE_ONEDNN_OPTS=0`` as above).
 
-Signals: during training, SIGUSR1 or SIGTERM (:func:`stop_on_signals`) lets the current
+Signals: during training (:func:`stop_on_signals`), SIGUSR1 or SIGTERM lets the current
 epoch finish and checkpoint, then ends the run with :class:`TrainingInterrupted` (exit 85),
 so that a SLURM job warned before its time limit can requeue itself and continue with
 ``--resume``; a signal outside an epoch ends the run at once (the last checkpoint stands).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -91,20 +92,28 @@ _stop = {"signal": None, "in_epoch": False}
 
 
 # ----------------------------------------------------------------------------- signals
-def stop_on_signals() -> None:
-    """Install the SIGUSR1/SIGTERM handlers of a training run (main thread only; idempotent).
+@contextlib.contextmanager
+def stop_on_signals():
+    """While in this block, SIGUSR1/SIGTERM stop training (main thread only; elsewhere a no-op).
 
     Inside an epoch the handler only records the signal: the epoch ends, is checkpointed,
     and :class:`TrainingInterrupted` (exit 85) is raised after it. Outside an epoch
     (evaluation, embeddings) it raises :class:`TrainingInterrupted` at once; the last
-    completed epoch's checkpoint is on disk either way.
+    completed epoch's checkpoint is on disk either way. The previous handlers are put
+    back on leaving.
     """
     import threading
 
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _on_stop_signal)
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop.update(signal=None, in_epoch=False)
 
 
 def _on_stop_signal(signum, frame) -> None:
@@ -795,10 +804,10 @@ def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict,
     if infos is None:
         paths = shard_data.discover_shards(shard_dir, participant_labels)
         infos = shard_data.scan_and_check(paths, modalities, allow_missing, config)
-    stop_on_signals()
-    learner = _start(group_dir, list(infos), modalities, config, seed, resume, builder)
-    out = run_cross_validation(learner)
-    model, norm, final, paths_out = train_final(learner)
+    with stop_on_signals():
+        learner = _start(group_dir, list(infos), modalities, config, seed, resume, builder)
+        out = run_cross_validation(learner)
+        model, norm, final, paths_out = train_final(learner)
     out.update(paths_out)
     return _finish(learner, out, final.history, model, norm)
 
@@ -831,20 +840,19 @@ def open_step(group_dir: Path, infos: Sequence[shard_data.ShardInfo], modalities
 def train_fold_step(learner: Learner, fold: int) -> Path:
     """One CV fold (every variant): trained, evaluated, embedded -> ``checkpoints/fold-NN/``
     (``metrics.json`` last); skipped when finished with the same settings. Returns metrics.json."""
-    stop_on_signals()
-    folds = write_folds(learner)
-    run_fold(learner, fold, folds)
+    with stop_on_signals():
+        run_fold(learner, fold, write_folds(learner))
     return _fold_rows_path(learner, fold)
 
 
 def train_final_step(learner: Learner) -> Path:
     """The final model -> ``group/model/`` (``checkpoints/final/complete.json`` last);
     skipped when finished with the same settings. Returns ``group/model``."""
-    stop_on_signals()
     if learner.reuse_complete and saved_final(learner) is not None:
         log.info("final model: already trained, skipped (finished)")
     else:
-        train_final(learner)
+        with stop_on_signals():
+            train_final(learner)
     return learner.group_dir / "model"
 
 
