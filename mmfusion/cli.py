@@ -17,6 +17,8 @@ from mmfusion.errors import (BrokenInstallError, MmfusionError, NotImplementedLe
                              OutputError, UnknownLevelError, UsageError, UsageParser)
 
 LEVELS = ("template", "participant", "group")
+#: ``group --step``: the whole group level, or one of its steps (mmfusion.levels.group.STEPS).
+GROUP_STEPS = ("all", "train-fold", "train-final", "analysis")
 #: Options that set a config key: option -> (argparse dest, "section.key"). Applied to the
 #: config in one place, :func:`load_run_config`, and checked like the config file.
 CONFIG_OPTIONS = {
@@ -107,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="group level: continue interrupted training from the last checkpoints")
     g.add_argument("--allow-missing", action="store_true",
                    help="group level: run on the subjects whose shards exist even if others failed")
+    g.add_argument("--step", choices=GROUP_STEPS, default="all",
+                   help="group level: run one independent step (for a cluster: docs/hpc.md): train-fold "
+                        "(one CV fold, with --fold), train-final (the final model), analysis (once every "
+                        "fold and the final model exist: embeddings, strata, statistics, report); "
+                        "'all' runs them in order. A finished step is skipped unless --force")
+    g.add_argument("--fold", type=_positive_int, metavar="N",
+                   help="group level, --step train-fold: the CV fold to train (1 .. training.cv_folds)")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v, -vv)")
     return p
 
@@ -170,6 +179,7 @@ def validate_paths(args: argparse.Namespace) -> None:
             raise OutputError(f"{path}: {what} is not writable; choose a writable folder")
     if args.model is not None:
         check_model_option(args)
+    check_step_options(args)
     for path, opt in ((args.config, "--config"), (args.template, "--template"),
                       (args.phenotypes, "--phenotypes"), (args.bids_filter_file, "--bids-filter-file")):
         if path is not None and not path.is_file():
@@ -190,6 +200,24 @@ def check_model_option(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.model}: not a trained-model bundle (no manifest.json); give the bundle folder "
                          "(output_dir/group/bundle of a training group run)")
     args.model = args.model.resolve()
+
+
+def check_step_options(args: argparse.Namespace) -> None:
+    """``--step``/``--fold``: group level only, not with ``--model``; ``--fold`` exactly with
+    ``--step train-fold`` (exit 64; its range is checked with the config, :func:`check_fold`)."""
+    if args.step != "all" and args.analysis_level != "group":
+        raise UsageError(f"--step runs one step of the group level, not of the {args.analysis_level} level")
+    if args.step != "all" and args.model is not None:
+        raise UsageError("--step trains a model in steps; --model applies a trained one: give one of them")
+    if (args.fold is not None) != (args.step == "train-fold"):
+        raise UsageError("--fold N goes with --step train-fold (and --step train-fold needs --fold N)")
+
+
+def check_fold(fold: int | None, config: dict) -> None:
+    """``--fold`` within 1 .. ``training.cv_folds`` of the loaded config (exit 64)."""
+    k = int(config["training"]["cv_folds"])
+    if fold is not None and fold > k:
+        raise UsageError(f"--fold {fold}: the config has training.cv_folds = {k}; give a fold from 1 to {k}")
 
 
 def config_overrides(args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -225,6 +253,7 @@ def make_context(args: argparse.Namespace, argv: list[str]):
     from mmfusion.runlog import new_run_id, setup_logging
 
     cfg = load_run_config(args)
+    check_fold(args.fold, cfg)
     run_id = new_run_id(args.analysis_level)
     logger = setup_logging(args.verbose, args.output_dir / "logs" / f"{run_id}.log")
     logger.info("mmfusion %s, %s level, run %s", __version__, args.analysis_level, run_id)
@@ -241,6 +270,7 @@ def make_context(args: argparse.Namespace, argv: list[str]):
         phenotypes_file=args.phenotypes.resolve() if args.phenotypes else None,
         nprocs=nprocs, omp_nthreads=args.omp_nthreads or nprocs, mem_gb=args.mem,
         force=args.force, resume=args.resume, allow_missing=args.allow_missing, model=args.model,
+        step=args.step, fold=args.fold,
     )
     if not args.skip_bids_validation:
         logger.info("validating %s with bids-validator-deno", args.bids_dir)

@@ -42,6 +42,8 @@ class RunContext:
     resume: bool = False
     allow_missing: bool = False
     model: Path | None = None             # --model: a trained-model bundle to apply (group level)
+    step: str = "all"                     # --step: the whole group level or one of its steps
+    fold: int | None = None               # --fold: the CV fold of --step train-fold (1-based)
 
     @property
     def logs_dir(self) -> Path:

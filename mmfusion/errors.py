@@ -19,6 +19,7 @@ EXIT_CODES = {
     73: "cannot create or write an output (output_dir not writable, or inside bids_dir's raw data)",
     75: "refused: outputs exist from a different config/template (use --force)",
     78: "broken installation: a dependency fails to import (reinstall from requirements.lock)",
+    85: "training stopped by SIGUSR1/SIGTERM after a checkpoint (rerun with --resume; SLURM jobs requeue)",
     130: "interrupted (Ctrl-C / SIGINT)",
 }
 
@@ -72,6 +73,12 @@ class OutputError(MmfusionError):
 
 class StaleOutputError(MmfusionError):
     exit_code = 75
+
+
+class TrainingInterrupted(MmfusionError):
+    """Training stopped by SIGUSR1/SIGTERM after its last epoch checkpoint (resume it)."""
+
+    exit_code = 85
 
 
 class BrokenInstallError(MmfusionError):

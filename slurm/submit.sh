@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Submit an mmfusion analysis to SLURM: [template job] -> participant array -> group job.
+# Submit an mmfusion analysis to SLURM: [template job] -> participant array -> the group
+# level as a DAG: a GPU job array over the CV folds and the final model's job side by side,
+# then the analysis job (afterok on all of them).
 #
 #   slurm/submit.sh BIDS_DIR OUT_DIR [options] [-- run.py options for every level]
 #
@@ -20,10 +22,19 @@
 #   --group-cpus N (8)  --group-mem M (32G)  --group-time T (24:00:00)  --group-nodes N (1)
 #   --template-cpus N (8)  --template-mem M (16G)  --template-time T (12:00:00)
 #   --group-gres G             default $MMFUSION_GROUP_GRES, else gpu:1; '' = no GPU request
+#   --group-single             the group level as ONE job (group.sbatch, --group-* resources), not
+#                              the DAG; needed for --group-nodes > 1 (multi-node training)
+#   --cv-folds K               folds of the array (default: training.cv_folds of --config, else 10)
+#   --folds-per-gpu N (1)      folds trained concurrently in one array task (sharing its GPU)
+#   --fold-time T (24:00:00)  --final-time T (24:00:00): per training job (cpus, mem, gres: --group-*);
+#                              a job warned --signal-lead seconds before T checkpoints and requeues itself
+#   --signal-lead S (300)      seconds before the time limit at which SLURM sends SIGUSR1
+#   --analysis-cpus N (8)  --analysis-mem M (32G)  --analysis-time T (04:00:00): the analysis job (no GPU)
 #   --dry-run                  print the sbatch commands; submit nothing
 # Environment: MMFUSION_CONTAINER=/path/mmfusion.sif runs every level in Apptainer
 # (apptainer run --cleanenv --containall -B ...); MMFUSION_BIND=extra,paths; MMFUSION_GROUP_GRES.
-# Output (stdout): template_job_id=ID, participant_job_id=ID, group_job_id=ID (the ones submitted).
+# Output (stdout): template_job_id=ID, participant_job_id=ID, then fold_job_id=ID (the array),
+# final_job_id=ID, analysis_job_id=ID; with --group-single group_job_id=ID (the ones submitted).
 # Logs: OUT_DIR/logs/slurm/%x-%A-%a.out (array), %x-%j.out (others);
 # per-task exit codes: OUT_DIR/logs/slurm/participant_status.tsv.
 # Exit: 0 submitted; 64 usage error; 66 missing input (bids_dir, participants, container);
@@ -35,7 +46,7 @@ HOME_DIR=$(dirname "$HERE")
 
 die() { echo "submit.sh: error: $2" >&2; exit "$1"; }
 info() { echo "submit.sh: $*" >&2; }
-usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,44p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 [ $# -ge 1 ] && { [ "$1" = -h ] || [ "$1" = --help ]; } && { usage; exit 0; }
 [ $# -ge 2 ] || die 64 "need BIDS_DIR and OUT_DIR (see slurm/submit.sh --help)"
@@ -50,6 +61,8 @@ P_CPUS=4 P_MEM=8G P_TIME=02:00:00
 G_CPUS=8 G_MEM=32G G_TIME=24:00:00 G_NODES=1
 T_CPUS=8 T_MEM=16G T_TIME=12:00:00
 G_GRES=${MMFUSION_GROUP_GRES-gpu:1}
+G_SINGLE=0 CV_FOLDS="" PER_GPU=1 FOLD_TIME=24:00:00 FINAL_TIME=24:00:00 SIGNAL_LEAD=300
+A_CPUS=8 A_MEM=32G A_TIME=04:00:00
 PASS=()
 
 need_value() { [ $# -ge 2 ] && [ -n "$2" ] && [ "${2:0:2}" != -- ] || die 64 "option $1 needs a value"; }
@@ -76,6 +89,15 @@ while [ $# -gt 0 ]; do
         --group-time) need_value "$@"; G_TIME=$2; shift 2 ;;
         --group-nodes) need_value "$@"; G_NODES=$2; shift 2 ;;
         --group-gres) [ $# -ge 2 ] || die 64 "option --group-gres needs a value ('' for none)"; G_GRES=$2; shift 2 ;;
+        --group-single) G_SINGLE=1; shift ;;
+        --cv-folds) need_value "$@"; CV_FOLDS=$2; shift 2 ;;
+        --folds-per-gpu) need_value "$@"; PER_GPU=$2; shift 2 ;;
+        --fold-time) need_value "$@"; FOLD_TIME=$2; shift 2 ;;
+        --final-time) need_value "$@"; FINAL_TIME=$2; shift 2 ;;
+        --signal-lead) need_value "$@"; SIGNAL_LEAD=$2; shift 2 ;;
+        --analysis-cpus) need_value "$@"; A_CPUS=$2; shift 2 ;;
+        --analysis-mem) need_value "$@"; A_MEM=$2; shift 2 ;;
+        --analysis-time) need_value "$@"; A_TIME=$2; shift 2 ;;
         --template-cpus) need_value "$@"; T_CPUS=$2; shift 2 ;;
         --template-mem) need_value "$@"; T_MEM=$2; shift 2 ;;
         --template-time) need_value "$@"; T_TIME=$2; shift 2 ;;
@@ -86,9 +108,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 for pair in "--throttle:$THROTTLE" "--participant-cpus:$P_CPUS" "--group-cpus:$G_CPUS" \
-            "--template-cpus:$T_CPUS" "--group-nodes:$G_NODES"; do
+            "--template-cpus:$T_CPUS" "--group-nodes:$G_NODES" "--folds-per-gpu:$PER_GPU" \
+            "--signal-lead:$SIGNAL_LEAD" "--analysis-cpus:$A_CPUS" ${CV_FOLDS:+"--cv-folds:$CV_FOLDS"}; do
     [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]] || die 64 "${pair%%:*} must be a positive integer, got '${pair#*:}'"
 done
+[ "$G_NODES" -eq 1 ] || [ "$G_SINGLE" -eq 1 ] \
+    || die 64 "--group-nodes $G_NODES trains one model over several nodes: add --group-single (the DAG runs each step on one node)"
 
 # ---- inputs -------------------------------------------------------------------------------
 [ -d "$BIDS_DIR" ] || die 66 "$BIDS_DIR: BIDS_DIR does not exist; give the root of a BIDS dataset"
@@ -98,6 +123,13 @@ BIDS_DIR=$(cd "$BIDS_DIR" && pwd)
 if [ -n "$CONFIG" ]; then
     [ -f "$CONFIG" ] || die 66 "$CONFIG: file given to --config does not exist"
     CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")
+fi
+if [ -z "$CV_FOLDS" ]; then
+    # training.cv_folds of the config (a top-level 'training:' block), else the default 10
+    [ -n "$CONFIG" ] && CV_FOLDS=$(awk '/^[^[:space:]#]/ { section = $1 }
+                                        section == "training:" && $1 == "cv_folds:" { print $2; exit }' "$CONFIG")
+    CV_FOLDS=${CV_FOLDS:-10}
+    [[ "$CV_FOLDS" =~ ^[1-9][0-9]*$ ]] || die 64 "$CONFIG: cannot read training.cv_folds ('$CV_FOLDS'); pass --cv-folds K"
 fi
 if [ -n "${MMFUSION_CONTAINER:-}" ]; then
     [ -f "$MMFUSION_CONTAINER" ] || die 66 "$MMFUSION_CONTAINER: MMFUSION_CONTAINER is not a file; build it (docs/hpc.md) or unset it"
@@ -218,8 +250,30 @@ if [ "$DO_GROUP" -eq 1 ]; then
     [ "$ALLOW_MISSING" -eq 1 ] && G_ARGS+=(--allow-missing)
     GRES=(--gres=none)
     [ -n "$G_GRES" ] && GRES=("--gres=$G_GRES")
-    submit group "$DEP_GROUP" "--output=$LOG_DIR/%x-%j.out" "--nodes=$G_NODES" --ntasks-per-node=1 \
-        "--cpus-per-task=$G_CPUS" "--mem=$G_MEM" "--time=$G_TIME" "${GRES[@]}" \
-        "$HERE/group.sbatch" "$BIDS_DIR" "$OUT_DIR" "${G_ARGS[@]}" "${COMMON_ARGS[@]}"
+    if [ "$G_SINGLE" -eq 1 ]; then
+        submit group "$DEP_GROUP" "--output=$LOG_DIR/%x-%j.out" "--nodes=$G_NODES" --ntasks-per-node=1 \
+            "--cpus-per-task=$G_CPUS" "--mem=$G_MEM" "--time=$G_TIME" "${GRES[@]}" \
+            "$HERE/group.sbatch" "$BIDS_DIR" "$OUT_DIR" "${G_ARGS[@]}" "${COMMON_ARGS[@]}"
+    else
+        # Training steps: warned SIGNAL_LEAD s before their limit, they checkpoint and requeue
+        # themselves (group.sbatch); --open-mode=append keeps one log across the restarts.
+        TRAIN=(--nodes=1 --ntasks-per-node=1 "--cpus-per-task=$G_CPUS" "--mem=$G_MEM" "${GRES[@]}"
+               "--signal=B:USR1@$SIGNAL_LEAD" --requeue --open-mode=append)
+        TASKS=$(((CV_FOLDS + PER_GPU - 1) / PER_GPU))
+        submit fold "$DEP_GROUP" "--array=1-$TASKS" "--output=$LOG_DIR/%x-%A-%a.out" "--time=$FOLD_TIME" "${TRAIN[@]}" \
+            "--export=ALL,MMFUSION_GROUP_STEP=train-fold,MMFUSION_FOLDS_PER_TASK=$PER_GPU,MMFUSION_CV_FOLDS=$CV_FOLDS" \
+            "$HERE/group.sbatch" "$BIDS_DIR" "$OUT_DIR" "${G_ARGS[@]}" "${COMMON_ARGS[@]}"
+        FOLD_JOB=$JOB_ID
+        submit final "$DEP_GROUP" "--output=$LOG_DIR/%x-%j.out" "--time=$FINAL_TIME" "${TRAIN[@]}" \
+            "--export=ALL,MMFUSION_GROUP_STEP=train-final" \
+            "$HERE/group.sbatch" "$BIDS_DIR" "$OUT_DIR" "${G_ARGS[@]}" "${COMMON_ARGS[@]}"
+        FINAL_JOB=$JOB_ID
+        # afterok on the whole array and the final model; the analysis itself also refuses
+        # (exit 66) while a fold or the final model is unfinished.
+        submit analysis "afterok:$FOLD_JOB:$FINAL_JOB" "--output=$LOG_DIR/%x-%j.out" --nodes=1 --ntasks-per-node=1 \
+            "--cpus-per-task=$A_CPUS" "--mem=$A_MEM" "--time=$A_TIME" --gres=none \
+            "--export=ALL,MMFUSION_GROUP_STEP=analysis" \
+            "$HERE/group.sbatch" "$BIDS_DIR" "$OUT_DIR" "${G_ARGS[@]}" "${COMMON_ARGS[@]}"
+    fi
 fi
 info "$N participant(s); logs and participant_status.tsv in $LOG_DIR"

@@ -285,7 +285,7 @@ def test_submit_chains_array_and_group_with_dependency(tmp_path, fake_bin):
     env, log = fake_bin
     env["MMFUSION_GROUP_GRES"] = ""
     bids = _tiny_bids(tmp_path / "bids")
-    proc = _submit([bids, tmp_path / "out", "--throttle", "2", "--allow-missing", "--template",
+    proc = _submit([bids, tmp_path / "out", "--throttle", "2", "--allow-missing", "--template", "--group-single",
                     "--", "--skip-bids-validation"], env)
     assert proc.returncode == 0, proc.stderr
     ids = dict(line.split("=") for line in proc.stdout.split())
@@ -301,10 +301,35 @@ def test_submit_chains_array_and_group_with_dependency(tmp_path, fake_bin):
     assert labels[0].read_text().split() == ["01", "02", "03"]
 
 
+def test_submit_builds_the_group_dag_folds_array_final_then_analysis(tmp_path, fake_bin):
+    env, log = fake_bin
+    bids = _tiny_bids(tmp_path / "bids")
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  levels: 3\ntraining:  # k-fold\n  epochs: 2\n  cv_folds: 5   # five\n")
+    proc = _submit([bids, tmp_path / "out", "--config", config, "--folds-per-gpu", "2", "--fold-time", "08:00:00",
+                    "--signal-lead", "240", "--", "--skip-bids-validation"], env)
+    assert proc.returncode == 0, proc.stderr
+    ids = dict(line.split("=") for line in proc.stdout.split())
+    assert list(ids) == ["participant_job_id", "fold_job_id", "final_job_id", "analysis_job_id"]
+    _, fold, final, analysis = log.read_text().strip().splitlines()
+    assert "--array=1-3 " in fold and "MMFUSION_GROUP_STEP=train-fold" in fold  # 5 folds, 2 per task
+    assert "MMFUSION_FOLDS_PER_TASK=2" in fold and "MMFUSION_CV_FOLDS=5" in fold and "--time=08:00:00" in fold
+    for job in (fold, final):
+        assert f"--dependency=afterany:{ids['participant_job_id']}" in job and "--gres=gpu:1" in job
+        assert "--signal=B:USR1@240" in job and "--requeue" in job and "--open-mode=append" in job
+    assert "MMFUSION_GROUP_STEP=train-final" in final
+    assert f"--dependency=afterok:{ids['fold_job_id']}:{ids['final_job_id']}" in analysis
+    assert "MMFUSION_GROUP_STEP=analysis" in analysis and "--gres=none" in analysis
+    assert "--requeue" not in analysis
+    refused = _submit([bids, tmp_path / "out2", "--group-nodes", "2", "--dry-run"], env)
+    assert refused.returncode == 64 and "--group-single" in refused.stderr
+
+
 def test_submit_dry_run_prints_and_creates_nothing(tmp_path, fake_bin):
     env, log = fake_bin
     bids = _tiny_bids(tmp_path / "bids")
-    proc = _submit([bids, tmp_path / "out", "--group-gres", "gpu:4", "--group-nodes", "2", "--dry-run"], env)
+    proc = _submit([bids, tmp_path / "out", "--group-gres", "gpu:4", "--group-nodes", "2", "--group-single",
+                    "--dry-run"], env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("sbatch ") for line in lines)
@@ -522,7 +547,7 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     (root / "config").mkdir()
     slurm_config = root / "config" / "slurm_tiny.yaml"
     slurm_config.write_text(yaml.safe_dump(config))
-    common = ["--config", slurm_config, "--participant-cpus", "1", "--participant-mem", "2G",
+    common = ["--config", slurm_config, "--group-single", "--participant-cpus", "1", "--participant-mem", "2G",
               "--participant-time", "00:10:00", "--group-cpus", "2", "--group-mem", "4G",
               "--group-time", "00:10:00"]
     proc = _submit([bids, out, *common, "--", "--skip-bids-validation"], env)
@@ -598,3 +623,135 @@ def test_slurm_group_runs_on_the_others_with_allow_missing(slurm_run):
     with embeddings.open() as handle:
         ids = [row["participant_id"] for row in csv.DictReader(handle, delimiter="\t")]
     assert ids == [f"sub-{i:02d}" for i in range(1, N_SUBJECTS)]
+
+
+# ---------------------------------------------------------------------------------------
+# A real single-node SLURM: the group level as a DAG of steps, and a fold job that is
+# signalled, requeues itself and finishes
+# ---------------------------------------------------------------------------------------
+DAG_SUBJECTS = 6
+
+
+def _wait_for_text(path: Path, text: str, deadline: float, jobs: list[str]) -> None:
+    while not (path.is_file() and text in path.read_text()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"'{text}' never appeared in {path}; jobs {[_scontrol_records(j) for j in jobs]}")
+        time.sleep(0.5)
+
+
+def _npz(path: Path) -> dict:
+    import numpy as np
+
+    with np.load(path) as arrays:
+        return {k: arrays[k] for k in arrays.files}
+
+
+@pytest.fixture(scope="module")
+def dag_run(slurm_cluster, tmp_path_factory):
+    """simulate 6 subjects -> submit.sh (participant array, fold array, final model, analysis)
+    -> the same shards through a plain sequential `group` run, for comparison."""
+    import yaml
+
+    start = time.monotonic()
+    root = tmp_path_factory.mktemp("slurm-dag")
+    bids, out, plain = root / "bids", root / "out", root / "plain"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMFUSION_GROUP_GRES": "", "MMFUSION_PYTHON": sys.executable,
+           "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    env.pop("MMFUSION_CONTAINER", None)
+    sim = subprocess.run([sys.executable, str(REPO / "run.py"), "simulate", str(bids), "--n-subjects",
+                          str(DAG_SUBJECTS), "--voxel-size", "4", "--seed", "3"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert sim.returncode == 0, sim.stderr
+    # The steps' mechanics are under test: the default (skip-free) model, one variant per fold
+    # (tests/test_group_steps.py runs two), on a 16x20x16 grid with 2 levels (the train-step
+    # trace, once per process, is the dominant cost); 3 epochs, so that the requeue test can
+    # stop a fold after epoch 2.
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["spatial"].update(grid_voxel_size=8.0, grid_shape=[16, 20, 16])
+    config["model"].update(input_shape=[16, 20, 16], levels=2, filters=[2, 4])
+    config["training"]["epochs"] = 3
+    cfg = root / "config" / "dag_tiny.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text(yaml.safe_dump(config))
+    proc = _submit([bids, out, "--config", cfg, "--participant-cpus", "1", "--participant-mem", "2G",
+                    "--participant-time", "00:10:00", "--group-cpus", "1", "--group-mem", "3G",
+                    "--fold-time", "00:10:00", "--final-time", "00:10:00", "--analysis-cpus", "1",
+                    "--analysis-mem", "3G", "--analysis-time", "00:10:00", "--", "--skip-bids-validation"], env)
+    assert proc.returncode == 0, proc.stderr
+    ids = dict(line.split("=") for line in proc.stdout.split())
+    slurm_cluster.extend(ids.values())
+    records = _wait_for(list(ids.values()), deadline=start + 900)
+    dag_done = time.monotonic()
+    # the same shards, the plain sequential group level (1 thread, as the jobs had)
+    plain.mkdir()
+    shutil.copytree(out / "shards", plain / "shards")
+    seq = subprocess.run([sys.executable, str(REPO / "run.py"), str(bids), str(plain), "group", "--config", str(cfg),
+                          "--skip-bids-validation", "--nprocs", "1", "--omp-nthreads", "1"], env=env,
+                         capture_output=True, text=True, timeout=400)
+    lines = [f"submit.sh -> {proc.stdout.split()}", *_summary(records),
+             f"DAG (participant array + group steps) {dag_done - start:.0f} s; "
+             f"plain group {time.monotonic() - dag_done:.0f} s"]
+    print("\n".join(lines))
+    return {"ids": ids, "records": records, "out": out, "plain": plain, "bids": bids, "config": cfg, "env": env,
+            "seq": seq}
+
+
+@pytest.mark.extended
+def test_slurm_dag_runs_the_folds_concurrently_and_equals_the_plain_group_run(dag_run):
+    ids, records, out, plain = dag_run["ids"], dag_run["records"], dag_run["out"], dag_run["plain"]
+    assert list(ids) == ["participant_job_id", "fold_job_id", "final_job_id", "analysis_job_id"]
+    states = {j: [r["JobState"] for r in recs] for j, recs in records.items()}
+    assert all(s == ["COMPLETED"] * len(s) for s in states.values()), "\n".join(_summary(records))
+    folds = records[ids["fold_job_id"]]
+    assert sorted(int(r["ArrayTaskId"]) for r in folds) == [1, 2]
+    (analysis,) = records[ids["analysis_job_id"]]
+    train_end = max(r["EndTime"] for r in folds + records[ids["final_job_id"]])
+    assert analysis["StartTime"] >= train_end  # afterok: after every training step
+    # the two fold tasks ran at the same time (scontrol's times have 1 s resolution)
+    (a, b) = sorted(folds, key=lambda r: r["StartTime"])
+    assert b["StartTime"] < a["EndTime"], "\n".join(_summary(records))
+    assert dag_run["seq"].returncode == 0, dag_run["seq"].stderr[-3000:]
+    for rel in ("cv/metrics_mse.tsv", "cv/metrics_normdiff.tsv", "cv/metrics_cnr.tsv", "cv/summary.tsv",
+                "cv/folds.tsv", "embeddings.tsv", "strata/labels.tsv", "baseline/embeddings.tsv"):
+        assert (out / "group" / rel).read_bytes() == (plain / "group" / rel).read_bytes(), rel
+    dag_final, plain_final = _npz(out / "group" / "checkpoints" / "final" / "variables.npz"), \
+        _npz(plain / "group" / "checkpoints" / "final" / "variables.npz")
+    assert len(dag_final) > 10 and dag_final.keys() == plain_final.keys()
+    assert all((dag_final[k] == plain_final[k]).all() for k in dag_final)
+    assert (out / "mmfusion_report.html").is_file() and (out / "group" / "bundle" / "manifest.json").is_file()
+
+
+@pytest.mark.extended
+def test_slurm_fold_job_signalled_requeues_itself_and_ends_with_the_uninterrupted_weights(dag_run, slurm_cluster):
+    """A fold job warned (SIGUSR1 to its batch shell, as --signal=B:USR1@N does) during epoch 2
+    checkpoints, requeues itself and resumes at epoch 3; its weights equal the DAG's fold 1."""
+    start = time.monotonic()
+    root = dag_run["out"].parent / "requeue"
+    out = root / "out"
+    (out / "logs" / "slurm").mkdir(parents=True)
+    shutil.copytree(dag_run["out"] / "shards", out / "shards")
+    log = out / "logs" / "slurm" / "fold-1.out"
+    sub = subprocess.run(
+        ["sbatch", "--parsable", "--job-name=mmfusion-fold", "--array=1", f"--output={out}/logs/slurm/fold-%a.out",
+         "--cpus-per-task=1", "--mem=3G", "--time=00:10:00", "--gres=none", "--signal=B:USR1@60", "--requeue",
+         "--open-mode=append", "--export=ALL,MMFUSION_GROUP_STEP=train-fold,MMFUSION_CV_FOLDS=2", str(GROUP),
+         str(dag_run["bids"]), str(out), "--config", str(dag_run["config"]), "--skip-bids-validation"],
+        env={**dag_run["env"], "MMFUSION_HOME": str(REPO)}, capture_output=True, text=True, timeout=30)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    slurm_cluster.append(job)
+    _wait_for_text(log, "fold-01/embedding_only epoch 1/3", start + 400, [job])
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_1"], check=True, timeout=30)
+    # the requeued job waits ~120 s (reason BeginTime: SLURM's hold of requeued jobs; 121 s measured)
+    (record,) = _wait_for([job], deadline=start + 800)[job]
+    text = log.read_text()
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", text[-3000:]
+    assert "SIGUSR1 received; asking the run(s) to checkpoint and stop" in text
+    assert "training stopped by SIGUSR1 after fold-01/embedding_only epoch 2's checkpoint" in text
+    assert "requeueing job" in text and "restart 1" in text
+    assert "fold-01/embedding_only: resuming at epoch 3/3" in text and "finished with exit code 0" in text
+    ckpt = Path("group") / "checkpoints" / "fold-01"
+    a, b = (_npz(o / ckpt / "embedding_only" / "variables.npz") for o in (out, dag_run["out"]))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert (out / ckpt / "metrics.json").read_bytes() == (dag_run["out"] / ckpt / "metrics.json").read_bytes()
+    print(f"requeue test {time.monotonic() - start:.0f} s")

@@ -9,6 +9,12 @@ docs/hpc.md, "Several GPUs, several nodes")::
     TF_CONFIG              a TensorFlow cluster spec (JSON); with more than one task it
                            means ``multiworker`` and gives the workers' addresses
     SLURM_JOB_NUM_NODES / SLURM_NNODES   more than one node means ``multiworker``
+    MMFUSION_GPU_MEMORY_MB  a per-process memory limit on every visible GPU, so that several
+                           training processes share one GPU without fighting over its memory
+                           (``slurm/group.sbatch`` sets it when it packs N folds on a GPU;
+                           TF_FORCE_GPU_ALLOW_GROWTH=true, TensorFlow's own switch, grows the
+                           memory on demand instead; under the JAX backend the same role is
+                           played by XLA_PYTHON_CLIENT_PREALLOCATE/XLA_PYTHON_CLIENT_MEM_FRACTION)
 
 Automatic choice: ``multiworker`` when TF_CONFIG lists several tasks or the SLURM job
 spans several nodes; ``mirrored`` when more than one GPU is visible; else ``default``.
@@ -35,6 +41,7 @@ log = get_logger(__name__)
 STRATEGY_ENV = "MMFUSION_TF_STRATEGY"
 PORT_BASE_ENV = "MMFUSION_TF_PORT_BASE"
 NUM_GPUS_ENV = "MMFUSION_NUM_GPUS"
+GPU_MEMORY_ENV = "MMFUSION_GPU_MEMORY_MB"
 STRATEGIES = ("default", "mirrored", "multiworker")
 SYNC_BATCHNORM_KEY = "model.sync_batchnorm"
 DEFAULT_PORT_BASE = 8888
@@ -124,6 +131,40 @@ def _multiworker_class():
     return NestedReduceMultiWorkerMirroredStrategy
 
 
+def limit_gpu_memory(environ: Mapping[str, str] | None = None) -> int | None:
+    """Apply ``MMFUSION_GPU_MEMORY_MB`` (one logical device of that many MB per visible GPU,
+    before the GPUs are initialized); returns the limit, None when unset or without GPUs."""
+    import tensorflow as tf
+
+    environ = os.environ if environ is None else environ
+    raw = environ.get(GPU_MEMORY_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"environment {GPU_MEMORY_ENV}={raw!r}: must be a positive number of MB")
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.set_logical_device_configuration(gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=int(raw))])
+    if gpus:
+        log.info("GPU memory limited to %s MB per GPU for this process (%s)", raw, GPU_MEMORY_ENV)
+    return int(raw) if gpus else None
+
+
+def set_threads(threads: int | None) -> None:
+    """TensorFlow's intra-op threads of this process (``--omp-nthreads``), before its runtime
+    starts. Op determinism makes a run repeatable at a given thread count, not across thread
+    counts: two runs that must agree bit for bit (the plain group level and its steps) need
+    the same count."""
+    import tensorflow as tf
+
+    if not threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+    except RuntimeError as exc:  # the runtime already started (e.g. several levels in one process)
+        log.warning("TensorFlow threads not set to %s: %s", threads, exc)
+
+
 @functools.lru_cache(maxsize=1)
 def make_strategy():
     """The process's ``tf.distribute.Strategy`` (created once, then cached).
@@ -134,6 +175,7 @@ def make_strategy():
     """
     import tensorflow as tf
 
+    limit_gpu_memory()
     name = strategy_name()
     if name == "multiworker":
         resolver = cluster_resolver()

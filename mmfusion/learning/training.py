@@ -39,10 +39,28 @@ thread timing, and one run on a heavily loaded machine differed in the last bits
 without it). A fold whose metrics were
 written is not redone. Checkpoints from another config/seed/subject set are refused.
 For tests, the environment variable ``MMFUSION_KILL_AFTER_EPOCHS=N`` makes the process
-SIGKILL itself right after the N-th epoch checkpoint of this process.
+SIGKILL itself right after the N-th epoch checkpoint of this process, and
+``MMFUSION_SIGNAL_AT_EPOCH=N`` makes it send itself SIGUSR1 as its N-th epoch begins.
+
+Steps (``group --step``, docs/hpc.md): :func:`learn` runs everything in one process; the
+same work also runs as independent steps, in separate processes or nodes, each resumable
+and writing its outputs atomically: :func:`train_fold_step` (one CV fold, all its
+variants; done when ``checkpoints/fold-NN/metrics.json`` holds the fold's hash),
+:func:`train_final_step` (the final model; done when ``checkpoints/final/complete.json``
+holds its hash) and :func:`finish_from_disk` (the CV tables, fold embeddings, embeddings,
+baseline and reconstructions from the steps' files; it refuses with exit 66 while a fold
+or the final model is unfinished). Each training step fits its own normalizer on its own
+training shards, as :func:`learn` does. The results equal :func:`learn`'s bit for bit on
+CPU (same seed; ``TF_ENABLE_ONEDNN_OPTS=0`` as above).
+
+Signals: during training (:func:`stop_on_signals`), SIGUSR1 or SIGTERM lets the current
+epoch finish and checkpoint, then ends the run with :class:`TrainingInterrupted` (exit 85),
+so that a SLURM job warned before its time limit can requeue itself and continue with
+``--resume``; a signal outside an epoch ends the run at once (the last checkpoint stands).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -60,13 +78,55 @@ from mmfusion.report import figures
 from mmfusion.io.atomic import atomic_path, write_json, write_text
 from mmfusion.io.embeddings import write_embeddings_h5, write_embeddings_tsv, write_ids
 from mmfusion.config import config_hash
-from mmfusion.errors import StaleOutputError
+from mmfusion.errors import MissingInputError, StaleOutputError, TrainingInterrupted
 from mmfusion.learning.intensity import PopulationNormalizer
 from mmfusion.runlog import get_logger, progress
 
 log = get_logger(__name__)
 KILL_ENV = "MMFUSION_KILL_AFTER_EPOCHS"
+SIGNAL_ENV = "MMFUSION_SIGNAL_AT_EPOCH"
 _epochs_this_process = 0
+#: Signals that stop training after the current epoch's checkpoint (:func:`stop_on_signals`).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_stop = {"signal": None, "in_epoch": False}
+
+
+# ----------------------------------------------------------------------------- signals
+@contextlib.contextmanager
+def stop_on_signals():
+    """While in this block, SIGUSR1/SIGTERM stop training (main thread only; elsewhere a no-op).
+
+    Inside an epoch the handler only records the signal: the epoch ends, is checkpointed,
+    and :class:`TrainingInterrupted` (exit 85) is raised after it. Outside an epoch
+    (evaluation, embeddings) it raises :class:`TrainingInterrupted` at once; the last
+    completed epoch's checkpoint is on disk either way. The previous handlers are put
+    back on leaving.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop.update(signal=None, in_epoch=False)
+
+
+def _on_stop_signal(signum, frame) -> None:
+    _stop["signal"] = signal.Signals(signum).name
+    log.warning("%s received: stopping after the current epoch's checkpoint", _stop["signal"])
+    if not _stop["in_epoch"]:
+        _raise_interrupted()
+
+
+def _raise_interrupted(label: str = "") -> None:
+    where = f" after {label}'s checkpoint" if label else ""
+    raise TrainingInterrupted(f"training stopped by {_stop['signal']}{where}; rerun the same command with "
+                              "--resume to continue from the last completed epoch")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -173,15 +233,27 @@ class _Checkpointer:
         class _Callback(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
                 outer.started = time.monotonic()
+                _stop["in_epoch"] = True
+                at = os.environ.get(SIGNAL_ENV)
+                if at and _epochs_this_process + 1 == int(at):
+                    log.warning("%s=%s: sending SIGUSR1 to this process (test hook)", SIGNAL_ENV, at)
+                    os.kill(os.getpid(), signal.SIGUSR1)
 
             def on_epoch_end(self, epoch, logs=None):
-                outer.epoch_end(self.model, epoch, logs or {})
+                try:
+                    outer.epoch_end(self.model, epoch, logs or {})
+                finally:
+                    _stop["in_epoch"] = False
+
+            def on_train_end(self, logs=None):
+                _stop["in_epoch"] = False
 
         self.callback = _Callback()
         self.dir, self.label, self.run_hash = ckpt_dir, label, run_hash
         self.epochs, self.patience, self.monitor = epochs, patience, monitor
         self.history, self.best, self.wait = history, best, wait
         self.stop_after, self.trained, self.stopped_early = stop_after, 0, False
+        self.interrupted = False
         self.started = time.monotonic()
 
     def epoch_end(self, model, epoch: int, logs: dict) -> None:
@@ -210,6 +282,9 @@ class _Checkpointer:
             log.warning("%s=%s: killing this process after the checkpoint (test hook)", KILL_ENV, kill_after)
             os.kill(os.getpid(), signal.SIGKILL)
         if self.stop_after is not None and self.trained >= self.stop_after:
+            model.stop_training = True
+        if _stop["signal"]:
+            self.interrupted = True
             model.stop_training = True
 
     def write_state(self, done: bool) -> None:
@@ -273,9 +348,14 @@ def fit_autoencoder(build: Callable[[], object], data: TrainingData, train_cfg: 
         log.info("%s: already trained (%d epochs), loaded from %s", label, state["epoch"], ckpt_dir)
         return FitResult(model, list(state["history"]), bool(state.get("stopped_early")))
     ckpt = _resume_checkpointer(ckpt_dir, label, run_hash, train_cfg, bool(data.val), state, stop_after_epochs)
+    if _stop["signal"]:
+        _raise_interrupted()
     start = len(ckpt.history)
     _train_epochs(model, data, int(train_cfg["batch_size"]), ckpt.epochs, start, seed, ckpt)
-    return _end_fit(model, ckpt)
+    result = _end_fit(model, ckpt)
+    if ckpt.interrupted and not result.complete:
+        _raise_interrupted(f"{label} epoch {len(ckpt.history)}")
+    return result
 
 
 def _resume_checkpointer(ckpt_dir: Path, label: str, run_hash: str, train_cfg: dict, validated: bool,
@@ -395,6 +475,7 @@ class Learner:
     stats: dict
     builder: Callable | None = None
     cache: dict = field(default_factory=dict)
+    reuse_complete: bool = False  # a step run: finished folds/final model are skipped without --resume
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -446,18 +527,40 @@ def _fold_rows_path(learner: Learner, fold: int) -> Path:
     return learner.group_dir / "checkpoints" / f"fold-{fold:02d}" / "metrics.json"
 
 
-def run_fold(learner: Learner, fold: int, folds: np.ndarray) -> tuple[list[dict], dict[str, list[dict]]]:
-    """Train the fold's models and evaluate its held-out subjects; returns (rows, histories)."""
+def fold_hash(learner: Learner, fold: int, train: Sequence[Path]) -> str:
+    """What a fold's saved results depend on: its models' runs, the evaluation settings,
+    the variants and the baseline's components."""
+    return config_hash({"models": learner.run_hash(f"fold-{fold:02d}", train),
+                        "evaluation": learner.config["evaluation"], "variants": learner.variants,
+                        "baseline_components": learner.config["stratify"]["baseline_components"]})
+
+
+def _fold_split(learner: Learner, fold: int, folds: np.ndarray):
+    """(training shard paths, held-out ShardInfos) of one fold."""
     train = [i.path for i, f in zip(learner.infos, folds) if f != fold]
     held = [i for i, f in zip(learner.infos, folds) if f == fold]
+    return train, held
+
+
+def saved_fold(learner: Learner, fold: int, folds: np.ndarray) -> dict | None:
+    """The fold's saved results ({'run_hash', 'rows', 'histories'}) when they exist and
+    were made with this run's settings and subjects (its embeddings too), else None."""
     done = _fold_rows_path(learner, fold)
-    run_hash = config_hash({"models": learner.run_hash(f"fold-{fold:02d}", train),
-                            "evaluation": learner.config["evaluation"], "variants": learner.variants,
-                            "baseline_components": learner.config["stratify"]["baseline_components"]})
-    if learner.resume and done.is_file():
-        saved = json.loads(done.read_text())
-        if saved.get("run_hash") == run_hash:
-            log.info("fold %d: already evaluated, skipped (--resume)", fold)
+    if not (done.is_file() and (done.parent / "embeddings.npz").is_file()):
+        return None
+    saved = json.loads(done.read_text())
+    return saved if saved.get("run_hash") == fold_hash(learner, fold, _fold_split(learner, fold, folds)[0]) else None
+
+
+def run_fold(learner: Learner, fold: int, folds: np.ndarray) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Train the fold's models and evaluate its held-out subjects; returns (rows, histories)."""
+    train, held = _fold_split(learner, fold, folds)
+    done = _fold_rows_path(learner, fold)
+    run_hash = fold_hash(learner, fold, train)
+    if learner.resume or learner.reuse_complete:
+        saved = saved_fold(learner, fold, folds)
+        if saved is not None:
+            log.info("fold %d: already evaluated, skipped (%s)", fold, "--resume" if learner.resume else "finished")
             return saved["rows"], saved["histories"]
     norm = learner.fit_normalizer(train)
     norm.save(done.parent / "normalization.json")
@@ -491,21 +594,38 @@ def write_fold_embeddings(learner: Learner, path: Path, model, norm: PopulationN
     return path
 
 
-def run_cross_validation(learner: Learner) -> dict[str, Path]:
-    """k-fold CV: a model per fold and variant, metrics TSVs, summary and figures."""
+def write_folds(learner: Learner) -> np.ndarray:
+    """The fold of every shard (:func:`make_folds`) -> ``cv/folds.tsv``; returns them (n,).
+    Every step computes the same table (a function of the subjects and the seed)."""
     import pandas as pd
 
     k = int(learner.config["training"]["cv_folds"])
     folds = make_folds(learner.infos, k, learner.seed)
-    cv_dir = learner.group_dir / "cv"
-    _write_tsv(cv_dir / "folds.tsv", pd.DataFrame({
+    _write_tsv(learner.group_dir / "cv" / "folds.tsv", pd.DataFrame({
         "subject": [f"sub-{i.subject}" for i in learner.infos], "session": [i.session for i in learner.infos],
         "fold": folds}))
+    return folds
+
+
+def run_cross_validation(learner: Learner) -> dict[str, Path]:
+    """k-fold CV: a model per fold and variant, metrics TSVs, summary and figures."""
+    k = int(learner.config["training"]["cv_folds"])
+    folds = write_folds(learner)
     rows, histories = [], {}
     for fold in range(1, k + 1):
         fold_rows, fold_hist = run_fold(learner, fold, folds)
         rows += fold_rows
         histories.update(fold_hist)
+    return write_cv_outputs(learner, rows, histories)
+
+
+def write_cv_outputs(learner: Learner, rows: list[dict], histories: dict[str, list[dict]]) -> dict[str, Path]:
+    """The folds' metric rows -> ``cv/metrics_*.tsv``, ``cv/summary.tsv``, the figures and
+    ``cv/fold_embeddings.h5`` (from each fold's saved embeddings); ``histories`` passed on."""
+    import pandas as pd
+
+    k = int(learner.config["training"]["cv_folds"])
+    cv_dir = learner.group_dir / "cv"
     table = pd.DataFrame(rows)
     out = {"fold_embeddings": gather_fold_embeddings(learner, k, cv_dir / "fold_embeddings.h5")}
     for metric in metrics.METRICS:
@@ -567,7 +687,27 @@ def train_final(learner: Learner) -> tuple[object, PopulationNormalizer, FitResu
         "training": learner.config["training"], "seed": learner.seed, "trained_on": [i.key for i in learner.infos],
         "epochs_trained": len(result.history), "stopped_early": result.stopped_early,
     })
+    write_json(_final_marker(learner), {"run_hash": final_hash(learner), "history": result.history})
     return result.model, norm, result, out
+
+
+def final_hash(learner: Learner) -> str:
+    """What the final model depends on (its run: config, modalities, seed, subjects)."""
+    return learner.run_hash("final", [i.path for i in learner.infos])
+
+
+def _final_marker(learner: Learner) -> Path:
+    return learner.group_dir / "checkpoints" / "final" / "complete.json"
+
+
+def saved_final(learner: Learner) -> dict | None:
+    """``checkpoints/final/complete.json`` ({'run_hash', 'history'}) when the final model of
+    this run's settings and subjects was written to ``group/model``, else None."""
+    marker = _final_marker(learner)
+    if not (marker.is_file() and (learner.group_dir / "model" / "final.weights.h5").is_file()):
+        return None
+    saved = json.loads(marker.read_text())
+    return saved if saved.get("run_hash") == final_hash(learner) else None
 
 
 def load_final_model(model_dir: Path):
@@ -664,16 +804,98 @@ def learn(shard_dir: Path, group_dir: Path, modalities: list[str], config: dict,
     if infos is None:
         paths = shard_data.discover_shards(shard_dir, participant_labels)
         infos = shard_data.scan_and_check(paths, modalities, allow_missing, config)
-    learner = _start(group_dir, list(infos), modalities, config, seed, resume, builder)
-    out = run_cross_validation(learner)
-    model, norm, final, paths_out = train_final(learner)
+    with stop_on_signals():
+        learner = _start(group_dir, list(infos), modalities, config, seed, resume, builder)
+        out = run_cross_validation(learner)
+        model, norm, final, paths_out = train_final(learner)
     out.update(paths_out)
-    out.update(write_training_curves(learner, {**out.pop("histories"), "final": final.history}))
+    return _finish(learner, out, final.history, model, norm)
+
+
+def _finish(learner: Learner, out: dict, final_history: list[dict], model, norm: PopulationNormalizer) -> LearningResult:
+    """After the models: training curves, embeddings, baseline, reconstructions."""
+    out.update(write_training_curves(learner, {**out.pop("histories"), "final": final_history}))
     emb, emb_paths = write_embeddings(learner, model, norm)
     out.update(emb_paths)
     out.update(write_baseline(learner, norm))
     out["reconstructions"] = write_reconstructions(learner, model, norm)
     return LearningResult(shard_data.shard_ids(learner.infos), emb, out)
+
+
+# ------------------------------------------------------------------------ the steps
+def open_step(group_dir: Path, infos: Sequence[shard_data.ShardInfo], modalities: list[str], config: dict,
+              seed: int, resume: bool, force: bool = False, builder: Callable | None = None,
+              train: bool = True) -> Learner:
+    """The :class:`Learner` of one step (``group --step``): nothing is discarded (other
+    steps may be running on the same folder); finished folds and final models of the
+    same settings are reused unless ``force``; ``resume`` continues a step's checkpoints.
+    ``train``: the volume statistics the normalizer fits need are scanned (not for the analysis)."""
+    log.info("step on %d shard(s) of %d subject(s), modalities %s, grid %s", len(infos),
+             len({i.subject for i in infos}), modalities, infos[0].shape)
+    stats = shard_data.scan_volume_stats(infos, modalities) if train else {}
+    return Learner(Path(group_dir), list(infos), modalities, config, seed, resume, stats, builder,
+                   reuse_complete=not force)
+
+
+def train_fold_step(learner: Learner, fold: int) -> Path:
+    """One CV fold (every variant): trained, evaluated, embedded -> ``checkpoints/fold-NN/``
+    (``metrics.json`` last); skipped when finished with the same settings. Returns metrics.json."""
+    with stop_on_signals():
+        run_fold(learner, fold, write_folds(learner))
+    return _fold_rows_path(learner, fold)
+
+
+def train_final_step(learner: Learner) -> Path:
+    """The final model -> ``group/model/`` (``checkpoints/final/complete.json`` last);
+    skipped when finished with the same settings. Returns ``group/model``."""
+    if learner.reuse_complete and saved_final(learner) is not None:
+        log.info("final model: already trained, skipped (finished)")
+    else:
+        with stop_on_signals():
+            train_final(learner)
+    return learner.group_dir / "model"
+
+
+def missing_steps(learner: Learner) -> list[str]:
+    """The training steps whose outputs are missing or made with other settings, as
+    'fold N' / 'final'."""
+    k = int(learner.config["training"]["cv_folds"])
+    folds = make_folds(learner.infos, k, learner.seed)
+    missing = [f"fold {f}" for f in range(1, k + 1) if saved_fold(learner, f, folds) is None]
+    return missing + ([] if saved_final(learner) is not None else ["final"])
+
+
+def finish_from_disk(learner: Learner) -> LearningResult:
+    """What :func:`learn` writes after the models, from the training steps' files: the CV
+    tables and figures, the fold embeddings, the training curves, the embeddings, the
+    baseline and the reconstructions. Refuses (exit 66) while a fold or the final model
+    is missing, unfinished or made with other settings."""
+    missing = missing_steps(learner)
+    if missing:
+        first = missing[0]
+        ckpt = learner.group_dir / "checkpoints"
+        where, how = ((ckpt / "final" / "complete.json", "--step train-final") if first == "final" else
+                      (ckpt / f"fold-{int(first.split()[1]):02d}" / "metrics.json",
+                       f"--step train-fold --fold {first.split()[1]}"))
+        raise MissingInputError(
+            f"{where}: {first if first != 'final' else 'the final model'} is not finished (not finished or made "
+            f"with other settings: {', '.join(missing)}); run 'group {how}' (and the others listed) first, "
+            "or the plain group level")
+    k = int(learner.config["training"]["cv_folds"])
+    write_folds(learner)
+    rows, histories = [], {}
+    for fold in range(1, k + 1):
+        saved = json.loads(_fold_rows_path(learner, fold).read_text())
+        rows += saved["rows"]
+        histories.update(saved["histories"])
+    out = write_cv_outputs(learner, rows, histories)
+    model_dir = learner.group_dir / "model"
+    out.update({"model_path": model_dir / "final.keras", "weights_path": model_dir / "final.weights.h5",
+                "normalization": model_dir / "normalization.json"})
+    model = learner.build(bool(learner.config["model"]["skip_connections"]))()
+    model.load_weights(model_dir / "final.weights.h5")
+    norm = PopulationNormalizer.load(model_dir / "normalization.json")
+    return _finish(learner, out, saved_final(learner)["history"], model, norm)
 
 
 def _start(group_dir: Path, infos: list[shard_data.ShardInfo], modalities: list[str], config: dict, seed: int,

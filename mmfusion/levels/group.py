@@ -17,6 +17,13 @@
    :mod:`mmfusion.io.bundle`);
 5. the report (:mod:`mmfusion.report.group_report`).
 
+With ``--step`` (:data:`STEPS`, docs/hpc.md) one part runs instead, so that the group
+level runs as independent jobs (``slurm/submit.sh``): ``train-fold --fold N`` (one CV
+fold, every variant), ``train-final`` (the final model), and ``analysis`` (step 2's
+remaining outputs from the training steps' files, then 3-5; it refuses with exit 66
+while a training step is unfinished). ``--step all``, the default, is the whole level
+as above; the results of the steps equal it (:mod:`mmfusion.learning.training`).
+
 With ``--model BUNDLE`` it runs :func:`apply_group_level` instead: the bundle and the shards
 checked against it, the embeddings of the stored model, each subject's stratum and novelty
 (:mod:`mmfusion.strata.assign`), the new cohort's phenotype statistics, ``group/applied/``
@@ -54,6 +61,8 @@ from mmfusion.runlog import get_logger, terminal_print
 from mmfusion.strata import phenotypes as ph
 
 log = get_logger(__name__)
+#: The values of ``group --step``: the whole level, or one of its independent steps.
+STEPS = ("all", "train-fold", "train-final", "analysis")
 
 
 def run_group_level(ctx) -> Path | None:
@@ -62,8 +71,12 @@ def run_group_level(ctx) -> Path | None:
     (``ctx.model``) the trained model is applied instead (:func:`apply_group_level`)."""
     from mmfusion.learning import distribute
 
+    distribute.set_threads(getattr(ctx, "omp_nthreads", None))  # before any TensorFlow op
     if getattr(ctx, "model", None) is not None:
         return apply_group_level(ctx)
+    step = getattr(ctx, "step", "all")
+    if step != "all":
+        return run_step(ctx, step)
     inputs = check_inputs(ctx)
     log.info("group level on %d subject(s), modalities %s", len(ctx.participant_labels), " ".join(ctx.modalities))
     distribute.make_strategy()  # a multi-worker strategy must exist before any other TF op
@@ -71,6 +84,36 @@ def run_group_level(ctx) -> Path | None:
     if not distribute.is_chief():
         log.info("non-chief worker: training done; the chief writes the analysis and the report")
         return None
+    summary = analyse(ctx, learned.ids, learned.embeddings.astype(np.float64), Path(learned["embeddings_tsv"]),
+                      inputs.pheno, inputs.confounds)
+    write_model_bundle(ctx, inputs.infos, learned.ids, learned.embeddings, summary)
+    return write_report(ctx)
+
+
+def run_step(ctx, step: str) -> Path | None:
+    """One step of the group level (``--step``; :data:`STEPS`): the inputs checked as for the
+    whole level, then one fold (``ctx.fold``), the final model, or the analysis (the
+    learning's remaining outputs from the steps' files, the analysis, the bundle and the
+    report; returns the report's path). A finished step is skipped unless ``--force``."""
+    from mmfusion.learning import training
+
+    inputs = check_inputs(ctx)
+    log.info("group level, step %s%s, on %d subject(s)", step, f" {ctx.fold}" if step == "train-fold" else "",
+             len(ctx.participant_labels))
+    ctx.provenance.extra["group_step"] = {"step": step, **({"fold": int(ctx.fold)} if step == "train-fold" else {})}
+    learner = training.open_step(ctx.group_dir, inputs.infos, list(ctx.modalities), ctx.config, int(ctx.seed),
+                                 bool(ctx.resume), bool(ctx.force), train=step != "analysis")
+    if step == "train-fold":
+        path = training.train_fold_step(learner, int(ctx.fold))
+        ctx.provenance.extra["learning"] = {"fold_results": str(path)}
+        return None
+    if step == "train-final":
+        path = training.train_final_step(learner)
+        ctx.provenance.extra["learning"] = {"model": str(path)}
+        return None
+    learned = training.finish_from_disk(learner)
+    ctx.provenance.extra["learning"] = {k: (str(v) if isinstance(v, Path) else v)
+                                        for k, v in learned.outputs.items() if k != "reconstructions"}
     summary = analyse(ctx, learned.ids, learned.embeddings.astype(np.float64), Path(learned["embeddings_tsv"]),
                       inputs.pheno, inputs.confounds)
     write_model_bundle(ctx, inputs.infos, learned.ids, learned.embeddings, summary)
