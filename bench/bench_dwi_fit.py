@@ -1,7 +1,7 @@
 """FA/NDI fits from simulated DWI: accuracy against the truth, and cost per subject.
 
     python bench/bench_dwi_fit.py accuracy [--n 3] [--voxel-size 2.5] [--snr 20 30] [--dpar 1.7e-3 2.0e-3]
-    python bench/bench_dwi_fit.py cost [--voxel-size 1.25] [--directions 30] [--threads 2]
+    python bench/bench_dwi_fit.py cost [--voxel-size 1.25] [--directions 30] [--slab 0] [--threads 2]
 
 ``accuracy``: ``mmfusion simulate --dwi`` subjects (NODDI-type synthesis, Rician noise at
 each SNR; ``--dpar`` 2.0e-3 synthesizes with another intra-axonal diffusivity than the
@@ -108,6 +108,11 @@ def cost(args) -> None:
     from mmfusion.simulate import load_template_grid
 
     grid = load_template_grid(args.voxel_size)
+    if args.slab:  # a brain-sized crop: the central --slab axial slices (the cost scales with the voxels)
+        z0 = grid.shape[2] // 2 - args.slab // 2
+        cut = (slice(None), slice(None), slice(z0, z0 + args.slab))
+        grid = type(grid)(grid.voxel_size, grid.t1[cut].shape, grid.affine,
+                          grid.t1[cut], grid.gm[cut], grid.wm[cut], grid.mask[cut])
     rng = np.random.default_rng(0)
     model = synthesis.SignalModel(synthesis.acquisition(rng, synthesis.DEFAULT_SHELLS, args.directions, 6))
     fa = np.clip(0.12 * grid.gm + 0.45 * grid.wm + 0.03, 0, 1)
@@ -152,6 +157,7 @@ def main() -> None:
     c = sub.add_parser("cost")
     c.add_argument("--voxel-size", type=float, default=1.25)
     c.add_argument("--directions", type=int, default=30)
+    c.add_argument("--slab", type=int, default=0, help="only the central SLAB axial slices (0: the whole volume)")
     c.add_argument("--threads", type=int, default=2)
     ch = sub.add_parser("_child")
     for name in ("kind", "dwi", "mask", "kernels"):
