@@ -915,7 +915,8 @@ def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, re
     if site is not None:
         info["site"] = site.label
     session_labels = [""] if opts["sessions"] == 1 else [str(s + 1) for s in range(opts["sessions"])]
-    for ses in session_labels:
+    dwi_seeds = dwi_seed.spawn(len(session_labels)) if dwi_seed is not None else None
+    for j, ses in enumerate(session_labels):
         img = render_session(rng, grid, t1_coeffs, maps, coords, bias=opts["bias_field"],
                              noise=opts["noise"], affine=opts["random_affine"], site=site)
         key = subject_stem(label, ses)
@@ -926,8 +927,7 @@ def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, re
         if "dwi" in opts:  # preprocessed DWI (QSIPrep naming) instead of fitted maps
             from mmfusion import simulate_dwi
             img.info["dwi"] = simulate_dwi.write_subject(
-                root, key, rel, grid, maps, coords, img.affine, dwi_seed.spawn(len(session_labels))[
-                    session_labels.index(ses)], opts["dwi"], _save_nifti)
+                root, key, rel, grid, maps, coords, img.affine, dwi_seeds[j], opts["dwi"], _save_nifti)
         else:
             dwi = root / "derivatives" / "qsirecon" / rel / "dwi"
             _save_nifti(dwi / f"{key}_space-T1w_model-tensor_param-fa_dwimap.nii.gz", img.fa, img.affine)

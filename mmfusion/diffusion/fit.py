@@ -19,6 +19,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def fit_dti(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.nda
     gtab = gradient_table(bvals[use], bvecs=bvecs[use], b0_threshold=b0_threshold)
     model = TensorModel(gtab, fit_method=fit_method)
     fa = np.zeros(mask.shape, np.float64)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         fa[mask] = model.fit(data[mask][:, use]).fa
     return _clean(fa, mask)
 
@@ -97,8 +99,11 @@ def _amico_quiet(what: str):
     amico.util.set_verbose(2)  # messages, no progress bars
     buf = io.StringIO()
     try:
-        with contextlib.redirect_stdout(buf):
+        with contextlib.redirect_stdout(buf), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             yield
+        for w in caught:  # DIPY's deprecation notes about the SH basis AMICO uses, etc.
+            log.debug("amico: %s: %s", w.category.__name__, w.message)
     except SystemExit as exc:
         lines = [_ANSI.sub("", line).strip() for line in buf.getvalue().splitlines() if line.strip()]
         reason = next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1] if lines else f"exit {exc.code}")
