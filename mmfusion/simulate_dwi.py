@@ -37,6 +37,13 @@ def _model(seed: int, shells: tuple, directions: int, b0: int, dpar: float) -> s
 
 
 def write_metadata(root: Path, description) -> None:
+    """``derivatives/qsiprep/`` dataset files; the dataset README names it instead of qsirecon."""
+    readme = root / "README"
+    if readme.is_file():
+        write_text(readme, readme.read_text().replace(
+            "- `derivatives/qsirecon/`: FA (tensor) and NDI (NODDI ICVF) maps on each T1w grid.",
+            "- `derivatives/qsiprep/`: preprocessed multi-shell DWI (+ .bval/.bvec, brain mask) in each\n"
+            "  T1w space, synthesized from the true FA/NDI (no fitted maps: mmfusion fits them)."))
     deriv = root / "derivatives" / "qsiprep"
     write_json(deriv / "dataset_description.json", description(
         "QSIPrep-style synthetic preprocessed DWI", "derivative",

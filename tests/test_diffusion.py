@@ -274,10 +274,10 @@ def test_simulate_dwi_writes_qsiprep_series_and_truth(tmp_path):
 
 # ------------------------------------------------- a cohort with only DWI, CLI
 SMALL = {"spatial": {"preset": "fast-test", "registration_resolution": 4.0, "grid_voxel_size": 5.0,
-                     "grid_shape": [32, 40, 32], "template_iterations": 1},
-         "model": {"input_shape": [32, 40, 32], "levels": 3, "filters": [2, 4, 8]},
-         "training": {"epochs": 2, "batch_size": 2, "cv_folds": 2, "n_reconstructions": 1},
-         "stratify": {"damping_n": 2, "preference_n": 3, "subsamples": 2}}
+                     "grid_shape": [32, 32, 24], "template_iterations": 1},
+         "model": {"input_shape": [32, 32, 24], "levels": 3, "filters": [2, 4, 8]},
+         "training": {"epochs": 1, "batch_size": 2, "cv_folds": 2, "n_reconstructions": 0},
+         "stratify": {"damping_n": 2, "preference_n": 2, "subsamples": 0}}
 
 
 def _cli(*args):
@@ -288,7 +288,7 @@ def _cli(*args):
     return proc
 
 
-@pytest.mark.extended
+@pytest.mark.extended  # ~9 min on 2 shared cores (participant ~2 min for 4 subjects, group the rest)
 def test_a_cohort_with_only_dwi_runs_participant_to_group(tmp_path):
     from mmfusion.io.shards import read_shard, shard_path
 
