@@ -155,6 +155,18 @@ def test_a_mask_on_another_grid_is_refused(tmp_path):
         maps_from_dwi(ctx, record)
 
 
+def test_the_mrtrix_b_table_stands_in_for_missing_bval_bvec(tmp_path):
+    ctx, record = _subject(tmp_path, allow_fa_only=True)
+    acq = _acq()
+    np.savetxt(record.dwi.bval.with_suffix(".b"), np.column_stack([acq.bvecs, acq.bvals]), fmt="%.6f")
+    record.dwi.bval.unlink()
+    (record,) = bids.discover(ctx.bids_dir)
+    assert record.dwi.uses_btable() and sorted(record.dwi.files()) == ["btable", "dwi", "dwi_mask"]
+    np.savetxt(record.dwi.btable, np.column_stack([acq.bvecs, acq.bvals])[:-2], fmt="%.6f")
+    with pytest.raises(InputDataError, match=r"desc-preproc_dwi\.b: 24 b-values and 24 b-vectors for 26 volumes"):
+        maps_from_dwi(ctx, record)
+
+
 def test_shells_group_nearby_bvalues():
     shells = checks.find_shells(np.array([0, 5, 990, 1010, 1000, 1995, 2005, 3000]), 50, 100)
     assert shells.values == (1000.0, 2000.0, 3000.0) and shells.counts == (3, 2, 1)
@@ -288,7 +300,7 @@ def _cli(*args):
     return proc
 
 
-@pytest.mark.extended  # ~9 min on 2 shared cores (participant ~2 min for 4 subjects, group the rest)
+@pytest.mark.extended  # ~6 min on 2 shared cores (participant ~2 min for 4 subjects, group the rest)
 def test_a_cohort_with_only_dwi_runs_participant_to_group(tmp_path):
     from mmfusion.io.shards import read_shard, shard_path
 

@@ -135,7 +135,7 @@ def check_mask(mask: np.ndarray, shape: tuple, source: str) -> np.ndarray:
 
 
 def finite_voxels(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Zero NaN/Inf signal (X, Y, Z, N) in place of a copy and drop those voxels from the mask.
+    """Zero NaN/Inf signal (X, Y, Z, N) (on a copy) and drop those voxels from the mask.
 
     Returns (data float32, mask without non-finite voxels, how many voxels had any)."""
     bad = ~np.all(np.isfinite(data), axis=-1)

@@ -27,18 +27,24 @@ class DwiInputs:
     """One preprocessed DWI series to fit FA/NDI from: ``dwi`` (4D NIfTI), ``bval``/``bvec``
     (FSL text files), ``mask`` (its brain mask; None: computed from the b=0 volumes) and
     ``source``: 'qsiprep' (derivative naming) or 'bids' (a raw-BIDS dwi/ image the user
-    declared preprocessed with --dwi-preprocessed)."""
+    declared preprocessed with --dwi-preprocessed). ``btable``: QSIPrep's MRtrix ``.b``
+    gradient table (N x 4: x, y, z, b in world coordinates), used when the ``.bval``/``.bvec``
+    are absent (FA and NDI do not depend on the gradients' frame)."""
 
     dwi: Path
     bval: Path
     bvec: Path
     mask: Path | None
     source: str
+    btable: Path | None = None
+
+    def uses_btable(self) -> bool:
+        return self.btable is not None and not (self.bval.is_file() and self.bvec.is_file())
 
     def files(self) -> dict[str, Path]:
-        """The files by role: {'dwi', 'bval', 'bvec'[, 'dwi_mask']}."""
-        return {k: v for k, v in (("dwi", self.dwi), ("bval", self.bval), ("bvec", self.bvec),
-                                  ("dwi_mask", self.mask)) if v is not None}
+        """The files by role: {'dwi', 'bval', 'bvec' (or 'btable')[, 'dwi_mask']}."""
+        grads = (("btable", self.btable),) if self.uses_btable() else (("bval", self.bval), ("bvec", self.bvec))
+        return {k: v for k, v in (("dwi", self.dwi), *grads, ("dwi_mask", self.mask)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -361,8 +367,9 @@ def _dwi_series(layout, sub: str, ses: str, filters: dict, key: str, raw_preproc
         masks = [chosen.with_name(re.sub(r"desc-preproc_dwi\.nii(\.gz)?$", f"desc-brain_mask{ext}", chosen.name))
                  for ext in (".nii.gz", ".nii")]
         mask = next((m for m in masks if m.is_file()), masks[0])
+        btable = _companion(chosen, ".b")
         return DwiInputs(chosen, _companion(chosen, ".bval"), _companion(chosen, ".bvec"),
-                         mask if mask.is_file() else None, "qsiprep")
+                         mask if mask.is_file() else None, "qsiprep", btable if btable.is_file() else None)
     raw = [f for f in layout.get(subject=sub, suffix="dwi", datatype="dwi", extension=[".nii", ".nii.gz"],
                                  scope="raw", return_type="file", invalid_filters="allow", **ses_q)
            if not ses or f"ses-{ses}" in Path(f).name]

@@ -54,8 +54,15 @@ def load_dwi(inputs: DwiInputs) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray
     if len(shape) != 4 or shape[3] < 2:
         raise InputDataError(f"{inputs.dwi}: a DWI series must be 4D with one volume per gradient, got shape "
                              f"{shape}; give the preprocessed series")
-    bvals = _read_table(inputs.bval, "b-values")
-    bvecs = _read_table(inputs.bvec, "b-vectors")
+    if inputs.uses_btable():  # QSIPrep's .b (x, y, z, b per row) when .bval/.bvec are absent
+        table = _read_table(inputs.btable, "gradient table")
+        if table.shape[1] != 4:
+            raise InputDataError(f"{inputs.btable}: an MRtrix .b gradient table has 4 columns (x y z b), got "
+                                 f"{table.shape[1]}; give the series' .bval/.bvec instead")
+        bvals, bvecs = table[:, 3], table[:, :3]
+    else:
+        bvals = _read_table(inputs.bval, "b-values")
+        bvecs = _read_table(inputs.bvec, "b-vectors")
     mask = None
     if inputs.mask is not None:
         try:
@@ -75,7 +82,7 @@ def _read_table(path: Path, what: str) -> np.ndarray:
         return np.loadtxt(path, ndmin=1 if what == "b-values" else 2)
     except (OSError, ValueError) as exc:
         raise InputDataError(f"{path}: cannot read the {what} ({exc}); give a whitespace-separated FSL "
-                             f"{'.bval' if what == 'b-values' else '.bvec'} file") from exc
+                             f"{'.bval' if what == 'b-values' else '.bvec'} file (or MRtrix .b)") from exc
 
 
 def brain_mask_from_b0(mean_b0: np.ndarray) -> np.ndarray:

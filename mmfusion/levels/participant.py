@@ -141,8 +141,8 @@ def maps_from_dwi(ctx, record) -> dict[str, Path]:
     img, bvals, bvecs, mask = dwi_io.load_dwi(inp)
     t1 = load_3d(record.t1w, "T1w")
     regridded = check_same_space(img.slicer[..., 0], inp.dwi, t1, record.t1w, "DWI")
-    bvals, bvecs = checks.check_gradients(bvals, bvecs, img.shape[3], f"{inp.bval} / {inp.bvec}",
-                                          cfg["b0_threshold"])
+    grads = str(inp.btable) if inp.uses_btable() else f"{inp.bval} / {inp.bvec}"
+    bvals, bvecs = checks.check_gradients(bvals, bvecs, img.shape[3], grads, cfg["b0_threshold"])
     shells = checks.find_shells(bvals, cfg["b0_threshold"], cfg["shell_tolerance"])
     plan = list(need)
     if "ndi" in need and not checks.noddi_possible(shells):
@@ -151,7 +151,7 @@ def maps_from_dwi(ctx, record) -> dict[str, Path]:
         ctx.logger.warning("%s: single-shell DWI (%s): fitting FA only, NDI stays missing (diffusion.allow_fa_only)",
                            record.key, inp.dwi.name)
         plan.remove("ndi")
-    use = checks.dti_volumes(shells, cfg["dti_max_bval"], str(inp.bval)) if "fa" in plan else None
+    use = checks.dti_volumes(shells, cfg["dti_max_bval"], grads) if "fa" in plan else None
     if mask is not None:
         mask = checks.check_mask(mask, img.shape[:3], str(inp.mask))
     expected = {"inputs": _input_hashes(ctx, {**inp.files(), "t1w": record.t1w}), "settings": dict(cfg),
