@@ -24,6 +24,7 @@ GROUP_STEPS = ("all", "train-fold", "train-final", "analysis")
 CONFIG_OPTIONS = {
     "--seed": ("seed", "spatial.random_seed"),
     "--template-subjects": ("template_subjects", "spatial.template_subjects"),
+    "--allow-fa-only": ("allow_fa_only", "diffusion.allow_fa_only"),
 }
 
 
@@ -67,10 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sessions to process, with or without 'ses-' (default: all)")
     g.add_argument("--bids-filter-file", "--bids_filter_file", type=Path, metavar="FILE",
                    help='JSON selecting inputs by entities, e.g. {"t1w": {"acquisition": "mprage"}}; '
-                        "keys t1w, fa, ndi")
+                        "keys t1w, fa, ndi, dwi")
     g.add_argument("--derivatives", nargs="+", type=Path, default=[], metavar="PATH",
-                   help="derivative datasets holding FA/NDI maps (QSIRecon naming); "
+                   help="derivative datasets holding FA/NDI maps (QSIRecon naming) or preprocessed DWI "
+                        "(QSIPrep naming: FA/NDI are then fitted); "
                         "default: every dataset in bids_dir/derivatives/ except mmfusion's own outputs")
+    g.add_argument("--dwi-preprocessed", action="store_true",
+                   help="participant level: the raw-BIDS dwi/ images are already preprocessed (in the T1w "
+                        "space): fit FA/NDI from them where no fitted maps exist (never done without this flag)")
+    g.add_argument("--allow-fa-only", action="store_true", default=None,
+                   help="participant level: single-shell DWI fits FA alone and leaves NDI missing "
+                        "(otherwise an error; diffusion.allow_fa_only)")
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                    help="do not run the BIDS validator on bids_dir")
     g.add_argument("--phenotypes", type=Path, metavar="FILE",
@@ -278,7 +286,8 @@ def make_context(args: argparse.Namespace, argv: list[str]):
     if ctx.level in ("template", "participant"):
         filters = bids.load_filter_file(args.bids_filter_file)
         ctx.records = bids.discover(args.bids_dir, ctx.derivatives, ctx.participant_labels,
-                                    ctx.session_labels, filters, output_dir=args.output_dir)
+                                    ctx.session_labels, filters, output_dir=args.output_dir,
+                                    dwi_preprocessed=args.dwi_preprocessed)
         prov.extra["input_choices"] = bids.choices_summary(ctx.records)
     return ctx
 

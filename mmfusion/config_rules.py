@@ -24,6 +24,8 @@ from mmfusion.learning.metrics import BACKGROUNDS
 from mmfusion.strata.phenotypes import MISSING_POLICIES
 from mmfusion.spatial.presets import PRESETS
 
+#: DIPY TensorModel fit methods offered by diffusion.dti_fit_method (mmfusion/diffusion/fit.py uses it).
+DTI_FIT_METHODS = ("WLS", "OLS", "NLLS", "RESTORE")
 #: Depthwise algorithms of the separable layers (mmfusion/model/layers.py).
 DEPTHWISE_IMPLEMENTATIONS = ("auto", "dense", "sliced", "split", "grouped", "numba")
 #: stratify.damping_min: [low, high) (scikit-learn's affinity propagation needs damping in [0.5, 1)).
@@ -119,6 +121,16 @@ STRINGS = Rule("a list of column names", lambda v: isinstance(v, (list, tuple)) 
 MAPPING = Rule("null or a mapping of preset parameters", lambda v: v is None or isinstance(v, dict))
 
 RULES: dict[str, dict[str, Rule]] = {
+    "diffusion": {
+        "fit_missing": BOOLEAN,
+        "b0_threshold": number(0),
+        "shell_tolerance": number(0, lo_open=True),
+        "dti_max_bval": number(0, lo_open=True),
+        "dti_fit_method": one_of(DTI_FIT_METHODS),
+        "noddi_dpar": number(1e-4, 5e-3),
+        "noddi_diso": number(1e-4, 5e-3),
+        "allow_fa_only": BOOLEAN,
+    },
     "evaluation": {
         "roi_shape": int_list(3),
         "cnr_pairs": count(1),
@@ -249,6 +261,15 @@ def _convergence_within_max_iter(cfg: dict):
             f"{conv} exceeds stratify.max_iter ({most}): no fit could converge; lower it or raise max_iter")
 
 
+def _b0_below_dti_shells(cfg: dict):
+    """`diffusion.b0_threshold` < `diffusion.dti_max_bval`."""
+    d = cfg["diffusion"]
+    if not d["b0_threshold"] < d["dti_max_bval"]:
+        return ("diffusion.b0_threshold", "diffusion.dti_max_bval"), (
+            f"{d['b0_threshold']} must be below diffusion.dti_max_bval ({d['dti_max_bval']}): "
+            "no diffusion-weighted shell would be left for the tensor fit")
+
+
 def _overrides_known(cfg: dict):
     """The keys of `spatial.registration_overrides` are parameters of `spatial.preset`."""
     preset = cfg["spatial"]["preset"]
@@ -261,7 +282,7 @@ def _overrides_known(cfg: dict):
 
 MODEL_CROSS_RULES = (_filters_per_level, _shape_divisible)
 CROSS_RULES = (*MODEL_CROSS_RULES, _shape_is_grid, _roi_fits, _percentiles_ordered,
-               _convergence_within_max_iter, _overrides_known)
+               _convergence_within_max_iter, _overrides_known, _b0_below_dti_shells)
 
 
 class _Sources:

@@ -13,7 +13,7 @@ EXIT_CODES = {
     17: "unknown analysis level",
     18: "the filters (participant/session labels, --bids-filter-file) selected no files",
     64: "command-line usage error (bad option or option value, bad config file)",
-    65: "bad input data (unreadable/empty/4D/mismatched image, NaN in a shard, bad table)",
+    65: "bad input data (unreadable/empty/4D/mismatched image, bad DWI gradients or shells, NaN in a shard, bad table)",
     66: "required input missing (no bids_dir, no T1w, missing modality or shards)",
     69: "analysis level or feature not implemented yet",
     73: "cannot create or write an output (output_dir not writable, or inside bids_dir's raw data)",

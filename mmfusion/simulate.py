@@ -732,6 +732,10 @@ def _write_metadata(root: Path, labels, pheno: PhenotypeSample, opts: dict, site
                 entry["Units"] = meta[col][9]
             sidecar[col] = entry
         write_json(root / "phenotype" / f"{table}.json", sidecar)
+    if "dwi" in opts:
+        from mmfusion import simulate_dwi
+        simulate_dwi.write_metadata(root, _description)
+        return
     deriv = root / "derivatives" / "qsirecon"
     write_json(deriv / "dataset_description.json", _description(
         "QSIRecon-style synthetic diffusion maps", "derivative",
@@ -803,7 +807,7 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
                      seed: int = 0, bias_field: bool = True, noise: bool = True,
                      random_affine: bool = True, sessions: int = 1, null_phenotypes: bool = False,
                      overwrite: bool = False, n_sites: int = 1, site_follows_stratum: bool = False,
-                     design_seed: int | None = None) -> Path:
+                     design_seed: int | None = None, dwi: dict | None = None) -> Path:
     """Write a complete synthetic BIDS dataset to ``out_dir`` (atomically) and return it.
 
     Subjects are assigned to strata 1..``n_strata`` in near-equal numbers. With
@@ -815,7 +819,9 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
     files. ``design_seed`` (default: ``seed``) seeds the population design alone: the
     planted regions, the stratum of each subject and the diffusion texture shared by all
     subjects; two datasets with the same ``design_seed`` and different ``seed`` are two
-    samples of one population (same strata, different subjects). Raises ``UsageError`` (exit 64) for impossible options and ``OutputError``
+    samples of one population (same strata, different subjects). ``dwi`` (keys of
+    :data:`mmfusion.simulate_dwi.DEFAULTS`, ``{}`` for the defaults) writes multi-shell DWI
+    in QSIPrep naming instead of the QSIRecon FA/NDI maps (``mmfusion.simulate_dwi``). Raises ``UsageError`` (exit 64) for impossible options and ``OutputError``
     (exit 73) if ``out_dir`` is not empty and ``overwrite`` is False.
     """
     out_dir = Path(out_dir)
@@ -826,6 +832,14 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
                 null_phenotypes=null_phenotypes)
     if n_sites > 1:  # only then: a run with one site writes the same planted.json as before sites existed
         opts.update(n_sites=n_sites, site_follows_stratum=site_follows_stratum)
+    if dwi is not None:  # only then: a run without it writes the same planted.json as before
+        from mmfusion.simulate_dwi import DEFAULTS as DWI_DEFAULTS
+        unknown = set(dwi) - set(DWI_DEFAULTS)
+        if unknown:
+            raise UsageError(f"unknown DWI option(s) {sorted(unknown)}; valid: {sorted(DWI_DEFAULTS)}")
+        opts["dwi"] = {**DWI_DEFAULTS, **dwi, "acq_seed": int(seed)}
+        if not (opts["dwi"]["snr"] > 0 and opts["dwi"]["directions"] >= 6 and opts["dwi"]["factor"] >= 1):
+            raise UsageError("--dwi-snr must be > 0, --dwi-directions >= 6 and --dwi-factor >= 1")
     design_seed = seed if design_seed is None else int(design_seed)
     if design_seed != seed:  # only then: a run without it writes the same planted.json as before
         opts.update(design_seed=design_seed)
@@ -860,7 +874,8 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
             subjects_info[f"sub-{labels[i]}"] = _simulate_subject(
                 root, labels[i], int(strata[i]), np.random.default_rng(subject_seeds[i]),
                 grid, cgrid, regions, stratum_maps, t1_coeffs, opts,
-                site=sites[site_of[i] - 1] if sites else None)
+                site=sites[site_of[i] - 1] if sites else None,
+                dwi_seed=np.random.SeedSequence(seed, spawn_key=(SITES + 1, i)) if dwi is not None else None)
         _write_truth(truth_dir, grid, labels, strata, regions, pheno, subjects_info, opts, sites, site_of)
     return out_dir
 
@@ -880,7 +895,7 @@ def subject_deformation(rng, stratum: int, regions, grid: TemplateGrid, cgrid: C
 
 
 def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, regions,
-                      stratum_maps, t1_coeffs, opts, site: Site | None = None) -> dict:
+                      stratum_maps, t1_coeffs, opts, site: Site | None = None, dwi_seed=None) -> dict:
     """Deform, render and write one subject (all sessions); return its truth record.
 
     ``site``: the subject's site (all its sessions), or None for the one-site default.
@@ -900,7 +915,8 @@ def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, re
     if site is not None:
         info["site"] = site.label
     session_labels = [""] if opts["sessions"] == 1 else [str(s + 1) for s in range(opts["sessions"])]
-    for ses in session_labels:
+    dwi_seeds = dwi_seed.spawn(len(session_labels)) if dwi_seed is not None else None
+    for j, ses in enumerate(session_labels):
         img = render_session(rng, grid, t1_coeffs, maps, coords, bias=opts["bias_field"],
                              noise=opts["noise"], affine=opts["random_affine"], site=site)
         key = subject_stem(label, ses)
@@ -908,9 +924,14 @@ def _simulate_subject(root: Path, label: str, stratum: int, rng, grid, cgrid, re
         _save_nifti(root / rel / "anat" / f"{key}_T1w.nii.gz", img.t1w, img.affine, dtype=np.int16)
         write_json(root / rel / "anat" / f"{key}_T1w.json",
                     dict(site.sidecar) if site is not None else dict(DEFAULT_SIDECAR))
-        dwi = root / "derivatives" / "qsirecon" / rel / "dwi"
-        _save_nifti(dwi / f"{key}_space-T1w_model-tensor_param-fa_dwimap.nii.gz", img.fa, img.affine)
-        _save_nifti(dwi / f"{key}_space-T1w_model-noddi_param-icvf_dwimap.nii.gz", img.ndi, img.affine)
+        if "dwi" in opts:  # preprocessed DWI (QSIPrep naming) instead of fitted maps
+            from mmfusion import simulate_dwi
+            img.info["dwi"] = simulate_dwi.write_subject(
+                root, key, rel, grid, maps, coords, img.affine, dwi_seeds[j], opts["dwi"], _save_nifti)
+        else:
+            dwi = root / "derivatives" / "qsirecon" / rel / "dwi"
+            _save_nifti(dwi / f"{key}_space-T1w_model-tensor_param-fa_dwimap.nii.gz", img.fa, img.affine)
+            _save_nifti(dwi / f"{key}_space-T1w_model-noddi_param-icvf_dwimap.nii.gz", img.ndi, img.affine)
         info["sessions"][ses or "none"] = img.info
     return info
 
@@ -991,6 +1012,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="site = stratum (mod --n-sites): strata confounded with site; needs 2 <= --n-sites <= --n-strata")
     p.add_argument("--null-phenotypes", action="store_true",
                    help="no phenotype depends on the stratum (to measure false positives)")
+    p.add_argument("--dwi", action="store_true",
+                   help="write multi-shell DWI (QSIPrep naming, b = 0/1000/2000/3000) synthesized from the "
+                        "true FA/NDI instead of the QSIRecon FA/NDI maps")
+    p.add_argument("--dwi-snr", type=float, default=25.0, help="with --dwi: SNR of the b=0 signal (default 25)")
+    p.add_argument("--dwi-directions", type=int, default=30, help="with --dwi: directions per shell (default 30)")
+    p.add_argument("--dwi-factor", type=int, default=1,
+                   help="with --dwi: DWI voxel = this many T1w voxels per axis (default 1: the T1w grid)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
@@ -1009,7 +1037,9 @@ def main(argv: list[str] | None = None) -> int:
                          noise=args.noise, random_affine=args.random_affine, sessions=args.sessions,
                          null_phenotypes=args.null_phenotypes, overwrite=args.overwrite,
                          n_sites=args.n_sites, site_follows_stratum=args.site_follows_stratum,
-                         design_seed=args.design_seed)
+                         design_seed=args.design_seed,
+                         dwi={"snr": args.dwi_snr, "directions": args.dwi_directions, "factor": args.dwi_factor}
+                         if args.dwi else None)
     except MmfusionError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -23,6 +23,31 @@ def subject_folder(subject: str, session: str = "") -> Path:
 
 
 @dataclass(frozen=True)
+class DwiInputs:
+    """One preprocessed DWI series to fit FA/NDI from: ``dwi`` (4D NIfTI), ``bval``/``bvec``
+    (FSL text files), ``mask`` (its brain mask; None: computed from the b=0 volumes) and
+    ``source``: 'qsiprep' (derivative naming) or 'bids' (a raw-BIDS dwi/ image the user
+    declared preprocessed with --dwi-preprocessed). ``btable``: QSIPrep's MRtrix ``.b``
+    gradient table (N x 4: x, y, z, b in world coordinates), used when the ``.bval``/``.bvec``
+    are absent (FA and NDI do not depend on the gradients' frame)."""
+
+    dwi: Path
+    bval: Path
+    bvec: Path
+    mask: Path | None
+    source: str
+    btable: Path | None = None
+
+    def uses_btable(self) -> bool:
+        return self.btable is not None and not (self.bval.is_file() and self.bvec.is_file())
+
+    def files(self) -> dict[str, Path]:
+        """The files by role: {'dwi', 'bval', 'bvec' (or 'btable')[, 'dwi_mask']}."""
+        grads = (("btable", self.btable),) if self.uses_btable() else (("bval", self.bval), ("bvec", self.bvec))
+        return {k: v for k, v in (("dwi", self.dwi), *grads, ("dwi_mask", self.mask)) if v is not None}
+
+
+@dataclass(frozen=True)
 class SubjectRecord:
     """Everything the participant level needs for one subject (and session).
 
@@ -30,7 +55,9 @@ class SubjectRecord:
     dataset has none). ``t1w`` is the raw T1w; ``fa``/``ndi`` are derivative maps in the
     subject's T1w space (None when absent; ``missing`` then says which pattern was
     expected). ``choices`` holds, per modality that had several candidates, all of them
-    in :func:`choice_key` order (the one used first).
+    in :func:`choice_key` order (the one used first). ``dwi``: a preprocessed DWI series
+    (QSIPrep naming, or raw BIDS with --dwi-preprocessed) from which the participant level
+    fits the maps that are absent; fitted maps, when present, win.
     """
 
     subject: str
@@ -40,6 +67,7 @@ class SubjectRecord:
     ndi: Path | None = None
     missing: dict = field(default_factory=dict)  # modality -> expected filename pattern
     choices: dict = field(default_factory=dict)  # modality -> all candidates, the used one first
+    dwi: DwiInputs | None = None
 
     @property
     def key(self) -> str:
@@ -67,12 +95,16 @@ DERIVATIVE_PATTERNS = {
     "fa": re.compile(r"_space-(T1w|ACPC)_(?:.*_)?model-tensor_(?:.*_)?(param|mdp)-fa_(?:.*_)?dwimap\.nii(\.gz)?$"),
     "ndi": re.compile(r"_space-(T1w|ACPC)_(?:.*_)?model-noddi_(?:.*_)?(param|mdp)-icvf_(?:.*_)?dwimap\.nii(\.gz)?$"),
 }
+#: QSIPrep's preprocessed DWI in T1w space (its brain mask: same stem, ``_desc-brain_mask``).
+QSIPREP_DWI = re.compile(r"_space-T1w_(?:.*_)?desc-preproc_dwi\.nii(\.gz)?$")
 EXPECTED_NAMES = {
     "t1w": "sub-<label>[_ses-<label>]_T1w.nii[.gz] in sub-<label>/[ses-<label>/]anat/",
     "fa": "sub-<label>[_ses-<label>]_space-T1w_model-tensor_param-fa_dwimap.nii.gz "
           "(or mdp-fa, space-ACPC) in a --derivatives dataset",
     "ndi": "sub-<label>[_ses-<label>]_space-T1w_model-noddi_param-icvf_dwimap.nii.gz "
            "(or mdp-icvf, space-ACPC) in a --derivatives dataset",
+    "dwi": "sub-<label>[_ses-<label>][_acq-<label>]_space-T1w_desc-preproc_dwi.nii.gz with .bval/.bvec "
+           "(QSIPrep) in a --derivatives dataset, or a raw dwi/ image with --dwi-preprocessed",
 }
 
 
@@ -157,8 +189,14 @@ def discover(
     session_labels: list[str] | None = None,
     filters: dict | None = None,
     output_dir: Path | None = None,
+    dwi_preprocessed: bool = False,
 ) -> list[SubjectRecord]:
     """One :class:`SubjectRecord` per selected subject/session that has a T1w or derivatives.
+
+    Each record also gets a preprocessed DWI series when there is one: QSIPrep's
+    ``space-T1w_desc-preproc_dwi`` in a derivative dataset, else, only with
+    ``dwi_preprocessed`` (--dwi-preprocessed), the raw ``dwi/`` image (raw data are never
+    fitted otherwise).
 
     Subjects are those with imaging data (participants.tsv rows without a ``sub-*``
     folder are phenotype only and ignored). Without ``session_labels``, sessions with no
@@ -179,9 +217,11 @@ def discover(
         sessions = sorted(layout.get_sessions(subject=sub, scope="raw")) or [""]
         if session_labels and sessions != [""]:
             chosen = _select_labels(sessions, session_labels, "ses-", f"session (of sub-{sub})", bids_dir)
-            records += _require_anat([_record(layout, sub, ses, filters) for ses in chosen], layout, bids_dir)
+            records += _require_anat([_record(layout, sub, ses, filters, dwi_preprocessed) for ses in chosen],
+                                     layout, bids_dir)
         else:
-            records += _skip_sessions_without_anat([_record(layout, sub, ses, filters) for ses in sessions], layout)
+            records += _skip_sessions_without_anat([_record(layout, sub, ses, filters, dwi_preprocessed)
+                                                    for ses in sessions], layout)
     if not any(r.t1w for r in records):
         raise NoFilesSelectedError(f"{bids_dir}: the selection (labels/filters) matched no T1w image; "
                                    f"expected {EXPECTED_NAMES['t1w']}")
@@ -309,7 +349,45 @@ def _t1w_files(layout, sub: str, ses: str, query: dict) -> list[str]:
     return [f for f in files if f"ses-{ses}" in Path(f).name] if ses else files
 
 
-def _record(layout, sub: str, ses: str, filters: dict) -> SubjectRecord:
+def _companion(path: Path, ext: str) -> Path:
+    """``x_dwi.nii.gz`` -> ``x_dwi<ext>`` (same folder)."""
+    return path.with_name(re.sub(r"\.nii(\.gz)?$", ext, path.name))
+
+
+def _dwi_series(layout, sub: str, ses: str, filters: dict, key: str, raw_preprocessed: bool) -> DwiInputs | None:
+    """The preprocessed DWI series of one subject/session (see :func:`discover`), or None."""
+    ses_q = {"session": ses} if ses else {}
+    found = layout.get(subject=sub, suffix="dwi", extension=[".nii", ".nii.gz"], scope="derivatives",
+                       return_type="file", invalid_filters="allow", **ses_q)
+    hits = [f for f in found if QSIPREP_DWI.search(Path(f).name)
+            and (not ses or f"_ses-{ses}_" in Path(f).name)]
+    hits = _apply_name_filters(hits, filters.get("dwi", {}))
+    chosen, _ = _one(hits, "preprocessed DWI", key)
+    if chosen is not None:
+        masks = [chosen.with_name(re.sub(r"desc-preproc_dwi\.nii(\.gz)?$", f"desc-brain_mask{ext}", chosen.name))
+                 for ext in (".nii.gz", ".nii")]
+        mask = next((m for m in masks if m.is_file()), masks[0])
+        btable = _companion(chosen, ".b")
+        return DwiInputs(chosen, _companion(chosen, ".bval"), _companion(chosen, ".bvec"),
+                         mask if mask.is_file() else None, "qsiprep", btable if btable.is_file() else None)
+    raw = [f for f in layout.get(subject=sub, suffix="dwi", datatype="dwi", extension=[".nii", ".nii.gz"],
+                                 scope="raw", return_type="file", invalid_filters="allow", **ses_q)
+           if not ses or f"ses-{ses}" in Path(f).name]
+    raw = _apply_name_filters(raw, filters.get("dwi", {}))
+    if not raw:
+        return None
+    if not raw_preprocessed:
+        log.info("%s: a raw dwi/ image is not fitted unless declared preprocessed (--dwi-preprocessed)", key)
+        return None
+    chosen, _ = _one(raw, "raw DWI", key)
+    try:
+        bval, bvec = Path(layout.get_bval(str(chosen))), Path(layout.get_bvec(str(chosen)))
+    except Exception:  # pybids raises when no .bval/.bvec applies; the fit then names the file it expected
+        bval, bvec = _companion(chosen, ".bval"), _companion(chosen, ".bvec")
+    return DwiInputs(chosen, bval, bvec, None, "bids")
+
+
+def _record(layout, sub: str, ses: str, filters: dict, dwi_preprocessed: bool = False) -> SubjectRecord:
     key = subject_stem(sub, ses)
     ses_q = {"session": ses} if ses else {}
     chosen, choices = {}, {}
@@ -322,14 +400,17 @@ def _record(layout, sub: str, ses: str, filters: dict) -> SubjectRecord:
             hits = [f for f in hits if f"_ses-{ses}_" in Path(f).name]
         hits = _apply_name_filters(hits, filters.get(modality, {}))
         chosen[modality], choices[modality] = _one(hits, modality.upper(), key)
+    dwi = None
+    if chosen["fa"] is None or chosen["ndi"] is None:
+        dwi = _dwi_series(layout, sub, ses, filters, key, dwi_preprocessed)
     missing = {}
     if chosen["t1w"] is None:
         missing["t1w"] = EXPECTED_NAMES["t1w"].replace("<label>", sub, 1)
     for modality in ("fa", "ndi"):
         if chosen[modality] is None:
-            missing[modality] = EXPECTED_NAMES[modality]
+            missing[modality] = EXPECTED_NAMES[modality] + ("" if dwi is None else f" (to be fitted from {dwi.dwi.name})")
     return SubjectRecord(sub, ses, chosen["t1w"], chosen["fa"], chosen["ndi"], missing,
-                         {m: c for m, c in choices.items() if c})
+                         {m: c for m, c in choices.items() if c}, dwi)
 
 
 def choices_summary(records: list[SubjectRecord]) -> dict:

@@ -11,6 +11,9 @@ Layout (one subject, ``<tpl>`` = the template's space label, ``2p5`` = grid voxe
       sub-X[_ses-Y]_space-<tpl>_res-2p5_desc-logjac_jacobian.nii.gz (+ .json)  log-JAC  [bidsignored]
       sub-X[_ses-Y]_space-<tpl>_res-2p5_desc-fa_mdp.nii.gz / desc-ndi_mdp     FA, NDI  [bidsignored]
       sub-X[_ses-Y]_from-T1w_to-<tpl>_mode-image_desc-{affine,warp}_xfm.*     [bidsignored]
+    sub-X[/ses-Y]/dwi/sub-X[_ses-Y]_space-T1w_model-{tensor,noddi}_param-{fa,icvf}_dwimap.*
+                                         FA/NDI fitted from preprocessed DWI    [bidsignored]
+                                         (mmfusion/io/dwi.py; only when the fitted maps were absent)
     sub-X/figures/sub-X[_ses-Y]_desc-registration_qc.png                      [bidsignored]
     sub-X[_ses-Y].html                                                        [bidsignored]
     mmfusion_report.html (group level)                                        [bidsignored]
@@ -31,7 +34,7 @@ from mmfusion.io.bids import BIDS_VERSION, subject_folder, subject_stem
 # bids-validator-deno matches these like .gitignore, but a trailing '/' stops a folder matching
 BIDSIGNORE = [
     "shards", "template", "logs", "work", "group", "figures", "sub-*.html", "mmfusion_report.html",
-    "*_desc-logjac_jacobian.*", "*_mdp.*", "*_xfm.*",
+    "*_desc-logjac_jacobian.*", "*_mdp.*", "*_xfm.*", "*_dwimap.*",
 ]
 
 #: modality -> (desc label, suffix) of the derivative NIfTI

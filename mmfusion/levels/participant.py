@@ -1,6 +1,7 @@
 """Participant level: one subject (and session) per record, as one SLURM array task runs it.
 
-Per record: validate inputs -> skip if an up-to-date shard exists -> N4 -> register T1w
+Per record: FA/NDI fitted from preprocessed DWI where the fitted maps are absent (or
+reused from an earlier run) -> validate inputs -> skip if an up-to-date shard exists -> N4 -> register T1w
 to the template (preset) -> log-JAC of the nonlinear warp -> warp FA/NDI with the same
 transforms -> resample all to the output grid -> BIDS-derivative NIfTIs + sidecars +
 transforms -> QC figure + HTML -> the HDF5 shard, written LAST (its existence means the
@@ -17,13 +18,16 @@ from pathlib import Path
 import ants
 import numpy as np
 
+from mmfusion.errors import InputDataError
+
 from mmfusion import __version__
 from mmfusion.io import derivatives
+from mmfusion.io import dwi as dwi_io
 from mmfusion.report import figures, subject_qc
 from mmfusion.io.atomic import atomic_path
 from mmfusion.config import config_hash
 from mmfusion.context import scratch_dir
-from mmfusion.io.images import load_subject_inputs, missing_t1w_error
+from mmfusion.io.images import check_same_space, load_3d, load_subject_inputs, missing_t1w_error
 from mmfusion.provenance import reuse_existing, sha256_file
 from mmfusion.runlog import get_logger, progress
 from mmfusion.io.shards import Shard, read_attrs, shard_path, write_shard
@@ -117,9 +121,10 @@ def process_subject(ctx, record, template: TemplateInfo, params: dict) -> Path:
     cfg = ctx.config["spatial"]
     key = record.key
     shard_file = shard_path(ctx.output_dir, record.subject, record.session)
-    t1_nii, maps, qc_counts = load_subject_inputs(
-        record.t1w, {m: getattr(record, m) for m in MAP_MODALITIES}, key)
-    inputs = {"t1w": record.t1w, **{m: getattr(record, m) for m in MAP_MODALITIES if getattr(record, m)}}
+    map_paths = {m: getattr(record, m) for m in MAP_MODALITIES}
+    map_paths.update(maps_from_dwi(ctx, record))
+    t1_nii, maps, qc_counts = load_subject_inputs(record.t1w, map_paths, key)
+    inputs = {"t1w": record.t1w, **{m: p for m, p in map_paths.items() if p}}
     expected = {"config_hash": spatial_hash(ctx.config), "template_hash": template.hash,
                 "input_hashes": _input_hashes(ctx, inputs)}
     if up_to_date(shard_file, expected, ctx.force):
@@ -141,6 +146,122 @@ def process_subject(ctx, record, template: TemplateInfo, params: dict) -> Path:
     write_shard(shard_file, shard)
     ctx.logger.info("%s: shard %s (%.0f s)", key, shard_file, sum(timings.values()))
     return shard_file
+
+
+def maps_from_dwi(ctx, record) -> dict[str, Path]:
+    """FA/NDI fitted from the record's preprocessed DWI for the maps it lacks (fitted maps
+    win). The cheap checks (gradients, shells, grid) run first; the maps are reused when
+    an earlier run fitted them from the same files with the same settings (their sidecars'
+    ``FitRecord``), else fitted and written. Returns {modality: fitted map path}."""
+    from mmfusion.diffusion import dwi_checks as checks
+
+    cfg = ctx.config["diffusion"]
+    need = [m for m in MAP_MODALITIES if getattr(record, m) is None]
+    if not need or record.dwi is None or not cfg["fit_missing"]:
+        _log_sources(ctx, record, {})
+        return {}
+    inp = record.dwi
+    img, bvals, bvecs, mask = dwi_io.load_dwi(inp)
+    t1 = load_3d(record.t1w, "T1w")
+    regridded = check_same_space(img.slicer[..., 0], inp.dwi, t1, record.t1w, "DWI")
+    grads = str(inp.btable) if inp.uses_btable() else f"{inp.bval} / {inp.bvec}"
+    bvals, bvecs = checks.check_gradients(bvals, bvecs, img.shape[3], grads, cfg["b0_threshold"])
+    shells = checks.find_shells(bvals, cfg["b0_threshold"], cfg["shell_tolerance"])
+    plan = list(need)
+    if "ndi" in need and not checks.noddi_possible(shells):
+        if not cfg["allow_fa_only"]:
+            raise InputDataError(checks.single_shell_message(shells, str(inp.dwi)))
+        ctx.logger.warning("%s: single-shell DWI (%s): fitting FA only, NDI stays missing (diffusion.allow_fa_only)",
+                           record.key, inp.dwi.name)
+        plan.remove("ndi")
+    use = checks.dti_volumes(shells, cfg["dti_max_bval"], grads) if "fa" in plan else None
+    if mask is not None:
+        mask = checks.check_mask(mask, img.shape[:3], str(inp.mask))
+    expected = {"inputs": _input_hashes(ctx, {**inp.files(), "t1w": record.t1w}), "settings": dict(cfg),
+                "software": {"dipy": _version("dipy"), "dmri-amico": _version("dmri-amico"),
+                             "nibabel": _version("nibabel"), "mmfusion": __version__}}
+    paths = {m: dwi_io.fitted_path(ctx.output_dir, record.subject, record.session, m) for m in plan}
+    if paths and all(reuse_existing(p, dwi_io.recorded_fit(p), expected, ctx.force,
+                                    "pass --force to refit it, or use another output_dir")
+                     for p in paths.values()):
+        ctx.logger.info("%s: %s fitted earlier from %s with these settings, reused", record.key,
+                        "/".join(m.upper() for m in paths), inp.dwi.name)
+        _log_sources(ctx, record, paths)
+        return paths
+    with tempfile.TemporaryDirectory(prefix=f"mmf_dwi_{record.key}_", dir=scratch_dir(ctx)) as tmp:
+        fitted = _fit_dwi(ctx, record, img, bvals, bvecs, mask, shells, use, paths, expected, regridded, Path(tmp))
+    _log_sources(ctx, record, fitted)
+    return fitted
+
+
+def _version(dist: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def _log_sources(ctx, record, fitted: dict[str, Path]) -> None:
+    """Per modality, where its map came from: the log and ``provenance.map_sources``."""
+    out = {}
+    for m in MAP_MODALITIES:
+        if getattr(record, m) is not None:
+            out[m] = f"fitted map (derivative) {getattr(record, m)}"
+        elif m in fitted:
+            out[m] = f"fitted by mmfusion from {record.dwi.dwi} -> {fitted[m]}"
+        else:
+            out[m] = "absent"
+    ctx.provenance.extra.setdefault("map_sources", {})[record.key] = out
+    ctx.logger.info("%s: %s", record.key, "; ".join(f"{m.upper()}: {v}" for m, v in out.items()))
+
+
+def _fit_dwi(ctx, record, img, bvals, bvecs, mask, shells, use, paths: dict[str, Path], expected: dict,
+             regridded: bool, tmp: Path) -> dict[str, Path]:
+    """Fit the maps of ``paths`` (DIPY tensor for FA, AMICO NODDI for NDI) and write them,
+    each whole or not at all, its sidecar last."""
+    from mmfusion.diffusion import dwi_checks as checks
+    from mmfusion.diffusion import fit
+
+    cfg, inp = ctx.config["diffusion"], record.dwi
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if mask is not None:
+        mask_desc = derivatives.bids_uri(inp.mask, ctx.bids_dir)
+    else:
+        mask = dwi_io.brain_mask_from_b0(np.nan_to_num(data[..., shells.b0].mean(axis=-1)))
+        mask = checks.check_mask(mask, img.shape[:3], f"{inp.dwi} (mask from its b=0 volumes)")
+        mask_desc = "DIPY median_otsu of the mean b=0 volume (median radius 2, 4 passes)"
+    data, mask, n_nonfinite = checks.finite_voxels(data, mask)
+    common = {"Sources": [derivatives.bids_uri(p, ctx.bids_dir) for p in inp.files().values()],
+              "Mask": mask_desc, "SpatialReference": "T1w (on the DWI's own grid)" if regridded else "T1w",
+              "NonfiniteInputVoxelsExcluded": n_nonfinite, "Acquisition": shells.as_dict()}
+    out: dict[str, tuple[np.ndarray, dict]] = {}
+    if "fa" in paths:
+        t0 = time.perf_counter()
+        fa, bad = fit.fit_dti(data, bvals, bvecs, mask, use, cfg["b0_threshold"], cfg["dti_fit_method"])
+        used = sorted({float(v) for v in shells.shell_of[use]})
+        out["fa"] = (fa, {"Description": "fractional anisotropy of a diffusion tensor fitted by mmfusion",
+                          "Model": "tensor", "Software": "DIPY (dipy.reconst.dti.TensorModel)",
+                          "SoftwareVersion": _version("dipy"), "FitMethod": cfg["dti_fit_method"],
+                          "ShellsUsed": [f"{v:g}" for v in used], "VolumesUsed": int(use.sum()),
+                          "NonfiniteFitVoxelsSetToZero": bad, **common})
+        ctx.logger.info("%s: tensor fit (DIPY %s, b <= %g s/mm^2: %d volumes) %.1f s", record.key,
+                        cfg["dti_fit_method"], cfg["dti_max_bval"], int(use.sum()), time.perf_counter() - t0)
+    if "ndi" in paths:
+        t0 = time.perf_counter()
+        res = fit.fit_noddi(data, bvals, bvecs, mask, img.affine, tmp / "amico", Path(ctx.work_dir) / "amico_kernels",
+                            b0_threshold=cfg["b0_threshold"], dpar=cfg["noddi_dpar"], diso=cfg["noddi_diso"],
+                            nthreads=ctx.omp_nthreads, what=str(inp.dwi))
+        out["ndi"] = (res.ndi, {"Description": "neurite density index (NODDI intra-cellular volume fraction, "
+                                               "ICVF) fitted by mmfusion", **res.settings,
+                                "ShellsUsed": ["0"] + [f"{v:g}" for v in shells.values],
+                                "NonfiniteFitVoxelsSetToZero": res.nonfinite, **common})
+        ctx.logger.info("%s: NODDI fit (AMICO, dPar %g, dIso %g mm^2/s) %.1f s", record.key, cfg["noddi_dpar"],
+                        cfg["noddi_diso"], time.perf_counter() - t0)
+    for m, (arr, meta) in out.items():
+        dwi_io.write_fitted_map(paths[m], arr, img.affine, {**meta, "FitRecord": expected})
+    return dict(paths)
 
 
 def _register_and_resample(cfg, t1_nii, maps, template: TemplateInfo, params,
