@@ -71,14 +71,15 @@ def run_group_level(ctx) -> Path | None:
     (``ctx.model``) the trained model is applied instead (:func:`apply_group_level`)."""
     from mmfusion.learning import distribute
 
-    distribute.set_threads(getattr(ctx, "omp_nthreads", None))  # before any TensorFlow op
     if getattr(ctx, "model", None) is not None:
+        distribute.set_threads(getattr(ctx, "omp_nthreads", None))  # before any TensorFlow op
         return apply_group_level(ctx)
     step = getattr(ctx, "step", "all")
     if step != "all":
         return run_step(ctx, step)
-    inputs = check_inputs(ctx)
+    inputs = check_inputs(ctx)  # no TensorFlow yet: bad inputs fail in seconds
     log.info("group level on %d subject(s), modalities %s", len(ctx.participant_labels), " ".join(ctx.modalities))
+    distribute.set_threads(getattr(ctx, "omp_nthreads", None))  # before any TensorFlow op
     distribute.make_strategy()  # a multi-worker strategy must exist before any other TF op
     learned = run_learning(ctx, inputs.infos)
     if not distribute.is_chief():
@@ -95,9 +96,10 @@ def run_step(ctx, step: str) -> Path | None:
     whole level, then one fold (``ctx.fold``), the final model, or the analysis (the
     learning's remaining outputs from the steps' files, the analysis, the bundle and the
     report; returns the report's path). A finished step is skipped unless ``--force``."""
-    from mmfusion.learning import training
+    from mmfusion.learning import distribute, training
 
     inputs = check_inputs(ctx)
+    distribute.set_threads(getattr(ctx, "omp_nthreads", None))  # before any TensorFlow op
     log.info("group level, step %s%s, on %d subject(s)", step, f" {ctx.fold}" if step == "train-fold" else "",
              len(ctx.participant_labels))
     ctx.provenance.extra["group_step"] = {"step": step, **({"fold": int(ctx.fold)} if step == "train-fold" else {})}
