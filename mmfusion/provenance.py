@@ -22,7 +22,7 @@ from mmfusion.config import config_hash
 
 LIBRARIES = (
     "tensorflow", "keras", "antspyx", "nibabel", "pybids", "h5py", "numpy", "scipy",
-    "scikit-learn", "statsmodels", "nilearn", "pyyaml", "pandas", "matplotlib",
+    "scikit-learn", "statsmodels", "nilearn", "pyyaml", "pandas", "matplotlib", "dipy", "dmri-amico",
 )
 
 

@@ -28,7 +28,7 @@ from mmfusion.io.atomic import atomic_path
 from mmfusion.config import config_hash
 from mmfusion.context import scratch_dir
 from mmfusion.io.images import check_same_space, load_3d, load_subject_inputs, missing_t1w_error
-from mmfusion.provenance import reuse_existing, sha256_file
+from mmfusion.provenance import library_versions, reuse_existing, sha256_file
 from mmfusion.runlog import get_logger, progress
 from mmfusion.io.shards import Shard, read_attrs, shard_path, write_shard
 from mmfusion.spatial import registration as reg
@@ -177,9 +177,9 @@ def maps_from_dwi(ctx, record) -> dict[str, Path]:
     use = checks.dti_volumes(shells, cfg["dti_max_bval"], grads) if "fa" in plan else None
     if mask is not None:
         mask = checks.check_mask(mask, img.shape[:3], str(inp.mask))
+    versions = library_versions()
     expected = {"inputs": _input_hashes(ctx, {**inp.files(), "t1w": record.t1w}), "settings": dict(cfg),
-                "software": {"dipy": _version("dipy"), "dmri-amico": _version("dmri-amico"),
-                             "nibabel": _version("nibabel"), "mmfusion": __version__}}
+                "software": {k: versions[k] for k in ("dipy", "dmri-amico", "nibabel")} | {"mmfusion": __version__}}
     paths = {m: dwi_io.fitted_path(ctx.output_dir, record.subject, record.session, m) for m in plan}
     if paths and all(reuse_existing(p, dwi_io.recorded_fit(p), expected, ctx.force,
                                     "pass --force to refit it, or use another output_dir")
@@ -192,15 +192,6 @@ def maps_from_dwi(ctx, record) -> dict[str, Path]:
         fitted = _fit_dwi(ctx, record, img, bvals, bvecs, mask, shells, use, paths, expected, regridded, Path(tmp))
     _log_sources(ctx, record, fitted)
     return fitted
-
-
-def _version(dist: str) -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return "not installed"
 
 
 def _log_sources(ctx, record, fitted: dict[str, Path]) -> None:
@@ -243,7 +234,7 @@ def _fit_dwi(ctx, record, img, bvals, bvecs, mask, shells, use, paths: dict[str,
         used = sorted({float(v) for v in shells.shell_of[use]})
         out["fa"] = (fa, {"Description": "fractional anisotropy of a diffusion tensor fitted by mmfusion",
                           "Model": "tensor", "Software": "DIPY (dipy.reconst.dti.TensorModel)",
-                          "SoftwareVersion": _version("dipy"), "FitMethod": cfg["dti_fit_method"],
+                          "SoftwareVersion": library_versions()["dipy"], "FitMethod": cfg["dti_fit_method"],
                           "ShellsUsed": [f"{v:g}" for v in used], "VolumesUsed": int(use.sum()),
                           "NonfiniteFitVoxelsSetToZero": bad, **common})
         ctx.logger.info("%s: tensor fit (DIPY %s, b <= %g s/mm^2: %d volumes) %.1f s", record.key,
