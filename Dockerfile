@@ -36,6 +36,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NUMBA_CACHE_DIR=/tmp/numba \
     TF_CPP_MIN_LOG_LEVEL=1
 
+# libgomp1: numba's thread-safe OpenMP threading layer (without it numba falls back to its
+# "workqueue" layer, which is not safe under tf.data's threads: the training losses became NaN).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
+# (DL3008 "pin versions": the bookworm package of the base image's release)
+
 # Third-party dependencies first (one cached layer): pyproject's dependencies, plus the CUDA
 # wheels of tensorflow[and-cuda] (unless TENSORFLOW=tensorflow), at exactly the versions of
 # requirements.lock.
@@ -58,8 +66,9 @@ RUN test "$(cat version)" = "${VERSION}" \
 
 # Numeric uid (the "mmfusion" user made above) so hosts and Kubernetes can resolve it.
 USER 1000:1000
-# The package imports and the built-in MNI152 template loads (without network: checked at run time).
-RUN python -c "import mmfusion, nilearn.datasets as d; d.load_mni152_template(resolution=1); print('mmfusion', mmfusion.__version__)"
+# The package imports, numba's OpenMP layer loads and the built-in MNI152 template loads
+# (without network: checked at run time).
+RUN python -c "import mmfusion, nilearn.datasets as d, numba.np.ufunc.omppool; d.load_mni152_template(resolution=1); print('mmfusion', mmfusion.__version__)"
 
 ENTRYPOINT ["python", "/opt/mmfusion/run.py"]
 CMD ["--help"]

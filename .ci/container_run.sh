@@ -132,7 +132,7 @@ in_image help 0 "$image" && grep -q "^usage: mmfusion " "$scratch/help.log" \
     && grep -q "analysis_level" "$scratch/help.log" \
     || { say "the default command (--help) printed no usage"; failed=1; }
 in_image offline-imports 0 --entrypoint python "$image" -c \
-    "import mmfusion, tensorflow, ants, nilearn.datasets as d; d.load_mni152_template(resolution=1); print('mmfusion', mmfusion.__version__, 'tensorflow', tensorflow.__version__)" \
+    "import mmfusion, tensorflow, ants, numba.np.ufunc.omppool, nilearn.datasets as d; d.load_mni152_template(resolution=1); print('mmfusion', mmfusion.__version__, 'tensorflow', tensorflow.__version__, 'numba omp layer ok')" \
     && tail -1 "$scratch/offline-imports.log" | sed 's/^/    /'
 in_image simulate 0 "$image" simulate /data/bids --n-subjects 6 --n-strata 2 --voxel-size 4 --seed 3
 in_image template 0 "$image" /data/bids /data/out template "${common[@]}"
@@ -176,7 +176,7 @@ if [ "${MMFUSION_CI_CPU_IMAGE:-1}" = 1 ]; then
     say "image sizes: $image $(docker image inspect -f '{{.Size}}' "$image" | awk '{ printf "%.2f GB", $1 / 1e9 }'), $image-cpu $(docker image inspect -f '{{.Size}}' "$image-cpu" | awk '{ printf "%.2f GB", $1 / 1e9 }')"
     in_image cpu-version 0 "$image-cpu" --version
     in_image cpu-offline-imports 0 --entrypoint python "$image-cpu" -c \
-        "import importlib.util as u, mmfusion, tensorflow, ants, nilearn.datasets as d; d.load_mni152_template(resolution=1); assert u.find_spec('nvidia') is None, 'CUDA wheels in the CPU image'; print('mmfusion', mmfusion.__version__, 'tensorflow', tensorflow.__version__, 'no CUDA wheels')" \
+        "import importlib.util as u, mmfusion, tensorflow, ants, numba.np.ufunc.omppool, nilearn.datasets as d; d.load_mni152_template(resolution=1); assert u.find_spec('nvidia') is None, 'CUDA wheels in the CPU image'; print('mmfusion', mmfusion.__version__, 'tensorflow', tensorflow.__version__, 'no CUDA wheels')" \
         && tail -1 "$scratch/cpu-offline-imports.log" | sed 's/^/    /'
 else
     say "CPU-only variant NOT built (MMFUSION_CI_CPU_IMAGE=0)"
