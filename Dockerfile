@@ -41,7 +41,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 # (DL3008 "pin versions": the bookworm package of the base image's release)
 
 # Third-party dependencies first (one cached layer): pyproject's dependencies, plus the CUDA

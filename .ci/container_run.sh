@@ -139,7 +139,7 @@ in_image template 0 "$image" /data/bids /data/out template "${common[@]}"
 in_image participant 0 "$image" /data/bids /data/out participant "${common[@]}"
 in_image group 0 "$image" /data/bids /data/out group --modalities jac ndi "${common[@]}"
 # the write refused in a root-owned bind mount: the one line and exit 73 (the user's fix: --user)
-in_image simulate-into-root-owned-mount 73 -v "$ro_out:/rootowned" "$image" simulate /rootowned/sim --n-subjects 2 \
+in_image simulate-into-root-owned-mount 73 -v "$ro_out:/rootowned" "$image" simulate /rootowned/sim --n-subjects 2 --n-strata 1 \
     && { [ "$(wc -l < "$scratch/simulate-into-root-owned-mount.log")" = 1 ] \
          || { say "exit 73 but not one line:"; cat "$scratch/simulate-into-root-owned-mount.log"; failed=1; }; } \
     && sed 's/^/    /' "$scratch/simulate-into-root-owned-mount.log"
