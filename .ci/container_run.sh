@@ -35,6 +35,7 @@ cleanup() {
         base=$(awk 'toupper($1) == "FROM" { print $2; exit }' Dockerfile)
         [ "$(docker image inspect -f '{{ index .Config.Labels "mmfusion.ci-base" }}' "$base" 2>/dev/null)" = 1 ] \
             && docker rmi -f "$base" >/dev/null 2>&1
+        docker container prune -f >/dev/null 2>&1  # a build's intermediate container, if interrupted
         docker image prune -f >/dev/null 2>&1
         docker builder prune -f >/dev/null 2>&1
     fi
