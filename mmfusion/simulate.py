@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 from mmfusion._version import __version__
-from mmfusion.io.atomic import atomic_dir, write_json, write_text
+from mmfusion.io.atomic import (atomic_dir, check_writable_dir, output_permission_error, write_json,
+                                write_text)
 from mmfusion.io.bids import BIDS_VERSION, subject_folder, subject_stem
 from mmfusion.errors import UsageParser
 from mmfusion.errors import MmfusionError, OutputError, UsageError
@@ -796,11 +798,33 @@ def _check_options(n_subjects, n_strata, voxel_size, sessions, n_sites=1, site_f
         raise UsageError(f"--sessions must be >= 1 (got {sessions})")
 
 
+def _is_mount_point(path: Path) -> bool:
+    """``os.path.ismount``, plus bind mounts within one file system (Linux: /proc/self/mountinfo)."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo") as fh:  # field 5: the mount point, with octal escapes
+            points = {line.split()[4].encode().decode("unicode_escape") for line in fh if line.strip()}
+    except OSError:
+        return False
+    return str(path) in points
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """OUT_DIR must be new or empty (or ``overwrite``), and its parent writable: the dataset
+    is written into a temporary folder next to OUT_DIR, then renamed to it (exit 73)."""
+    out_dir = Path(os.path.abspath(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir} exists and is not a folder; choose another OUT_DIR")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OutputError(f"{out_dir} is not empty; choose an empty or new OUT_DIR or pass --overwrite")
+    if _is_mount_point(out_dir):
+        raise OutputError(f"{out_dir} is a mount point, which cannot be replaced by the finished dataset; "
+                          f"give a new folder inside it, e.g. {out_dir / 'sim'}")
+    parent = out_dir.parent
+    while not parent.exists():  # the folders simulate would create (mkdir -p)
+        parent = parent.parent
+    check_writable_dir(parent, "the folder OUT_DIR goes into")
 
 
 def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_size: float = 1.25,
@@ -1040,6 +1064,12 @@ def main(argv: list[str] | None = None) -> int:
                          design_seed=args.design_seed,
                          dwi={"snr": args.dwi_snr, "directions": args.dwi_directions, "factor": args.dwi_factor}
                          if args.dwi else None)
+    except OSError as exc:  # a write refused inside the folder OUT_DIR goes into
+        err = output_permission_error(exc, (Path(os.path.abspath(args.out_dir)).parent,))
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except MmfusionError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -38,7 +38,12 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 # Container recipes
 # ---------------------------------------------------------------------------------------
 LOCK = REPO / "requirements.lock"
-LOCK_INSTALL = "pip install --no-cache-dir -c requirements.lock -r /tmp/deps.txt \"tensorflow[and-cuda]\""
+LOCK_INSTALL = "pip install --no-cache-dir -c requirements.lock -r /tmp/deps.txt \"{tensorflow}\""
+
+
+def _docker_arg(name: str) -> str:
+    """The default of ``ARG name="..."`` in the Dockerfile."""
+    return re.search(rf'^ARG {name}="([^"]+)"$', (REPO / "Dockerfile").read_text(), re.M).group(1)
 
 
 def _lock() -> dict[str, str]:
@@ -54,9 +59,11 @@ def _lock() -> dict[str, str]:
 
 
 def test_both_images_install_exactly_the_lock():
-    for recipe in ("Dockerfile", "Singularity.def"):
+    # the Dockerfile's default (the GPU image) is Singularity.def's one recipe
+    assert _docker_arg("TENSORFLOW") == "tensorflow[and-cuda]"
+    for recipe, tensorflow in (("Dockerfile", "${TENSORFLOW}"), ("Singularity.def", "tensorflow[and-cuda]")):
         text = (REPO / recipe).read_text()
-        assert LOCK_INSTALL in text, f"{recipe} does not install with -c requirements.lock"
+        assert LOCK_INSTALL.format(tensorflow=tensorflow) in text, f"{recipe} does not install with -c requirements.lock"
         assert not re.search(r'"[A-Za-z0-9_.\-]+(\[[^\]]*\])?==', text), f"{recipe} pins versions of its own"
     assert "COPY requirements.lock" in (REPO / "Dockerfile").read_text()
     assert "requirements.lock /opt/mmfusion/requirements.lock" in (REPO / "Singularity.def").read_text()
@@ -118,6 +125,15 @@ def test_images_carry_the_version_file_as_oci_label():
     assert re.search(r'test "\$\(cat version\)" = "\$\{VERSION\}"', dockerfile)  # build fails on drift
     labels = (REPO / "Singularity.def").read_text().split("%labels", 1)[1].split("\n%", 1)[0]
     assert f"org.opencontainers.image.version {version}" in labels
+
+
+def test_dockerfile_builds_with_the_legacy_builder_too():
+    """No BuildKit-only syntax: a `# syntax=` line makes BuildKit fetch a frontend image from
+    a registry, `RUN --network/--mount` and heredocs are rejected by the legacy builder."""
+    text = (REPO / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    assert not re.search(r"^RUN\s+--", text, re.M)
+    assert not re.search(r"<<-?\s*['\"]?[A-Z]+['\"]?\s*$", text, re.M)
 
 
 def test_dockerfile_is_a_bids_app_with_help_default_and_non_root_user():

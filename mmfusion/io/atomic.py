@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from mmfusion.errors import OutputError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -102,3 +104,35 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Raise ``OutputError`` (exit 73, one line) unless this process can create files in
+    the existing folder ``path``: a read-only mount, a folder owned by another user (a
+    container's bind mount owned by root, say), ACLs, root squash. Tried for real with an
+    anonymous temporary file (removed at once), since ``os.access`` misjudges some of these.
+    """
+    path = Path(path)
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{path}: {what} is not writable by this user (uid {os.geteuid()}: "
+                          f"{exc.strerror}); choose a writable folder, or make it writable for uid "
+                          f"{os.geteuid()} (containers: run with --user $(id -u):$(id -g))") from exc
+
+
+def output_permission_error(exc: OSError, roots) -> OutputError | None:
+    """The one-line ``OutputError`` for a write refused (permission denied, read-only file
+    system) on a path inside one of the output folders ``roots``; None for any other error."""
+    import errno
+
+    if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not exc.filename:
+        return None
+    failed = Path(os.path.abspath(exc.filename))
+    for root in roots:
+        if root is not None and (failed == Path(root) or Path(root) in failed.parents):
+            return OutputError(f"{failed}: cannot write inside {root} ({exc.strerror}); make the folder "
+                               f"and what is in it writable for uid {os.geteuid()} (containers: run with "
+                               f"--user $(id -u):$(id -g)), or choose another folder")
+    return None
