@@ -155,6 +155,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "lower_percentile": number(0, 100),
         "upper_percentile": number(0, 100),
         "histogram_bins": count(2),
+        "brain_mask": BOOLEAN,
     },
     "phenotypes": {
         "variables": optional(STRINGS),

@@ -59,6 +59,10 @@ class InputDataError(MmfusionError):
     exit_code = 65
 
 
+class TrainingDiverged(InputDataError):
+    """A training loss became NaN/Inf (the epoch is not checkpointed; the run stops at once)."""
+
+
 class MissingInputError(MmfusionError):
     exit_code = 66
 

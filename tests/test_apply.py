@@ -88,8 +88,8 @@ def _fake_training(ctx: RunContext, paths: list[Path]):
     model_dir = ctx.group_dir / "model"
     model_dir.mkdir(parents=True)
     model.save_weights(model_dir / "final.weights.h5")
-    norm = PopulationNormalizer.from_config(ctx.config["normalization"]).fit(
-        paths, ctx.modalities, shard_data.read_volume, shard_data.scan_volume_stats(infos, ctx.modalities))
+    norm = PopulationNormalizer.from_config(ctx.config["normalization"])
+    norm.fit(paths, ctx.modalities, shard_data.normalizer_reader(norm))
     norm.save(model_dir / "normalization.json")
     write_json(model_dir / "model.json", {"modalities": ctx.modalities, "model": ctx.config["model"]})
     X = training.embed(model, paths, ctx.modalities, norm)

@@ -80,6 +80,38 @@ def small_config(epochs=2, folds=2):
 
 
 # ------------------------------------------------------------------------ data input
+def test_masking_normalizer_fits_on_brain_and_zeroes_the_background(tmp_path):
+    paths = make_shards(tmp_path, n=4)
+    mask = shard_data.read_mask(paths[0])
+    assert 0 < mask.mean() < 1
+    norm = PopulationNormalizer(brain_mask=True)
+    norm.fit(paths, ["jac"], shard_data.normalizer_reader(norm))
+    brain = np.concatenate([shard_data.read_volume(p, "jac")[mask] for p in paths]).astype(np.float64)
+    assert norm.ranges["jac"] == pytest.approx(tuple(np.percentile(brain, [0.1, 99.9])), rel=1e-12)
+    assert norm.n_voxels["jac"] == brain.size
+    whole = PopulationNormalizer().fit(paths, ["jac"], shard_data.read_volume)
+    assert whole.ranges["jac"] != norm.ranges["jac"]          # the background changes the percentiles
+    x = shard_data.load_subject(paths[1], ["jac"], norm)["jac"]
+    assert np.all(x[~mask] == 0.0) and x[mask].max() > 0.5
+    np.testing.assert_array_equal(x[mask], norm.transform(shard_data.read_volume(paths[1], "jac"), "jac", mask)[mask])
+    with pytest.raises(ValueError, match="brain mask"):
+        norm.transform(shard_data.read_volume(paths[1], "jac"), "jac")
+    ds = shard_data.make_dataset(paths, ["jac"], norm, SHAPE, 1)
+    np.testing.assert_array_equal(next(ds.as_numpy_iterator())[0]["in_jac"][0, ..., 0],
+                                  shard_data.load_subject(paths[0], ["jac"], norm)["jac"])
+    again = PopulationNormalizer.load(norm.save(tmp_path / "normalization.json"))
+    assert again.brain_mask and again.ranges == norm.ranges
+    legacy = json.loads((tmp_path / "normalization.json").read_text())
+    del legacy["brain_mask"]                                      # a 0.3.0 model: unmasked
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    assert not PopulationNormalizer.load(tmp_path / "legacy.json").brain_mask
+
+
+def test_masking_is_the_default_and_a_config_key():
+    assert default_config()["normalization"]["brain_mask"] is True
+    assert PopulationNormalizer.from_config(default_config()["normalization"]).brain_mask
+
+
 def test_read_volume_matches_h5py_and_dataset_streams_normalized_batches(tmp_path):
     paths = make_shards(tmp_path, n=5)
     with h5py.File(paths[0]) as h5:
@@ -209,6 +241,21 @@ def test_resume_refuses_checkpoint_of_another_run(tmp_path):
     with pytest.raises(StaleOutputError, match="state.json"):
         training.fit_autoencoder(lambda: tiny_autoencoder({"input_shape": list(SHAPE)}, ["jac"]), data,
                                  small_config()["training"], tmp_path / "run", 1, "run", "other-hash", True)
+
+
+def test_a_nan_loss_stops_training_at_once_without_checkpointing_it(tmp_path):
+    from mmfusion.errors import TrainingDiverged
+
+    class Model:
+        stop_training, variables = False, []
+
+    ckpt = training._Checkpointer(tmp_path, "fold-01/embedding_only", "h", 5, 0, "val_loss", [],
+                                  float("inf"), 0, None)
+    model = Model()
+    with pytest.raises(TrainingDiverged, match=r"fold-01/embedding_only epoch 3: val_loss is NaN/Inf") as err:
+        ckpt.epoch_end(model, 2, {"loss": 0.5, "val_loss": float("nan")})
+    assert err.value.exit_code == 65 and model.stop_training
+    assert ckpt.history == [] and not (tmp_path / "state.json").exists()
 
 
 def test_early_stopping_restores_best_weights(tmp_path):

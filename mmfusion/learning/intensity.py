@@ -2,7 +2,10 @@
 
 Per modality, the values at the ``lower_percentile`` (0.1) and ``upper_percentile``
 (99.9) percentiles of ALL voxels of ALL training subjects map to 0 and 1; values are
-clipped to [0, 1]. The parameters are fitted on the training subjects only, saved as
+clipped to [0, 1]. With ``brain_mask`` (the default, as the paper's code), "all voxels"
+are those inside each shard's template brain mask, and every normalized volume is
+multiplied by that mask (background exactly 0): the model, the percentiles and the
+metrics see brain, not background. The parameters are fitted on the training subjects only, saved as
 JSON next to the model and reused unchanged for validation and inference.
 
 The percentiles are EXACT (identical to ``numpy.percentile`` with linear interpolation
@@ -156,15 +159,18 @@ class PopulationNormalizer:
     """Robust min-max to [0, 1] per modality, fitted across subjects.
 
     ``ranges[m] = (low, high)``: the population percentiles (input units of modality m).
+    ``brain_mask``: percentiles over in-mask voxels, and :meth:`transform` zeroes the
+    background when given the shard's mask (``mmfusion.learning.shard_data`` does).
     """
 
     def __init__(self, lower_percentile: float = 0.1, upper_percentile: float = 99.9,
-                 histogram_bins: int = 65536):
+                 histogram_bins: int = 65536, brain_mask: bool = False):
         if not 0 <= lower_percentile < upper_percentile <= 100:
             raise ValueError("need 0 <= lower_percentile < upper_percentile <= 100")
         self.lower_percentile = float(lower_percentile)
         self.upper_percentile = float(upper_percentile)
         self.histogram_bins = int(histogram_bins)
+        self.brain_mask = bool(brain_mask)
         self.ranges: dict[str, tuple[float, float]] = {}
         self.fitted_on: list[str] = []
         self.n_voxels: dict[str, int] = {}
@@ -172,14 +178,15 @@ class PopulationNormalizer:
     @classmethod
     def from_config(cls, cfg: dict) -> "PopulationNormalizer":
         """From the ``normalization`` config section."""
-        return cls(cfg["lower_percentile"], cfg["upper_percentile"], cfg["histogram_bins"])
+        return cls(cfg["lower_percentile"], cfg["upper_percentile"], cfg["histogram_bins"], cfg["brain_mask"])
 
     def fit(self, paths: Sequence[Path], modalities: Sequence[str], reader: Reader,
             stats: dict[tuple[str, str], VolumeStats] | None = None) -> "PopulationNormalizer":
         """Fit on the shards ``paths`` (training subjects only), streaming volumes.
 
-        ``reader(path, modality)`` returns one float32 (X, Y, Z) volume. ``stats`` maps
-        ``(str(path), modality)`` to precomputed :class:`VolumeStats` (saves a pass).
+        ``reader(path, modality)`` returns one float32 volume, (X, Y, Z) or, with
+        ``brain_mask``, its in-mask voxels (V,). ``stats`` maps ``(str(path), modality)``
+        to precomputed :class:`VolumeStats` of what ``reader`` returns (saves a pass).
         Raises InputDataError if a modality is constant across the population.
         """
         stats = dict(stats or {})
@@ -210,13 +217,19 @@ class PopulationNormalizer:
         self.fitted_on = [Path(p).stem for p in paths]
         return self
 
-    def transform(self, image: np.ndarray, modality: str) -> np.ndarray:
-        """Map a volume (X, Y, Z) of ``modality`` to [0, 1], float32."""
+    def transform(self, image: np.ndarray, modality: str, mask: np.ndarray | None = None) -> np.ndarray:
+        """Map a volume (X, Y, Z) of ``modality`` to [0, 1], float32; with ``brain_mask``,
+        voxels outside ``mask`` (bool (X, Y, Z), the shard's brain mask; required) are 0."""
         if modality not in self.ranges:
             raise KeyError(f"normalizer was not fitted for modality {modality!r}")
         low, high = self.ranges[modality]
         out = (np.asarray(image, np.float32) - np.float32(low)) / np.float32(high - low)
-        return np.clip(out, 0.0, 1.0, out=out)
+        np.clip(out, 0.0, 1.0, out=out)
+        if self.brain_mask:
+            if mask is None:
+                raise ValueError("this normalizer masks the background: pass the shard's brain mask")
+            out[~mask] = 0.0
+        return out
 
     def to_dict(self) -> dict:
         return {
@@ -224,6 +237,7 @@ class PopulationNormalizer:
             "lower_percentile": self.lower_percentile,
             "upper_percentile": self.upper_percentile,
             "histogram_bins": self.histogram_bins,
+            "brain_mask": self.brain_mask,
             "modalities": {m: {"low": lo, "high": hi, "n_voxels": self.n_voxels.get(m)}
                            for m, (lo, hi) in self.ranges.items()},
             "fitted_on": self.fitted_on,
@@ -239,7 +253,8 @@ class PopulationNormalizer:
         """Read parameters written by :meth:`save`."""
         try:
             data = json.loads(Path(path).read_text())
-            norm = cls(data["lower_percentile"], data["upper_percentile"], data["histogram_bins"])
+            norm = cls(data["lower_percentile"], data["upper_percentile"], data["histogram_bins"],
+                       data.get("brain_mask", False))  # files of 0.3.0 and before: unmasked
             norm.ranges = {m: (float(v["low"]), float(v["high"])) for m, v in data["modalities"].items()}
             norm.n_voxels = {m: v.get("n_voxels") for m, v in data["modalities"].items()}
             norm.fitted_on = list(data.get("fitted_on", []))

@@ -186,9 +186,22 @@ def epoch_orders(n_items: int, epochs: int, seed: int) -> np.ndarray:
     return np.stack([np.random.default_rng([int(seed), e]).permutation(n_items) for e in range(epochs)])
 
 
+def read_brain(path: str | Path, modality: str) -> np.ndarray:
+    """float32 (V,): the in-mask voxels of one shard volume (what a masking normalizer fits on)."""
+    return read_volume(path, modality)[read_mask(path)]
+
+
+def normalizer_reader(normalizer: PopulationNormalizer):
+    """The reader :meth:`PopulationNormalizer.fit` needs: whole volumes, or in-mask voxels
+    when the normalizer masks the background."""
+    return read_brain if normalizer.brain_mask else read_volume
+
+
 def load_subject(path: str | Path, modalities: Sequence[str], normalizer: PopulationNormalizer) -> dict[str, np.ndarray]:
-    """Normalized volumes of one subject: {modality: float32 (X, Y, Z) in [0, 1]}."""
-    return {m: normalizer.transform(read_volume(path, m), m) for m in modalities}
+    """Normalized volumes of one subject: {modality: float32 (X, Y, Z) in [0, 1]}; with a
+    masking normalizer, 0 outside the shard's brain mask."""
+    mask = read_mask(path) if normalizer.brain_mask else None
+    return {m: normalizer.transform(read_volume(path, m), m, mask) for m in modalities}
 
 
 def make_dataset(paths: Sequence[Path], modalities: Sequence[str], normalizer: PopulationNormalizer,
@@ -211,9 +224,8 @@ def make_dataset(paths: Sequence[Path], modalities: Sequence[str], normalizer: P
     modalities = list(modalities)
 
     def load(indices: np.ndarray):
-        vols = [np.stack([normalizer.transform(read_volume(paths[i], m), m) for i in indices])[..., None]
-                for m in modalities]
-        return tuple(vols)
+        subjects = [load_subject(paths[i], modalities, normalizer) for i in indices]
+        return tuple(np.stack([s[m] for s in subjects])[..., None] for m in modalities)
 
     def load_batch(indices):
         vols = tf.numpy_function(load, [indices], [tf.float32] * len(modalities), stateful=False)

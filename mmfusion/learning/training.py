@@ -78,7 +78,7 @@ from mmfusion.report import figures
 from mmfusion.io.atomic import atomic_path, write_json, write_text
 from mmfusion.io.embeddings import write_embeddings_h5, write_embeddings_tsv, write_ids
 from mmfusion.config import config_hash
-from mmfusion.errors import MissingInputError, StaleOutputError, TrainingInterrupted
+from mmfusion.errors import MissingInputError, StaleOutputError, TrainingDiverged, TrainingInterrupted
 from mmfusion.learning.intensity import PopulationNormalizer
 from mmfusion.runlog import get_logger, progress
 
@@ -259,6 +259,12 @@ class _Checkpointer:
     def epoch_end(self, model, epoch: int, logs: dict) -> None:
         global _epochs_this_process
         record = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+        bad = [k for k, v in record.items() if not np.isfinite(v)]
+        if bad:  # stop now, keep the last good checkpoint: the remaining epochs would be wasted
+            model.stop_training = True
+            raise TrainingDiverged(
+                f"{self.label} epoch {epoch + 1}: {', '.join(bad)} is NaN/Inf, the model diverged; "
+                "check the shards and the training curves in the log, lower training.learning_rate in --config")
         self.history.append(record)
         value = record.get(self.monitor, float("nan"))
         if value < self.best:
@@ -512,7 +518,8 @@ class Learner:
 
     def fit_normalizer(self, paths: Sequence[Path]) -> PopulationNormalizer:
         norm = PopulationNormalizer.from_config(self.config["normalization"])
-        return norm.fit(paths, self.modalities, shard_data.read_volume, self.stats)
+        stats = None if norm.brain_mask else self.stats  # the scan's stats are of whole volumes
+        return norm.fit(paths, self.modalities, shard_data.normalizer_reader(norm), stats)
 
     def train(self, label: str, skips: bool, data: TrainingData) -> FitResult:
         seed = model_seed(self.seed, label)
