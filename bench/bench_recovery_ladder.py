@@ -14,6 +14,8 @@ stage and dataset (seed), then the median and range over datasets. Stages:
   fold-NN          cv/fold_embeddings.h5: each fold's model embedding all subjects
   with skips       (``--with-skips``) a final model with U-Net skips (the paper's model),
                    trained here on the same shards, config and seed
+  run's strata     group/strata/labels.tsv as the run wrote it (by default the consensus
+                   of the final, fold and subsample clusterings; no k-means)
 
 Usage (datasets prepared through the real CLI, see ``prepare``)::
 
@@ -142,6 +144,14 @@ def ladder(dirs: list[Path], with_skips: bool, threads: int) -> pd.DataFrame:
             r = rows[-1]
             print(f"{d.name:10s} {stage:28s} dim {r['dim']:6d}  AP ARI {r['ap_ari']:6.3f} "
                   f"({r['ap_clusters']} clusters)  k-means ARI {r['kmeans_ari']:6.3f}", flush=True)
+        strata = pd.read_csv(out / "group" / "strata" / "labels.tsv", sep="\t").drop_duplicates("participant_id")
+        strata = strata.set_index("participant_id").loc[subjects, "cluster"].to_numpy()
+        rows.append({"dataset": d.name, "stage": "run's strata", "dim": 0, "n": len(strata),
+                     "ap_clusters": int(strata.max()) + 1, "ap_ari": adjusted_rand_score(y, strata),
+                     "kmeans_ari": float("nan")})
+        stage = "run's strata"
+        print(f"{d.name:10s} {stage:28s}             ARI    {rows[-1]['ap_ari']:6.3f} "
+              f"({rows[-1]['ap_clusters']} strata)", flush=True)
     return pd.DataFrame(rows)
 
 

@@ -30,6 +30,8 @@ DTI_FIT_METHODS = ("WLS", "OLS", "NLLS", "RESTORE")
 DEPTHWISE_IMPLEMENTATIONS = ("auto", "dense", "sliced", "split", "grouped", "numba")
 #: stratify.damping_min: [low, high) (scikit-learn's affinity propagation needs damping in [0.5, 1)).
 DAMPING_MIN_RANGE = (0.5, 1.0)
+#: Where the strata come from (mmfusion/strata/validity.py, choose_strata).
+STRATA_SOURCES = ("consensus", "final_model")
 #: The largest seed every seeded generator accepts (NumPy RandomState: < 2**32).
 MAX_SEED = 2**32 - 1
 
@@ -193,6 +195,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "subsamples": count(0),
         "subsample_fraction": number(0, 1, lo_open=True, hi_open=True),
         "stability_threshold": number(0, 1),
+        "strata_from": one_of(STRATA_SOURCES),
         "harmonize_site": optional(COLUMN),
         "harmonize_covariates": STRINGS,
     },

@@ -138,6 +138,9 @@ def test_bundle_is_complete_hashed_and_has_no_absolute_paths(trained):
         labels = pd.read_csv(out / "group" / "strata" / "labels.tsv", sep="\t")["cluster"].to_numpy()
         np.testing.assert_array_equal(h5["stratum"][...], labels)
         assert h5["exemplar_embedding"].shape == (labels.max() + 1, X.shape[1])
+        if meta["strata"]["source"] == "consensus":  # the default: each stratum's medoid is its exemplar
+            from mmfusion.strata.assign import medoids
+            np.testing.assert_array_equal(h5["exemplar_index"][...], medoids(X.astype(np.float64), labels))
     card = json.loads((path / "model_card.json").read_text())
     assert card["trained_on"]["n_subjects"] == N and card["strata"]["sizes"] == np.bincount(labels).tolist()
     assert "Intended use" in (path / "MODEL_CARD.md").read_text()

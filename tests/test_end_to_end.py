@@ -92,11 +92,14 @@ def test_group_outputs(pipeline):
     base = pd.read_csv(out / "group" / "baseline" / "embeddings.tsv", sep="\t")
     assert len(base) == N_SUBJECTS and base.filter(like="emb_").shape[1] == N_SUBJECTS - 1  # capped at n - 1
     assert (out / "group" / "baseline" / "strata" / "labels.tsv").is_file()
+    stability = json.loads((out / "group" / "stability" / "stability.json").read_text())
+    consensus = stability["strata"]["source"] == "consensus"  # the default; the final model's when no partition
+    assert consensus or "no partition" in stability["strata"]["fallback"]
     assert set(truth["adjusted_rand_index_of"]) == {"baseline", "fold-01", "fold-02", "baseline_fold-01",
-                                                    "baseline_fold-02"}
+                                                    "baseline_fold-02", *(["final_model"] if consensus else [])}
+    assert labels["cluster"].max() + 1 == stability["n_clusters"] and "final_model_cluster" in labels
     with h5py.File(out / "group" / "cv" / "fold_embeddings.h5") as h5:
         assert h5["model"].shape == (2, N_SUBJECTS, 4 * 5 * 4 * 8) and h5.attrs["variant"] == "embedding_only"
-    stability = json.loads((out / "group" / "stability" / "stability.json").read_text())
     assert stability["n_fold_labelings"] == 2 and stability["n_subsamples"] > 0
     clusters = pd.read_csv(out / "group" / "stability" / "clusters.tsv", sep="\t")
     assert clusters["stability"].between(0, 1).all() and clusters["size"].sum() == N_SUBJECTS
@@ -104,7 +107,7 @@ def test_group_outputs(pipeline):
     tests = pd.read_csv(out / "group" / "confounds" / "confound_tests.tsv", sep="\t")
     assert {"age", "sex", "head_scale", "registration_similarity"} <= set(tests["confound"])
     key = html[html.index("Key results"):html.index("<ol>")]
-    assert "Baseline (PCA of the images" in key and "Stability: fold models vs final" in key
+    assert "Baseline (PCA of the images" in key and "Stability: fold models vs strata" in key
 
 
 def test_every_level_wrote_provenance(pipeline):

@@ -141,8 +141,8 @@ def test_report_is_self_contained_and_complete(analysed):
     key = text[text.index("Key results"):text.index("<ol>")]
     comparison = json.loads((out / "group" / "ground_truth" / "comparison.json").read_text())
     assert f"adjusted Rand index <b>{comparison['adjusted_rand_index']:.3f}</b>" in key
-    assert "clusters</b>" in key and "Kruskal-Wallis + FDR" in key
-    assert "Baseline (PCA of the images" in key and "Stability: fold models vs final" in key
+    assert "strata</b>" in key and "keep together" in key and "Kruskal-Wallis + FDR" in key
+    assert "Baseline (PCA of the images" in key and "Stability: fold models vs strata" in key
     assert "3 of 3 strata stable" in key and "not reproducible" not in key
     assert "Confounds: none differs between strata" in key and "age" in key  # age and sex are not planted
 
@@ -154,7 +154,13 @@ def test_validity_outputs_have_their_columns_and_values_in_range(analysed):
     assert base["components"] == 4 and -1 <= base["ari_with_strata"] <= 1
     assert 0 <= summary["ground_truth"]["adjusted_rand_index_of"]["baseline"] <= 1
     lab = pd.read_csv(g / "stability" / "labelings.tsv", sep="\t")
-    assert list(lab.columns[:3]) == ["participant_id", "session", "final"] and len(lab) == 61
+    assert list(lab.columns[:4]) == ["participant_id", "session", "strata", "final"] and len(lab) == 61
+    strata = pd.read_csv(g / "strata" / "labels.tsv", sep="\t")  # the strata, the final model's beside them
+    assert list(strata.columns) == ["participant_id", "session", "cluster", "final_model_cluster"]
+    assert strata["cluster"].tolist() == lab["strata"].tolist()
+    assert strata["final_model_cluster"].tolist() == lab["final"].tolist()
+    assert summary["clustering"]["strata"]["source"] == "consensus"
+    assert summary["clustering"]["strata"]["sizes"] == np.bincount(lab["strata"]).tolist()
     subs = [c for c in lab.columns if c.startswith("subsample-")]
     assert len(subs) == 20 and ((lab[subs] == -1).sum() == 61 - 49).all()  # 80% of 61 = 49 kept
     clusters = pd.read_csv(g / "stability" / "clusters.tsv", sep="\t")
@@ -163,6 +169,7 @@ def test_validity_outputs_have_their_columns_and_values_in_range(analysed):
     assert co.shape == (61, 61) and np.allclose(np.diag(co.to_numpy()), 1)
     stab = json.loads((g / "stability" / "stability.json").read_text())
     assert stab["reproducible"] and stab["subsample_same_n_clusters"] >= 0.8
+    assert 0 <= stab["ari_final_model_vs_strata"] <= 1 and stab["strata"]["source"] == "consensus"
     tests = pd.read_csv(g / "confounds" / "confound_tests.tsv", sep="\t")
     assert {"age", "sex"} <= set(tests["confound"]) and tests["q"].between(0, 1).all()
     assert summary["confounds"]["flags"] == []

@@ -34,18 +34,54 @@ def test_assess_stable_vs_noise():
     subs = {}
     for i, idx in enumerate(stability.subsample_indices(30, 5, 0.8, seed=1)):
         subs[f"s{i}"] = stability.expand(final[idx], idx, 30)
-    good = stability.assess(final, same, subs, [3] * 5, threshold=0.75)
+    co = stability.consensus_matrix([final, *same.values()], list(subs.values()))
+    good = stability.assess(final, same, subs, [3] * 5, threshold=0.75, consensus=co)
     assert good.summary["reproducible"] and good.summary["n_stable_clusters"] == 3
-    assert good.summary["ari_folds_vs_final"]["median"] == pytest.approx(1.0)
+    assert good.summary["ari_folds_vs_strata"]["median"] == pytest.approx(1.0)
     assert good.summary["subsample_same_n_clusters"] == 1.0
     assert good.coassignment.shape == (30, 30)
     noise = {f"fold-{i}": rng.integers(0, 3, 30) for i in range(3)}
-    bad = stability.assess(final, noise, {}, [], threshold=0.75)
+    bad = stability.assess(final, noise, {}, [], threshold=0.75, consensus=co)
     assert not bad.summary["reproducible"]
     assert (bad.clusters["stability"] < 0.6).all()
-    assert set(bad.clusters.columns) == {"cluster", "size", "stability", "jaccard_folds", "jaccard_subsamples",
+    assert set(bad.clusters.columns) == {"cluster", "size", "stability", "jaccard_models", "jaccard_subsamples",
                                          "stable"}
-    assert bad.summary["ari_folds_vs_final"]["median"] < 0.3
+    assert bad.summary["ari_folds_vs_strata"]["median"] < 0.3
+
+
+def test_consensus_keeps_what_most_clusterings_keep_together():
+    truth = np.repeat([0, 1, 2], 8)
+    merged = np.where(truth == 2, 1, truth)  # one clustering merges strata 1 and 2
+    models = [merged, truth, truth, truth]
+    co = stability.consensus_matrix(models, [])
+    assert co[8, 16] == pytest.approx(0.25) and co[0, 1] == 1.0
+    assert stability.consensus_labels(co).tolist() == truth.tolist()
+    # the subsamples weigh as much as all the models together: 20 subsamples that merge
+    # strata 1 and 2 (each covering 80 % of the rows) outvote 3 of 4 models
+    subs = [stability.expand(merged[idx], idx, 24) for idx in stability.subsample_indices(24, 20, 0.8, seed=0)]
+    co2 = stability.consensus_matrix(models, subs)
+    assert co2[8, 16] == pytest.approx((0.25 + 1.0) / 2)
+    assert stability.consensus_labels(co2).tolist() == merged.tolist()
+    # labels numbered in order of first row; a clustering of one labeling is that labeling
+    lab = np.array([2, 2, 0, 0, 1, 1])
+    assert stability.consensus_labels(stability.consensus_matrix([lab], [])).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_choose_strata_consensus_final_model_and_fallback():
+    from mmfusion.strata.validity import choose_strata
+
+    truth = np.repeat([0, 1, 2], 8)
+    final = np.where(truth == 2, 1, truth)
+    co = stability.consensus_matrix([final, truth, truth, truth], [])
+    strata, how = choose_strata(final, co, "consensus")
+    assert strata.tolist() == truth.tolist() and how == {"source": "consensus"}
+    strata, how = choose_strata(final, co, "final_model")
+    assert strata.tolist() == final.tolist() and how == {"source": "final_model"}
+    for apart_or_together in (np.arange(24), np.zeros(24, int)):  # every row alone / all in one
+        co_none = stability.consensus_matrix([apart_or_together], [])
+        strata, how = choose_strata(final, co_none, "consensus")
+        assert strata.tolist() == final.tolist() and how["source"] == "final_model"
+        assert "no partition" in how["fallback"]
 
 
 def test_subsamples_are_seeded_and_without_replacement():

@@ -274,9 +274,9 @@ def analyse(ctx, ids: pd.DataFrame, X: np.ndarray, source: Path, pheno: ph.Pheno
     if confound_values is None:  # a re-analysis: collected here
         confound_values = validity.collect_confounds(ctx, ids)
     X = harmonize(ctx, X, confound_values, summary)
-    labels = cluster(ctx, ids, X, source, n_threads, summary)
+    final_labels = cluster(ctx, ids, X, source, n_threads, summary)
+    labels, others = check_strata(ctx, ids, X, final_labels, n_threads, confound_values, summary)
     per_subject = one_row_per_participant(ids, labels)
-    others = check_strata(ctx, ids, X, labels, n_threads, confound_values, summary)
     pheno = pheno or ph.load_phenotype_input(ctx.bids_dir, ctx.phenotypes_file)
     fa = phenotype_factors(ctx, pheno, per_subject, summary)
     result = factor_statistics(ctx, fa, per_subject, source, summary)
@@ -305,7 +305,9 @@ def harmonize(ctx, X: np.ndarray, confound_values: pd.DataFrame, summary: dict) 
 
 
 def cluster(ctx, ids: pd.DataFrame, X: np.ndarray, source: Path, n_threads: int, summary: dict) -> np.ndarray:
-    """The strata: AP grid search (:mod:`mmfusion.strata.ap_grid`) -> group/strata/; returns the labels (n,)."""
+    """The final model's clustering: AP grid search (:mod:`mmfusion.strata.ap_grid`) ->
+    group/strata/; returns the labels (n,) (the strata are chosen from them and the
+    stability clusterings by :func:`check_strata`)."""
     from mmfusion.strata import ap_grid
 
     grid = ap_grid.grid_search(X, ctx.config["stratify"], seed=ctx.seed, n_threads=n_threads, source=str(source))
@@ -325,17 +327,25 @@ def one_row_per_participant(ids: pd.DataFrame, labels: np.ndarray) -> pd.Series:
     return df.drop_duplicates("participant_id").set_index("participant_id")["cluster"]
 
 
-def check_strata(ctx, ids: pd.DataFrame, X: np.ndarray, labels: np.ndarray, n_threads: int,
-                 confound_values: pd.DataFrame, summary: dict) -> dict[str, pd.Series]:
-    """Baseline, stability and confounds (:mod:`mmfusion.strata.validity`); returns the
-    other clusterings per participant (baseline, fold models) for the ground truth."""
-    from mmfusion.strata import validity
+def check_strata(ctx, ids: pd.DataFrame, X: np.ndarray, final_labels: np.ndarray, n_threads: int,
+                 confound_values: pd.DataFrame, summary: dict) -> tuple[np.ndarray, dict[str, pd.Series]]:
+    """The strata and their checks: baseline, stability and confounds
+    (:mod:`mmfusion.strata.validity`) of the final model's clustering ``final_labels`` (n,).
+    Writes the strata into group/strata/labels.tsv (column ``cluster``; the final model's
+    clustering beside it) and returns them (n,) with the other clusterings per participant
+    (final model, baseline, fold models) for the ground truth."""
+    from mmfusion.strata import ap_grid, validity
 
-    checks = validity.run_checks(ctx, Path(ctx.group_dir), ids, X, labels, n_threads, confound_values)
-    labelings = checks.pop("labelings")
+    checks = validity.run_checks(ctx, Path(ctx.group_dir), ids, X, final_labels, n_threads, confound_values)
+    labelings, strata = checks.pop("labelings"), checks.pop("strata")
     summary.update(checks)
-    return {name: one_row_per_participant(ids, lab) for name, lab in labelings.items()
-            if name == "baseline" or name.startswith("fold-") or name.startswith("baseline_fold-")}
+    summary["clustering"]["strata"] = checks["stability"]["strata"]
+    ap_grid.write_labels(Path(ctx.group_dir) / "strata" / "labels.tsv", ids, strata, final_model_cluster=final_labels)
+    others = {name: one_row_per_participant(ids, lab) for name, lab in labelings.items()
+              if name == "baseline" or name.startswith("fold-") or name.startswith("baseline_fold-")}
+    if checks["stability"]["strata"]["source"] == "consensus":
+        others["final_model"] = one_row_per_participant(ids, final_labels)
+    return strata, others
 
 
 def phenotype_factors(ctx, pheno: ph.PhenotypeInput, per_subject: pd.Series, summary: dict, root: Path | None = None):
@@ -422,12 +432,17 @@ def write_model_bundle(ctx, infos, ids: pd.DataFrame, embeddings: np.ndarray, an
     X = np.asarray(embeddings, dtype=np.float64)
     if harmonized:  # the strata live in the harmonized space: no exemplars new subjects could use
         index, exemplars, own, threshold = np.zeros(0, int), np.zeros((0, X.shape[1])), np.full(len(X), np.nan), None
+    elif strata_source(analysis) == "consensus":  # not one AP fit: each stratum's medoid is its exemplar
+        index = assign.medoids(X, labels)
+        exemplars = X[index].copy()
     else:
         ex = assign.training_exemplars(X, labels, best, ctx.config["stratify"], int(ctx.seed), log_only=True)
         index, exemplars = ex.index, ex.embeddings
+    if not harmonized:
         own = assign.own_exemplar_distance(X, labels, exemplars)
         threshold = assign.novelty_threshold(own)
-    meta = bundle_meta(ctx, infos, labels, best, harmonized, threshold, config_hash(ctx.config), __version__)
+    meta = bundle_meta(ctx, infos, labels, best, harmonized, threshold, config_hash(ctx.config), __version__,
+                       strata_source(analysis))
     template_files = bundle_template_files(ctx.output_dir, meta["template"]["source"],
                                            float(ctx.config["spatial"]["registration_resolution"]))
     meta["template"]["files"] = sorted(template_files)
@@ -442,6 +457,11 @@ def write_model_bundle(ctx, infos, ids: pd.DataFrame, embeddings: np.ndarray, an
                            extra_files=template_files)
     log.info("trained-model bundle: %s (apply it with group --model %s)", path, path)
     return path
+
+
+def strata_source(analysis: dict) -> str:
+    """How the strata of an analysis summary were made: 'consensus' or 'final_model'."""
+    return ((analysis.get("clustering") or {}).get("strata") or {}).get("source", "final_model")
 
 
 def bundle_template_files(output_dir: Path, source: str, resolution: float) -> dict[str, Path]:
@@ -461,7 +481,7 @@ def bundle_template_files(output_dir: Path, source: str, resolution: float) -> d
 
 
 def bundle_meta(ctx, infos, labels: np.ndarray, best: dict, harmonized: bool, threshold: float | None,
-                cfg_hash: str, version: str) -> dict:
+                cfg_hash: str, version: str, source: str = "final_model") -> dict:
     """bundle.json: modalities, template, grid, provenance, strata, novelty rule."""
     from mmfusion.io.shards import read_attrs
     from mmfusion.strata.assign import NOVELTY_PERCENTILE
@@ -478,6 +498,7 @@ def bundle_meta(ctx, infos, labels: np.ndarray, best: dict, harmonized: bool, th
                        "run_id": ctx.provenance.run_id, "trained": ctx.provenance.started},
         "strata": {"n_strata": int(labels.max()) + 1, "sizes": np.bincount(labels).tolist(),
                    "n_training_rows": int(len(labels)), "harmonized": bool(harmonized),
+                   "source": source,
                    "ap_fit": {k: best.get(k) for k in ("damping", "preference", "silhouette", "n_clusters")}},
         "novelty": {"rule": f"distance to the nearest exemplar > the {NOVELTY_PERCENTILE:g}th percentile of the "
                             "training subjects' distances to their own exemplar",

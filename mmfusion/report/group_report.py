@@ -292,9 +292,11 @@ def _section_stability(out: Path, summ: dict) -> list[dict]:
     d = out / "group" / "stability"
     truth = _truth_of(out)
     parts = [_prose("stability", n_subsamples=summ["n_subsamples"], threshold=f"{summ['threshold']:.2f}"),
-             _kv([("fold clusterings vs final, ARI", _range(summ.get("ari_folds_vs_final"))),
+             _kv([("strata", _strata_source(summ)),
+                  ("final model's clustering vs strata, ARI", _fmt(summ.get("ari_final_model_vs_strata"))),
+                  ("fold clusterings vs strata, ARI", _range(summ.get("ari_folds_vs_strata"))),
                   ("between fold clusterings, ARI", _range(summ.get("ari_between_folds"))),
-                  ("subsamples vs final, ARI", _range(summ.get("ari_subsamples_vs_final"))),
+                  ("subsamples vs strata, ARI", _range(summ.get("ari_subsamples_vs_strata"))),
                   ("subsamples choosing the same number of clusters",
                    "n/a" if summ.get("subsample_same_n_clusters") is None
                    else f"{100 * summ['subsample_same_n_clusters']:.0f}% ({summ['subsample_n_clusters']})"),
@@ -307,6 +309,15 @@ def _section_stability(out: Path, summ: dict) -> list[dict]:
         parts.append(_table(pd.DataFrame({"clustering": list(folds), "ARI": list(folds.values())}),
                             "Fold clusterings vs planted strata (ARI)"))
     return parts + _figure(d / "coassignment.png", "co-assignment matrix")
+
+
+def _strata_source(summ: dict) -> str:
+    """In words, where the strata of a stability summary came from."""
+    how = summ.get("strata") or {}
+    if how.get("source") == "consensus":
+        return (f"consensus of the final model's, the fold models' and the subsamples' clusterings "
+                f"(the final model's alone: {how.get('final_model_n_clusters')} clusters)")
+    return "the final model's clustering" + (f" ({how['fallback']})" if how.get("fallback") else "")
 
 
 @_section("group/confounds/confound_tests.tsv", "no group/confounds/confound_tests.tsv")
@@ -365,7 +376,7 @@ def _key_validity(out: Path, truth_of: dict) -> list[dict]:
         clusters = _read_tsv(out / "group" / "stability" / "clusters.tsv")
         per = None if clusters is None else ", ".join(f"{int(r.cluster)}: {r.stability:.2f}" for r in clusters.itertuples())
         same = summ.get("subsample_same_n_clusters")
-        items.append(_line("stability", folds_vs_final=_range(summ.get("ari_folds_vs_final")),
+        items.append(_line("stability", folds_vs_final=_range(summ.get("ari_folds_vs_strata")),
                            same="n/a" if same is None else f"{100 * same:.0f}%", n_subsamples=summ["n_subsamples"],
                            n_stable=summ["n_stable_clusters"], n_clusters=summ["n_clusters"],
                            threshold=f"{summ['threshold']:.2f}", per_stratum=per))
@@ -391,8 +402,12 @@ def _key_results(out: Path) -> list[dict]:
     sel = _read_json(out / "group" / "strata" / "ap_selection.json")
     if sel:
         best = sel["best"]
-        items.append(_line("clusters", n_clusters=best["n_clusters"], sizes=", ".join(map(str, sel["cluster_sizes"])),
-                           silhouette=f"{best['silhouette']:.3f}", valid=sel["counts"]["valid"]))
+        how = (_read_json(out / "group" / "stability" / "stability.json") or {}).get("strata") or {}
+        consensus = how.get("source") == "consensus"
+        items.append(_line("clusters", n_clusters=how["n_strata"] if consensus else best["n_clusters"],
+                           sizes=", ".join(map(str, how["sizes"] if consensus else sel["cluster_sizes"])),
+                           silhouette=f"{best['silhouette']:.3f}", valid=sel["counts"]["valid"],
+                           final_model_clusters=best["n_clusters"] if consensus else None))
     truth = _read_json(out / "group" / "ground_truth" / "comparison.json")
     if truth:
         items.append(_line("truth", n_planted=truth.get("n_planted_strata"),

@@ -48,8 +48,8 @@ def model_card(n_subjects: int, n_shards: int, modalities: list[str], grid: dict
     }
     stab = analysis.get("stability") or {}
     if stab.get("status", "done") == "done" and "n_stable_clusters" in stab:
-        card["stability"] = {k: stab.get(k) for k in ("ari_folds_vs_final", "n_stable_clusters", "n_clusters",
-                                                      "reproducible", "threshold")}
+        card["stability"] = {k: stab.get(k) for k in ("ari_folds_vs_strata", "n_stable_clusters", "n_clusters",
+                                                      "reproducible", "threshold", "strata")}
     base = analysis.get("baseline") or {}
     if base.get("status") == "done":
         card["baseline"] = {k: base.get(k) for k in ("components", "n_clusters", "ari_with_strata")}
@@ -80,9 +80,11 @@ def card_markdown(card: dict) -> str:
     ]
     if "stability" in card:
         s = card["stability"]
-        ari = (s.get("ari_folds_vs_final") or {}).get("median")
-        lines.append(f"- **Stability**: {s['n_stable_clusters']} of {s['n_clusters']} strata stable; fold models "
-                     f"vs final median ARI {_fmt(ari)}; reproducible: {s['reproducible']}.")
+        ari = (s.get("ari_folds_vs_strata") or {}).get("median")
+        source = (s.get("strata") or {}).get("source", "final_model").replace("_", " ")
+        lines.append(f"- **Stability**: strata from the {source} clustering; {s['n_stable_clusters']} of "
+                     f"{s['n_clusters']} strata stable; fold models vs strata median ARI {_fmt(ari)}; "
+                     f"reproducible: {s['reproducible']}.")
     if "baseline" in card:
         b = card["baseline"]
         lines.append(f"- **Baseline** (PCA of the images, {b['components']} components): {b['n_clusters']} clusters, "

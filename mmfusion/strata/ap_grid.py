@@ -211,11 +211,7 @@ def write_outputs(result: GridResult, ids: pd.DataFrame, out_dir: Path) -> dict[
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"labels": out_dir / "labels.tsv", "grid": out_dir / "ap_grid.tsv",
              "heatmap": out_dir / "ap_grid.png", "selection": out_dir / "ap_selection.json"}
-    lab = ids[["participant_id", "session"]].copy()
-    lab["session"] = lab["session"].replace("", "n/a")
-    lab["cluster"] = result.labels
-    with atomic_path(paths["labels"]) as tmp:
-        lab.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+    write_labels(paths["labels"], ids, result.labels)
     with atomic_path(paths["grid"]) as tmp:
         result.grid.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.10g")
     figures.plot_grid(result.grid, result.best, paths["heatmap"])
@@ -223,6 +219,19 @@ def write_outputs(result: GridResult, ids: pd.DataFrame, out_dir: Path) -> dict[
     write_json(paths["selection"], {"best": result.best, "counts": result.counts,
                                     "cluster_sizes": sizes})
     return paths
+
+
+def write_labels(path: Path, ids: pd.DataFrame, labels: np.ndarray, **columns: np.ndarray) -> Path:
+    """labels.tsv: participant_id, session (``n/a`` without sessions), cluster (``labels``
+    (n,)) and any further ``columns`` (name -> (n,)), rows as ``ids``; written atomically."""
+    lab = ids[["participant_id", "session"]].copy()
+    lab["session"] = lab["session"].replace("", "n/a")
+    lab["cluster"] = np.asarray(labels)
+    for name, values in columns.items():
+        lab[name] = np.asarray(values)
+    with atomic_path(path) as tmp:
+        lab.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+    return Path(path)
 
 
 def sklearn_reference_labels(X, damping, preference, seed, max_iter=1000, convergence_iter=15):

@@ -16,6 +16,11 @@ clustering; -1 marks rows a labeling does not cover (subjects left out of a subs
   cluster is found again exactly, near 0 when it dissolves. A cluster's *stability* is
   the mean of that over all other labelings; Hennig reads < 0.5 as "dissolved", 0.6-0.75
   as "a pattern, membership doubtful" and > 0.75 as "valid, stable".
+- :func:`consensus_matrix`, :func:`consensus_labels`: the strata as the consensus of the
+  clusterings (evidence accumulation, Fred & Jain 2005; Monti et al. 2003): the mean
+  co-assignment of the model clusterings and of the subsample clusterings (the two sources
+  weigh alike, as in the stability score), cut by average linkage where pairs are
+  together in fewer than half of them.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
 NOT_COVERED = -1
+#: Pairs of rows whose (average) co-assignment is below this are not put in one stratum by
+#: :func:`consensus_labels`: a stratum is a group of subjects that most clusterings keep together.
+CONSENSUS_CUT = 0.5
 
 
 def _both(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -66,6 +74,33 @@ def coassignment(labelings: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def consensus_matrix(models: list[np.ndarray], subsamples: list[np.ndarray]) -> np.ndarray:
+    """(n, n) float in [0, 1]: the mean of :func:`coassignment` over the ``models``
+    labelings (the final and each fold model's clustering of all rows) and over the
+    ``subsamples`` labelings (-1 for rows left out), the two sources weighing alike; one
+    source alone where the other is empty or covers no pair."""
+    sources = [coassignment(labs) for labs in (models, subsamples) if len(labs)]
+    with warnings.catch_warnings():  # a pair no subsample covers: the models' value alone
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(sources), axis=0)
+
+
+def consensus_labels(consensus: np.ndarray, cut: float = CONSENSUS_CUT) -> np.ndarray:
+    """Labels (n,) 0..k-1, numbered in order of first row, of the average-linkage tree of
+    the distance ``1 - consensus`` (n, n) cut at ``1 - cut``: two groups are merged while
+    their members' mean co-assignment is >= ``cut``."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    D = 1.0 - np.nan_to_num(np.asarray(consensus, dtype=np.float64), nan=0.0)
+    np.fill_diagonal(D, 0.0)
+    tree = linkage(squareform((D + D.T) / 2, checks=False), method="average")
+    raw = fcluster(tree, t=1.0 - cut, criterion="distance")
+    _, first = np.unique(raw, return_index=True)
+    order = {c: i for i, c in enumerate(raw[np.sort(first)])}
+    return np.array([order[c] for c in raw], dtype=np.int64)
+
+
 def cluster_jaccard(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     """(k,) for each cluster 0..k-1 of ``reference``: the highest Jaccard index between it
     and a cluster of ``other``, both restricted to the rows ``other`` covers (NaN for a
@@ -90,9 +125,9 @@ def cluster_jaccard(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 class StabilityResult:
     """What :func:`assess` found.
 
-    ``clusters``: one row per final cluster (cluster, size, stability, jaccard_folds,
+    ``clusters``: one row per stratum (cluster, size, stability, jaccard_models,
     jaccard_subsamples, stable); ``agreement``: :func:`pairwise_ari` of all labelings;
-    ``coassignment`` (n, n); ``summary``: JSON-ready numbers and the verdict.
+    ``coassignment`` (n, n): the :func:`consensus_matrix`; ``summary``: JSON-ready numbers and the verdict.
     """
 
     clusters: pd.DataFrame
@@ -108,35 +143,35 @@ def median_range(values) -> dict:
     return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
-def assess(final: np.ndarray, folds: dict[str, np.ndarray], subsamples: dict[str, np.ndarray],
-           subsample_clusters: list[int], threshold: float) -> StabilityResult:
-    """Stability of the ``final`` clustering (n,) against the fold models' clusterings
-    (``folds``: name -> (n,)) and the subsample clusterings (``subsamples``: name -> (n,)
-    with -1 for rows left out; ``subsample_clusters``: the number of clusters each chose).
+def assess(strata: np.ndarray, models: dict[str, np.ndarray], subsamples: dict[str, np.ndarray],
+           subsample_clusters: list[int], threshold: float, consensus: np.ndarray) -> StabilityResult:
+    """Stability of the ``strata`` (n,) against the model clusterings (``models``: name ->
+    (n,), the fold models'; names starting with ``fold-`` count as folds) and the subsample clusterings (``subsamples``: name -> (n,) with -1 for rows left out;
+    ``subsample_clusters``: the number of clusters each chose; ``consensus``: the (n, n)
+    :func:`consensus_matrix` of all of them, kept for the figure).
 
-    A cluster's stability is the mean of two means of its best-match Jaccard index: over
-    the fold labelings and over the subsamples (so 20 subsamples do not outvote 3 fold
-    models; one source alone when the other is empty). It is ``stable`` when that is >=
-    ``threshold``; the strata are called reproducible when every cluster is stable.
+    A stratum's stability is the mean of two means of its best-match Jaccard index: over
+    the model labelings and over the subsamples (so 20 subsamples do not outvote 4 models;
+    one source alone when the other is empty). It is ``stable`` when that is >=
+    ``threshold``; the strata are called reproducible when every stratum is stable.
     """
-    final = np.asarray(final)
-    others = {**folds, **subsamples}
-    k = int(final.max()) + 1
-    jac_f = np.array([cluster_jaccard(final, lab) for lab in folds.values()]).reshape(len(folds), k)
-    jac_s = np.array([cluster_jaccard(final, lab) for lab in subsamples.values()]).reshape(len(subsamples), k)
-    with warnings.catch_warnings():  # an empty source or a cluster no labeling covers: NaN
+    strata = np.asarray(strata)
+    others = {**models, **subsamples}
+    k = int(strata.max()) + 1
+    jac_m = np.array([cluster_jaccard(strata, lab) for lab in models.values()]).reshape(len(models), k)
+    jac_s = np.array([cluster_jaccard(strata, lab) for lab in subsamples.values()]).reshape(len(subsamples), k)
+    with warnings.catch_warnings():  # an empty source or a stratum no labeling covers: NaN
         warnings.simplefilter("ignore", RuntimeWarning)
-        mean_f = np.nanmean(jac_f, axis=0) if len(jac_f) else np.full(k, np.nan)
+        mean_m = np.nanmean(jac_m, axis=0) if len(jac_m) else np.full(k, np.nan)
         mean_s = np.nanmean(jac_s, axis=0) if len(jac_s) else np.full(k, np.nan)
-        stability = np.nanmean(np.vstack([mean_f, mean_s]), axis=0)  # the two sources weigh alike
-    clusters = pd.DataFrame({"cluster": np.arange(k), "size": np.bincount(final, minlength=k),
-                             "stability": stability, "jaccard_folds": mean_f, "jaccard_subsamples": mean_s,
+        stability = np.nanmean(np.vstack([mean_m, mean_s]), axis=0)  # the two sources weigh alike
+    clusters = pd.DataFrame({"cluster": np.arange(k), "size": np.bincount(strata, minlength=k),
+                             "stability": stability, "jaccard_models": mean_m, "jaccard_subsamples": mean_s,
                              "stable": stability >= threshold})
-    agreement = pairwise_ari({"final": final, **others})
-    fold_names = set(folds)
-    fold_final = agreement[(agreement.a == "final") & agreement.b.isin(fold_names)]["ari"]
-    fold_fold = agreement[agreement.a.isin(fold_names) & agreement.b.isin(fold_names)]["ari"]
-    sub_final = agreement[(agreement.a == "final") & agreement.b.isin(set(subsamples))]["ari"]
+    agreement = pairwise_ari({"strata": strata, **others})
+    folds = {name for name in models if name.startswith("fold-")}
+    vs_strata = agreement[agreement.a == "strata"].set_index("b")["ari"]
+    fold_fold = agreement[agreement.a.isin(folds) & agreement.b.isin(folds)]["ari"]
     same_k = [c == k for c in subsample_clusters]
     n_stable = int(clusters["stable"].sum())
     summary = {
@@ -146,15 +181,15 @@ def assess(final: np.ndarray, folds: dict[str, np.ndarray], subsamples: dict[str
         "reproducible": bool(n_stable == k and len(others) > 0),
         "n_fold_labelings": len(folds),
         "n_subsamples": len(subsamples),
-        "ari_folds_vs_final": median_range(fold_final),
+        "ari_folds_vs_strata": median_range(vs_strata[vs_strata.index.isin(folds)]),
         "ari_between_folds": median_range(fold_fold),
-        "ari_subsamples_vs_final": median_range(sub_final),
+        "ari_subsamples_vs_strata": median_range(vs_strata[vs_strata.index.isin(set(subsamples))]),
         "subsample_same_n_clusters": float(np.mean(same_k)) if same_k else None,
         "subsample_n_clusters": {str(c): int(n) for c, n in
                                  zip(*np.unique(np.asarray(subsample_clusters, int), return_counts=True))},
         "median_stability": float(np.nanmedian(stability)) if np.isfinite(stability).any() else None,
     }
-    return StabilityResult(clusters, agreement, coassignment([final, *others.values()]), summary)
+    return StabilityResult(clusters, agreement, np.asarray(consensus), summary)
 
 
 def subsample_indices(n: int, n_resamples: int, fraction: float, seed: int) -> list[np.ndarray]:

@@ -3,13 +3,15 @@
 docs/method.md#6-clustering ("Baseline", "Stability", "Confounds"). Orchestration of
 :mod:`mmfusion.strata.ap_grid` (the same AP grid search as the strata), :mod:`mmfusion.strata.stability`
 and :mod:`mmfusion.strata.confounds`; called by the group level (:mod:`mmfusion.levels.group`) with the
-final clustering. Outputs::
+final model's clustering, it returns the strata (``stratify.strata_from``: by default the
+consensus of the final and fold models' and the subsamples' clusterings,
+:func:`choose_strata`) and their checks. Outputs::
 
     group/baseline/    embeddings.tsv (written by training), strata/ (labels.tsv, ap_grid.*),
                        comparison.json (ARI baseline vs learned strata)
-    group/stability/   labelings.tsv (participant_id, session, final, fold-NN, subsample-NN,
+    group/stability/   labelings.tsv (participant_id, session, strata, final, fold-NN, subsample-NN,
                        baseline, baseline_fold-NN; -1 = left out), agreement.tsv (a, b, ari, n),
-                       clusters.tsv (cluster, size, stability, jaccard_folds,
+                       clusters.tsv (cluster, size, stability, jaccard_models,
                        jaccard_subsamples, stable), coassignment.tsv, coassignment.png,
                        stability.json
     group/confounds/   confounds.tsv, confound_tests.tsv
@@ -61,10 +63,10 @@ def _cluster(X: np.ndarray, cfg: dict, seed: int, n_threads: int, source: str) -
         return None
 
 
-def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, seed: int,
-                 n_threads: int, prepare=None) -> dict:
+def run_baseline(group: Path, ids: pd.DataFrame, cfg: dict, seed: int, n_threads: int, prepare=None) -> dict:
     """Cluster the PCA baseline (group/baseline/embeddings.tsv) with the same grid search;
-    returns {'labels' (n,), 'ari_with_strata', 'n_clusters', ...} or {'status': 'not run: ...'}."""
+    returns {'labels' (n,), 'n_clusters', ...} or {'status': 'not run: ...'}
+    (:func:`write_baseline_comparison` adds the ARI with the strata)."""
     tsv = group / "baseline" / "embeddings.tsv"
     if not tsv.is_file():
         return {"status": f"not run: {tsv} not found (written by the group-level training)"}
@@ -81,18 +83,47 @@ def run_baseline(group: Path, ids: pd.DataFrame, final: np.ndarray, cfg: dict, s
     paths = ap_grid.write_outputs(grid, ids, group / "baseline" / "strata")
     out = {"status": "done", "components": int(B.shape[1]), "n_clusters": int(grid.best["n_clusters"]),
            "silhouette": float(grid.best["silhouette"]), "cluster_sizes": np.bincount(grid.labels).tolist(),
-           "ari_with_strata": stability.ari(final, grid.labels),
            "outputs": {k: str(v) for k, v in paths.items()}}
-    write_json(group / "baseline" / "comparison.json", out)
-    log.info("baseline: %d clusters; ARI with the learned strata %.3f", out["n_clusters"], out["ari_with_strata"])
     return {**out, "labels": grid.labels}
+
+
+def write_baseline_comparison(group: Path, base: dict, strata: np.ndarray) -> dict:
+    """The baseline summary ``base`` (from :func:`run_baseline`, without its labels) with
+    its ARI with the ``strata`` (n,) -> group/baseline/comparison.json."""
+    labels = base.pop("labels", None)
+    if labels is None:
+        return base
+    base["ari_with_strata"] = stability.ari(strata, labels)
+    write_json(group / "baseline" / "comparison.json", base)
+    log.info("baseline: %d clusters; ARI with the learned strata %.3f", base["n_clusters"], base["ari_with_strata"])
+    return base
+
+
+def choose_strata(final: np.ndarray, consensus: np.ndarray, strata_from: str) -> tuple[np.ndarray, dict]:
+    """The strata (n,) and how they were made: the final model's clustering ``final`` (n,)
+    (``strata_from`` 'final_model'), or the :func:`mmfusion.strata.stability.consensus_labels`
+    of the ``consensus`` (n, n) matrix ('consensus'); the final model's clustering when the
+    consensus puts every row in one stratum or each in its own (no partition to test)."""
+    n = len(final)
+    if strata_from == "final_model":
+        return np.asarray(final), {"source": "final_model"}
+    labels = stability.consensus_labels(consensus)
+    k = int(labels.max()) + 1
+    if 1 < k < n:
+        return labels, {"source": "consensus"}
+    why = (f"the consensus of the clusterings found no partition ({k} stratum for {n} rows)" if k == 1 else
+           f"the consensus of the clusterings found no partition (every one of the {n} rows on its own)")
+    log.warning("%s; the strata are the final model's clustering", why)
+    return np.asarray(final), {"source": "final_model", "fallback": why}
 
 
 def run_stability(group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarray, cfg: dict, seed: int,
                   n_threads: int, baseline_labels: np.ndarray | None = None, prepare=None) -> dict:
-    """Fold-model and subsample clusterings vs the final one (:func:`mmfusion.strata.stability.assess`);
-    writes group/stability/ and returns the summary (with the labelings). ``prepare``
-    (optional) maps each fold embedding before clustering, as the final one was (harmonization)."""
+    """The fold models' and subsamples' clusterings, the strata chosen from them and the
+    final model's clustering ``final`` (n,) (:func:`choose_strata`), and their stability
+    (:func:`mmfusion.strata.stability.assess`); writes group/stability/ and returns the
+    summary (with ``strata`` (n,) and the labelings). ``prepare`` (optional) maps each fold
+    embedding before clustering, as the final one was (harmonization)."""
     out_dir = group / "stability"
     n = len(final)
     folds: dict[str, np.ndarray] = {}
@@ -112,21 +143,32 @@ def run_stability(group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarr
         if lab is not None:
             subsamples[f"subsample-{i + 1:02d}"] = stability.expand(lab, idx, n)
             sub_k.append(int(lab.max()) + 1)
-    result = stability.assess(final, folds, subsamples, sub_k, float(cfg["stability_threshold"]))
+    consensus = stability.consensus_matrix([final, *folds.values()], list(subsamples.values()))
+    strata, how = choose_strata(final, consensus, cfg["strata_from"])
+    # the final model's clustering is not evidence for strata made from it: only the fold
+    # models (trained without a share of the subjects) and the subsamples are compared
+    result = stability.assess(strata, folds, subsamples, sub_k, float(cfg["stability_threshold"]), consensus)
+    result.summary["strata"] = {**how, "n_strata": int(strata.max()) + 1, "sizes": np.bincount(strata).tolist(),
+                                "final_model_n_clusters": int(final.max()) + 1}
+    result.summary["ari_final_model_vs_strata"] = stability.ari(final, strata)
     if baseline_labels is not None:
         base = {"baseline": baseline_labels, **baseline_folds}
         result.summary["baseline_folds_vs_baseline"] = stability.median_range(
             [stability.ari(baseline_labels, lab) for lab in baseline_folds.values()])
     else:
         base = baseline_folds
-    labelings = {"final": final, **folds, **subsamples, **base}
+    labelings = {"strata": strata, "final": final, **folds, **subsamples, **base}
     _write_stability(out_dir, ids, labelings, result)
-    log.info("stability: %d of %d strata stable (Jaccard >= %.2f); fold models vs final: median ARI %s; "
+    log.info("strata: %d (%s; the final model's clustering alone: %d clusters, ARI with the strata %s)",
+             result.summary["n_clusters"], how["source"].replace("_", " "), int(final.max()) + 1,
+             _fmt(stability.ari(final, strata)))
+    log.info("stability: %d of %d strata stable (Jaccard >= %.2f); fold models vs strata: median ARI %s; "
              "same number of clusters in %s of %d subsamples", result.summary["n_stable_clusters"],
              result.summary["n_clusters"], result.summary["threshold"],
-             _fmt(result.summary["ari_folds_vs_final"]["median"]),
+             _fmt(result.summary["ari_folds_vs_strata"]["median"]),
              _fmt(result.summary["subsample_same_n_clusters"], pct=True), len(subsamples))
-    return {**result.summary, "clusters": result.clusters.to_dict(orient="records"), "labelings": labelings}
+    return {**result.summary, "clusters": result.clusters.to_dict(orient="records"), "labelings": labelings,
+            "strata_labels": strata}
 
 
 def _fmt(x, pct: bool = False) -> str:
@@ -145,7 +187,7 @@ def _write_stability(out_dir: Path, ids: pd.DataFrame, labelings: dict[str, np.n
                                ("clusters.tsv", result.clusters, False), ("coassignment.tsv", co, True)):
         with atomic_path(out_dir / name) as tmp:
             frame.to_csv(tmp, sep="\t", index=index, float_format="%.4g", na_rep="n/a")
-    figures.plot_coassignment(result.coassignment, labelings["final"], names, out_dir / "coassignment.png")
+    figures.plot_coassignment(result.coassignment, labelings["strata"], names, out_dir / "coassignment.png")
     write_json(out_dir / "stability.json", result.summary)
 
 
@@ -157,11 +199,11 @@ def collect_confounds(ctx, ids: pd.DataFrame) -> pd.DataFrame:
     return confounds.collect_confounds(Path(ctx.bids_dir), Path(ctx.output_dir), keys)
 
 
-def run_confounds(ctx, group: Path, values: pd.DataFrame, final: np.ndarray) -> dict:
-    """Confound tests (:mod:`mmfusion.strata.confounds`) of the final strata on ``values``."""
+def run_confounds(ctx, group: Path, values: pd.DataFrame, strata: np.ndarray) -> dict:
+    """Confound tests (:mod:`mmfusion.strata.confounds`) of the ``strata`` (n,) on ``values``."""
     from mmfusion.strata import confounds
 
-    tests = confounds.test_confounds(values, np.asarray(final), float(ctx.config["stats"]["alpha"]))
+    tests = confounds.test_confounds(values, np.asarray(strata), float(ctx.config["stats"]["alpha"]))
     paths = confounds.write_outputs(values, tests, group / "confounds")
     flags = confounds.flagged(tests)
     for line in flags:
@@ -172,10 +214,11 @@ def run_confounds(ctx, group: Path, values: pd.DataFrame, final: np.ndarray) -> 
 
 def run_checks(ctx, group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarray, n_threads: int,
                confound_values: pd.DataFrame) -> dict:
-    """Baseline, stability and confounds of the final strata (``X``: the embedding as
-    clustered, harmonized when configured; the baseline and the fold embeddings are
-    harmonized the same way); returns the JSON-ready summaries and the labelings
-    (``labelings``, for the ground-truth comparison)."""
+    """The strata, chosen from the final model's clustering ``final`` (n,) and the
+    stability clusterings, and their checks: baseline, stability and confounds (``X``: the
+    embedding as clustered, harmonized when configured; the baseline and the fold
+    embeddings are harmonized the same way). Returns the JSON-ready summaries, the
+    ``strata`` (n,) and the labelings (``labelings``, for the ground-truth comparison)."""
     from mmfusion.strata.harmonize import harmonize_for_clustering
 
     cfg, seed = ctx.config["stratify"], int(ctx.seed)
@@ -183,9 +226,9 @@ def run_checks(ctx, group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.nda
     if cfg["harmonize_site"] is not None:
         def prepare(Z):
             return harmonize_for_clustering(Z, confound_values, cfg)[0]
-    base = run_baseline(group, ids, final, cfg, seed, n_threads, prepare)
+    base = run_baseline(group, ids, cfg, seed, n_threads, prepare)
     stab = run_stability(group, ids, X, final, cfg, seed, n_threads, base.get("labels"), prepare)
-    conf = run_confounds(ctx, group, confound_values, final)
-    labelings = stab.pop("labelings")
-    base.pop("labels", None)
-    return {"baseline": base, "stability": stab, "confounds": conf, "labelings": labelings}
+    strata, labelings = stab.pop("strata_labels"), stab.pop("labelings")
+    base = write_baseline_comparison(group, base, strata)
+    conf = run_confounds(ctx, group, confound_values, strata)
+    return {"baseline": base, "stability": stab, "confounds": conf, "labelings": labelings, "strata": strata}
