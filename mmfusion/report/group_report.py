@@ -376,7 +376,7 @@ def _key_validity(out: Path, truth_of: dict) -> list[dict]:
         clusters = _read_tsv(out / "group" / "stability" / "clusters.tsv")
         per = None if clusters is None else ", ".join(f"{int(r.cluster)}: {r.stability:.2f}" for r in clusters.itertuples())
         same = summ.get("subsample_same_n_clusters")
-        items.append(_line("stability", folds_vs_final=_range(summ.get("ari_folds_vs_strata")),
+        items.append(_line("stability", folds_vs_strata=_range(summ.get("ari_folds_vs_strata")),
                            same="n/a" if same is None else f"{100 * same:.0f}%", n_subsamples=summ["n_subsamples"],
                            n_stable=summ["n_stable_clusters"], n_clusters=summ["n_clusters"],
                            threshold=f"{summ['threshold']:.2f}", per_stratum=per))
