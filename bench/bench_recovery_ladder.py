@@ -90,20 +90,70 @@ def shard_maps(out: Path, modalities: list[str]) -> tuple[list[str], np.ndarray]
                                                                        baseline.union_mask(paths))
 
 
-def with_skips_embedding(out: Path, config: dict, modalities: list[str], seed: int) -> np.ndarray:
-    """A final model with skips on all shards (the product's training code), embedded."""
+def final_embedding(out: Path, config: dict, modalities: list[str], seed: int) -> np.ndarray:
+    """A final model on all of ``out``'s shards (the product's training code, ``config``'s
+    model and training sections, ``seed``), trained in a temporary folder, embedded (n, D)."""
     import tempfile
 
     from mmfusion.learning import shard_data
     from mmfusion.learning import training
 
     infos = shard_data.scan_shards(shard_data.discover_shards(out / "shards"), modalities)
-    cfg = {**config, "model": {**config["model"], "skip_connections": True}}
     with tempfile.TemporaryDirectory() as tmp:
-        learner = training.Learner(Path(tmp), infos, modalities, cfg, seed, False,
+        learner = training.Learner(Path(tmp), infos, modalities, config, seed, False,
                                    shard_data.scan_volume_stats(infos, modalities))
         model, norm, _, _ = training.train_final(learner)
         return training.embed(model, [i.path for i in infos], modalities, norm)
+
+
+def with_skips_embedding(out: Path, config: dict, modalities: list[str], seed: int) -> np.ndarray:
+    """A final model with skips on all shards (the paper's model), embedded."""
+    return final_embedding(out, {**config, "model": {**config["model"], "skip_connections": True}},
+                           modalities, seed)
+
+
+def _derivatives(d: Path) -> Path:
+    """A dataset's output folder: ``d/out`` (``prepare``) or ``d/derivatives`` (the demo's)."""
+    return d / "out" if (d / "out").is_dir() else d / "derivatives"
+
+
+def epochs_sweep(d: Path, config_path: Path, epochs: list[int], learning_rates: list[float | None],
+                 seeds: list[int], threads: int) -> pd.DataFrame:
+    """Final models on one dataset's shards for every (epochs, learning rate, seed): AP and
+    k-means ARI of each embedding against the planted strata, the embedding's median
+    per-dimension SD across subjects and the training time (s)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from mmfusion.config import load_config
+    from mmfusion.learning import shard_data
+    from mmfusion.strata import ap_grid
+
+    out, modalities = _derivatives(d), ["jac", "ndi"]
+    truth = pd.read_csv(d / "bids" / "sourcedata" / "ground_truth" / "strata.tsv", sep="\t")
+    infos = shard_data.scan_shards(shard_data.discover_shards(out / "shards"), modalities)
+    y = truth.set_index("participant_id").loc[[f"sub-{i.subject}" for i in infos], "stratum"].to_numpy()
+    rows = []
+    for n_epochs in epochs:
+        for lr in learning_rates:
+            training = {"epochs": n_epochs, **({"learning_rate": lr} if lr is not None else {})}
+            config = load_config(config_path, {"training": training})
+            for seed in seeds:
+                t0 = time.monotonic()
+                X = final_embedding(out, config, modalities, seed)
+                seconds = time.monotonic() - t0
+                grid = ap_grid.grid_search(X, config["stratify"], seed=seed, n_threads=threads, quiet=True)
+                km = KMeans(len(np.unique(y)), n_init=10, random_state=0).fit_predict(X)
+                rows.append({"epochs": n_epochs, "learning_rate": config["training"]["learning_rate"],
+                             "steps": n_epochs * len(infos), "seed": seed,
+                             "ap_clusters": int(grid.best["n_clusters"]), "ap_ari": adjusted_rand_score(y, grid.labels),
+                             "kmeans_ari": adjusted_rand_score(y, km), "median_sd": float(np.median(X.std(axis=0))),
+                             "train_s": seconds})
+                r = rows[-1]
+                print(f"epochs {n_epochs:4d} lr {r['learning_rate']:.4g} ({r['steps']} steps) seed {seed}: "
+                      f"AP ARI {r['ap_ari']:6.3f} ({r['ap_clusters']} clusters)  k-means ARI {r['kmeans_ari']:6.3f}  "
+                      f"median SD {r['median_sd']:.4f}  {seconds:.0f} s", flush=True)
+    return pd.DataFrame(rows)
 
 
 def ladder(dirs: list[Path], with_skips: bool, threads: int) -> pd.DataFrame:
@@ -115,7 +165,7 @@ def ladder(dirs: list[Path], with_skips: bool, threads: int) -> pd.DataFrame:
 
     rows = []
     for d in dirs:
-        bids, out = d / "bids", d / "out"
+        bids, out = d / "bids", _derivatives(d)
         prov = sorted((out / "logs").glob("group-*_provenance.json"))[-1]
         record = json.loads(prov.read_text())
         config, seed = record["config"], int(record["seed"])  # the group run's own config and seed
@@ -168,9 +218,24 @@ def main() -> None:
     lad.add_argument("dirs", type=Path, nargs="+")
     lad.add_argument("--with-skips", action="store_true")
     lad.add_argument("--threads", type=int, default=2)
+    ep = sub.add_parser("epochs")
+    ep.add_argument("dir", type=Path)
+    ep.add_argument("--config", type=Path, required=True)
+    ep.add_argument("--epochs", type=int, nargs="+", default=[20, 40])
+    ep.add_argument("--learning-rates", type=float, nargs="+", default=[None])
+    ep.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ep.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.cmd == "prepare":
         prepare(args.work, args.n_subjects, args.seeds, args.config, args.simulate_args)
+        return
+    if args.cmd == "epochs":
+        table = epochs_sweep(args.dir, args.config, args.epochs, args.learning_rates, args.seeds, args.threads)
+        summary = table.groupby(["epochs", "learning_rate"]).agg(
+            ap_median=("ap_ari", "median"), ap_min=("ap_ari", "min"), kmeans_median=("kmeans_ari", "median"),
+            kmeans_min=("kmeans_ari", "min"), median_sd=("median_sd", "median"), train_s=("train_s", "median"))
+        print("\nmedian (min) over seeds")
+        print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
         return
     table = ladder(args.dirs, args.with_skips, args.threads)
     summary = table.groupby("stage", sort=False).agg(

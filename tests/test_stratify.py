@@ -182,3 +182,28 @@ def test_exemplars_of_one_fit_equal_sklearn_centers():
     ref = AffinityPropagation(damping=0.6, preference=pref, max_iter=200, convergence_iter=15, random_state=5).fit(X)
     np.testing.assert_array_equal(labels, ref.labels_)
     np.testing.assert_array_equal(centers, ref.cluster_centers_indices_)
+
+
+def test_stalled_fits_are_skipped_where_one_would_have_won():
+    # The demo's final-model embedding (tests/data: 18 subjects on their 17 principal axes).
+    # With the demo's grid, one fit at damping 0.95 stops at the first convergence check
+    # (16 iterations) with a pair split off the rest; scikit-learn calls it converged and
+    # its silhouette beats every settled fit, so before the rule it was the clustering.
+    from pathlib import Path
+
+    from mmfusion.config import load_config
+
+    X = np.loadtxt(Path(__file__).parent / "data" / "demo_embedding_stalled_ap.tsv", comments="#")
+    cfg = load_config(Path(__file__).parents[1] / "scripts" / "demo_config.yaml")["stratify"]
+    res = st.grid_search(X, cfg, seed=1, quiet=True)
+    g = res.grid
+    stalled = g.converged & (g.n_iter == cfg["convergence_iter"] + 1)
+    assert res.counts["stalled"] == int(stalled.sum()) > 0
+    assert not g.loc[stalled, "valid"].any() and g.loc[stalled, "silhouette"].isna().all()
+    assert res.best["n_iter"] > cfg["convergence_iter"] + 1 and res.best["n_clusters"] >= 3
+    winner = g.loc[stalled].index[0]
+    labels, converged, n_iter = st.sklearn_reference_labels(X, g.loc[winner, "damping"], g.loc[winner, "preference"], 1)
+    assert converged and n_iter == cfg["convergence_iter"] + 1
+    assert sorted(np.bincount(labels)) == [2, 16]
+    assert silhouette_score(X, labels) > res.best["silhouette"] + 0.03
+    assert st.stalled_fits(np.array([15, 16, 17]), 15).tolist() == [True, True, False]

@@ -233,6 +233,7 @@ def _section_strata(out: Path, sel: dict) -> list[dict]:
     best, counts = sel["best"], sel["counts"]
     sizes = pd.DataFrame({"cluster": range(len(sel["cluster_sizes"])), "subjects": sel["cluster_sizes"]})
     return [_kv([("grid points", counts["grid_points"]), ("not converged (skipped)", counts["not_converged"]),
+                 ("stopped at the first convergence check (skipped)", counts.get("stalled", 0)),
                  ("1 or n clusters (skipped)", counts["one_or_n_clusters"]), ("valid", counts["valid"]),
                  ("chosen damping", f"{best['damping']:.3f}"), ("chosen preference", f"{best['preference']:.6g}"),
                  ("clusters", best["n_clusters"]), ("silhouette", f"{best['silhouette']:.4f}"),

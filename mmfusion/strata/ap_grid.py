@@ -5,7 +5,8 @@ embeddings, computed once (:func:`similarity_matrix`). The grid is ``damping_n``
 values equally spaced in ``[damping_min, 1)`` times ``preference_n`` preferences equally
 spaced between two percentiles of the off-diagonal similarities (config section
 ``stratify``). Fits that do not converge within ``max_iter`` iterations, and fits with 1 or
-n clusters, are skipped and counted. The fit with the highest silhouette score (Euclidean
+n clusters, or that stopped at the first convergence check (:func:`stalled_fits`), are
+skipped and counted. The fit with the highest silhouette score (Euclidean
 distances, precomputed once) is chosen; ties are broken by fewer clusters, then the smaller
 damping, then the smaller preference.
 
@@ -169,27 +170,42 @@ def grid_search(X: np.ndarray, cfg: dict, seed: int = 0, n_threads: int = 2,
         labels[sl], n_iter[sl], conv[sl] = ap_fits(
             Sn, zd, dd[sl], pp[sl], cfg["max_iter"], cfg["convergence_iter"], n_threads)
     n_clusters = np.where(conv, labels.max(axis=1) + 1, 0)
-    valid = conv & (n_clusters > 1) & (n_clusters < n)
+    stalled = conv & stalled_fits(n_iter, int(cfg["convergence_iter"]))
+    sized = (n_clusters > 1) & (n_clusters < n)
+    valid = conv & ~stalled & sized
     sil = np.full(P, np.nan)
     sil[valid] = silhouette_scores(D, labels[valid])
     grid = pd.DataFrame({"damping": dd, "preference": pp, "n_clusters": n_clusters,
                          "silhouette": sil, "converged": conv, "n_iter": n_iter, "valid": valid})
-    counts = {"grid_points": int(P), "not_converged": int((~conv).sum()),
-              "one_or_n_clusters": int((conv & ~valid).sum()), "valid": int(valid.sum())}
+    counts = {"grid_points": int(P), "not_converged": int((~conv).sum()), "stalled": int(stalled.sum()),
+              "one_or_n_clusters": int((conv & ~stalled & ~sized).sum()), "valid": int(valid.sum())}
     if not valid.any():
         raise ClusteringError(
             f"{source}: no valid AP fit among {P} grid points ({counts['not_converged']} did not converge "
-            f"within max_iter={cfg['max_iter']}, {counts['one_or_n_clusters']} gave 1 or n clusters); "
+            f"within max_iter={cfg['max_iter']}, {counts['stalled']} stopped at the first convergence check, "
+            f"{counts['one_or_n_clusters']} gave 1 or n clusters); "
             "try stratify.max_iter higher, stratify.damping_min nearer 1 (e.g. 0.9), or other "
             f"stratify.preference_percentiles (now {list(cfg['preference_percentiles'])})")
     best_idx = select_best(grid)
     best = {k: (v.item() if hasattr(v, "item") else v) for k, v in grid.loc[best_idx].items()}
     best["grid_index"] = int(best_idx)
-    log.log(logging.DEBUG if quiet else logging.INFO, "AP grid: %d valid of %d (%d not converged, %d with 1 or n clusters); chosen damping "
-             "%.3f preference %.4g: %d clusters, silhouette %.3f", counts["valid"], P,
-             counts["not_converged"], counts["one_or_n_clusters"], best["damping"],
+    log.log(logging.DEBUG if quiet else logging.INFO, "AP grid: %d valid of %d (%d not converged, %d stalled, %d with 1 or n "
+             "clusters); chosen damping %.3f preference %.4g: %d clusters, silhouette %.3f", counts["valid"], P,
+             counts["not_converged"], counts["stalled"], counts["one_or_n_clusters"], best["damping"],
              best["preference"], best["n_clusters"], best["silhouette"])
     return GridResult(grid=grid, labels=labels[best_idx].copy(), best=best, counts=counts)
+
+
+def stalled_fits(n_iter: np.ndarray, convergence_iter: int) -> np.ndarray:
+    """(P,) bool: fits that stopped at the first convergence check (``n_iter`` ==
+    ``convergence_iter`` + 1), i.e. whose exemplars never changed after the first iteration.
+
+    scikit-learn counts them as converged, but the messages had not settled: each iteration
+    moves them by only (1 - damping) of the update, so at damping 0.95 about half of the
+    initial (all-zero) messages is still in place after 15 iterations, and the "exemplars"
+    are those of the first update. Such a fit can win the silhouette with a partition no
+    settled fit gives (a pair split off from the rest: docs/method.md#6-clustering)."""
+    return np.asarray(n_iter) <= convergence_iter + 1
 
 
 def select_best(grid: pd.DataFrame) -> int:
