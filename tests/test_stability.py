@@ -111,3 +111,31 @@ def test_plot_coassignment(tmp_path):
     co = stability.coassignment([final, np.array([1, 1, 0, 0])])
     path = figures.plot_coassignment(co, final, ["a", "b", "c", "d"], tmp_path / "co.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_subsamples_come_from_every_model_so_one_model_does_not_decide(tmp_path):
+    """The final embedding merges planted strata 1 and 2, the three fold models keep them
+    apart: with the subsamples drawn from the models' embeddings in turn the consensus keeps
+    the three strata (drawn from the final embedding alone, half the consensus would merge them)."""
+    import h5py
+    from mmfusion.config import default_config
+    from mmfusion.strata import validity
+
+    rng = np.random.default_rng(3)
+    truth = np.repeat([0, 1, 2], 8)
+    centres = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
+    separate = [centres[truth] + rng.normal(0, 0.4, (24, 2)) for _ in range(3)]
+    final = np.where(truth[:, None] == 2, centres[1], centres[truth]) + rng.normal(0, 0.4, (24, 2))
+    ids = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(24)], "session": [""] * 24})
+    (tmp_path / "cv").mkdir()
+    with h5py.File(tmp_path / "cv" / "fold_embeddings.h5", "w") as h5:
+        h5["participant_id"] = ids["participant_id"].to_numpy().astype("S")
+        h5["session"] = ids["session"].to_numpy().astype("S")
+        h5["model"] = np.stack(separate)
+        h5["baseline"] = np.stack(separate)
+    cfg = {**default_config()["stratify"], "damping_n": 3, "preference_n": 40, "subsamples": 8}
+    final_labels = (truth > 0).astype(int)  # the final model's AP fit: strata 1 and 2 merged
+    out = validity.run_stability(tmp_path, ids, final, final_labels, cfg, seed=0, n_threads=1)
+    assert list(out["subsample_models"].values()) == ["final", "fold-01", "fold-02", "fold-03"] * 2
+    assert stability.ari(out["strata_labels"], truth) == pytest.approx(1.0)
+    assert (tmp_path / "stability" / "stability.json").is_file()

@@ -200,6 +200,13 @@ def subsample_indices(n: int, n_resamples: int, fraction: float, seed: int) -> l
     return [np.sort(rng.choice(n, size, replace=False)) for _ in range(n_resamples)]
 
 
+def round_robin(models: list[str], n: int) -> list[str]:
+    """The model whose embedding each of ``n`` subsamples is drawn from: ``models`` in
+    turn (final, fold-01, fold-02, ..., final, ...), so each model's embedding is
+    re-clustered about equally often and no single model decides the consensus."""
+    return [models[i % len(models)] for i in range(n)]
+
+
 def expand(labels: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     """Labels of a subsample (len(rows),) as a labeling of all n rows (-1 elsewhere)."""
     out = np.full(n, NOT_COVERED, dtype=np.int64)

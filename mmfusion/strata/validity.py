@@ -128,21 +128,27 @@ def run_stability(group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarr
     n = len(final)
     folds: dict[str, np.ndarray] = {}
     baseline_folds: dict[str, np.ndarray] = {}
+    embeddings = {"final": X}  # each model's embedding of all rows, as clustered
     fold_emb = _read_fold_embeddings(group / "cv" / "fold_embeddings.h5", ids)
     if fold_emb is not None:
         for f in progress(range(fold_emb["model"].shape[0]), "stability: fold models", logger=log):
             for group_of, name, X_fold in ((folds, f"fold-{f + 1:02d}", fold_emb["model"][f]),
                                            (baseline_folds, f"baseline_fold-{f + 1:02d}", fold_emb["baseline"][f])):
-                lab = _cluster(prepare(X_fold) if prepare else X_fold, cfg, seed, n_threads, f"{name} embeddings")
+                X_fold = prepare(X_fold) if prepare else X_fold
+                lab = _cluster(X_fold, cfg, seed, n_threads, f"{name} embeddings")
                 if lab is not None:
                     group_of[name] = lab
-    subsamples, sub_k = {}, []
+                if group_of is folds:
+                    embeddings[name] = X_fold
+    subsamples, sub_k, sub_models = {}, [], {}
     rows = stability.subsample_indices(n, int(cfg["subsamples"]), float(cfg["subsample_fraction"]), seed)
-    for i, idx in enumerate(progress(rows, "stability: subsamples", logger=log)):
-        lab = _cluster(X[idx], cfg, seed, n_threads, f"subsample {i + 1} of the embeddings")
+    for i, (idx, model) in enumerate(progress(list(zip(rows, stability.round_robin(list(embeddings), len(rows)))),
+                                              "stability: subsamples", logger=log)):
+        lab = _cluster(embeddings[model][idx], cfg, seed, n_threads, f"subsample {i + 1} of the {model} embeddings")
         if lab is not None:
             subsamples[f"subsample-{i + 1:02d}"] = stability.expand(lab, idx, n)
             sub_k.append(int(lab.max()) + 1)
+            sub_models[f"subsample-{i + 1:02d}"] = model
     consensus = stability.consensus_matrix([final, *folds.values()], list(subsamples.values()))
     strata, how = choose_strata(final, consensus, cfg["strata_from"])
     # the final model's clustering is not evidence for strata made from it: only the fold
@@ -151,6 +157,7 @@ def run_stability(group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarr
     result.summary["strata"] = {**how, "n_strata": int(strata.max()) + 1, "sizes": np.bincount(strata).tolist(),
                                 "final_model_n_clusters": int(final.max()) + 1}
     result.summary["ari_final_model_vs_strata"] = stability.ari(final, strata)
+    result.summary["subsample_models"] = sub_models
     if baseline_labels is not None:
         base = {"baseline": baseline_labels, **baseline_folds}
         result.summary["baseline_folds_vs_baseline"] = stability.median_range(
