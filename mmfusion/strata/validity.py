@@ -132,14 +132,14 @@ def run_stability(group: Path, ids: pd.DataFrame, X: np.ndarray, final: np.ndarr
     fold_emb = _read_fold_embeddings(group / "cv" / "fold_embeddings.h5", ids)
     if fold_emb is not None:
         for f in progress(range(fold_emb["model"].shape[0]), "stability: fold models", logger=log):
-            for group_of, name, X_fold in ((folds, f"fold-{f + 1:02d}", fold_emb["model"][f]),
-                                           (baseline_folds, f"baseline_fold-{f + 1:02d}", fold_emb["baseline"][f])):
-                X_fold = prepare(X_fold) if prepare else X_fold
-                lab = _cluster(X_fold, cfg, seed, n_threads, f"{name} embeddings")
+            name = f"fold-{f + 1:02d}"
+            embeddings[name] = prepare(fold_emb["model"][f]) if prepare else fold_emb["model"][f]
+            baseline_X = prepare(fold_emb["baseline"][f]) if prepare else fold_emb["baseline"][f]
+            for group_of, key, X_fold in ((folds, name, embeddings[name]),
+                                          (baseline_folds, f"baseline_{name}", baseline_X)):
+                lab = _cluster(X_fold, cfg, seed, n_threads, f"{key} embeddings")
                 if lab is not None:
-                    group_of[name] = lab
-                if group_of is folds:
-                    embeddings[name] = X_fold
+                    group_of[key] = lab
     subsamples, sub_k, sub_models = {}, [], {}
     rows = stability.subsample_indices(n, int(cfg["subsamples"]), float(cfg["subsample_fraction"]), seed)
     for i, (idx, model) in enumerate(progress(list(zip(rows, stability.round_robin(list(embeddings), len(rows)))),
