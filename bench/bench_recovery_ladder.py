@@ -22,6 +22,11 @@ Usage (datasets prepared through the real CLI, see ``prepare``)::
     python bench/bench_recovery_ladder.py prepare WORK --n-subjects 36 --seeds 1 2 3 \\
         --config scripts/demo_config.yaml
     python bench/bench_recovery_ladder.py ladder WORK/seed-1 WORK/seed-2 WORK/seed-3 [--with-skips]
+    python bench/bench_recovery_ladder.py epochs DEMO_DIR --config scripts/demo_config.yaml \\
+        --epochs 20 --seeds 1 2 3 --model-overrides kernel_initializer=he_normal
+
+``epochs`` trains final models on one finished run's shards for each (model variant,
+epochs, learning rate, seed) and prints the final model's AP and k-means ARI.
 
 ``prepare`` runs ``mmfusion simulate`` (3 strata, 3 mm), then the template, participant
 and group levels into ``WORK/seed-S/{bids,out}`` and prints each dataset's wall time.
@@ -90,9 +95,11 @@ def shard_maps(out: Path, modalities: list[str]) -> tuple[list[str], np.ndarray]
                                                                        baseline.union_mask(paths))
 
 
-def final_embedding(out: Path, config: dict, modalities: list[str], seed: int) -> np.ndarray:
+def final_embedding(out: Path, config: dict, modalities: list[str], seed: int,
+                    history: list | None = None) -> np.ndarray:
     """A final model on all of ``out``'s shards (the product's training code, ``config``'s
-    model and training sections, ``seed``), trained in a temporary folder, embedded (n, D)."""
+    model and training sections, ``seed``), trained in a temporary folder, embedded (n, D);
+    its per-epoch history is appended to ``history`` when given."""
     import tempfile
 
     from mmfusion.learning import shard_data
@@ -102,7 +109,9 @@ def final_embedding(out: Path, config: dict, modalities: list[str], seed: int) -
     with tempfile.TemporaryDirectory() as tmp:
         learner = training.Learner(Path(tmp), infos, modalities, config, seed, False,
                                    shard_data.scan_volume_stats(infos, modalities))
-        model, norm, _, _ = training.train_final(learner)
+        model, norm, fit, _ = training.train_final(learner)
+        if history is not None:
+            history.extend(fit.history)
         return training.embed(model, [i.path for i in infos], modalities, norm)
 
 
@@ -117,11 +126,25 @@ def _derivatives(d: Path) -> Path:
     return d / "out" if (d / "out").is_dir() else d / "derivatives"
 
 
+def _model_variants(overrides: list[str]) -> list[tuple[str, dict]]:
+    """``["kernel_initializer=he_normal", "fusion_dropout=0.1,kernel_initializer=he_normal"]``
+    -> [(label, model-section overrides)], the config's own model first ("config")."""
+    import yaml
+
+    variants = [("config", {})]
+    for item in overrides:
+        pairs = [kv.split("=", 1) for kv in item.split(",")]
+        variants.append((item, {k: yaml.safe_load(v) for k, v in pairs}))
+    return variants
+
+
 def epochs_sweep(d: Path, config_path: Path, epochs: list[int], learning_rates: list[float | None],
-                 seeds: list[int], threads: int) -> pd.DataFrame:
-    """Final models on one dataset's shards for every (epochs, learning rate, seed): AP and
-    k-means ARI of each embedding against the planted strata, the embedding's median
-    per-dimension SD across subjects and the training time (s)."""
+                 seeds: list[int], threads: int, model_overrides: list[str] = ()) -> pd.DataFrame:
+    """Final models on one dataset's shards for every (model variant, epochs, learning rate,
+    seed): AP and k-means ARI of each embedding against the planted strata, the embedding's
+    median per-dimension SD across subjects, the last epoch's loss and the training time (s).
+    ``model_overrides`` adds model variants (``KEY=VALUE[,KEY=VALUE]`` of the model section)
+    beside the config's own model."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
@@ -134,25 +157,27 @@ def epochs_sweep(d: Path, config_path: Path, epochs: list[int], learning_rates: 
     infos = shard_data.scan_shards(shard_data.discover_shards(out / "shards"), modalities)
     y = truth.set_index("participant_id").loc[[f"sub-{i.subject}" for i in infos], "stratum"].to_numpy()
     rows = []
-    for n_epochs in epochs:
-        for lr in learning_rates:
-            training = {"epochs": n_epochs, **({"learning_rate": lr} if lr is not None else {})}
-            config = load_config(config_path, {"training": training})
-            for seed in seeds:
-                t0 = time.monotonic()
-                X = final_embedding(out, config, modalities, seed)
-                seconds = time.monotonic() - t0
-                grid = ap_grid.grid_search(X, config["stratify"], seed=seed, n_threads=threads, quiet=True)
-                km = KMeans(len(np.unique(y)), n_init=10, random_state=0).fit_predict(X)
-                rows.append({"epochs": n_epochs, "learning_rate": config["training"]["learning_rate"],
-                             "steps": n_epochs * len(infos), "seed": seed,
-                             "ap_clusters": int(grid.best["n_clusters"]), "ap_ari": adjusted_rand_score(y, grid.labels),
-                             "kmeans_ari": adjusted_rand_score(y, km), "median_sd": float(np.median(X.std(axis=0))),
-                             "train_s": seconds})
-                r = rows[-1]
-                print(f"epochs {n_epochs:4d} lr {r['learning_rate']:.4g} ({r['steps']} steps) seed {seed}: "
-                      f"AP ARI {r['ap_ari']:6.3f} ({r['ap_clusters']} clusters)  k-means ARI {r['kmeans_ari']:6.3f}  "
-                      f"median SD {r['median_sd']:.4f}  {seconds:.0f} s", flush=True)
+    for label, model in _model_variants(list(model_overrides)):
+        for n_epochs in epochs:
+            for lr in learning_rates:
+                training = {"epochs": n_epochs, **({"learning_rate": lr} if lr is not None else {})}
+                config = load_config(config_path, {"training": training, "model": model})
+                for seed in seeds:
+                    t0, history = time.monotonic(), []
+                    X = final_embedding(out, config, modalities, seed, history)
+                    seconds = time.monotonic() - t0
+                    grid = ap_grid.grid_search(X, config["stratify"], seed=seed, n_threads=threads, quiet=True)
+                    km = KMeans(len(np.unique(y)), n_init=10, random_state=0).fit_predict(X)
+                    rows.append({"model": label, "epochs": n_epochs, "learning_rate": config["training"]["learning_rate"],
+                                 "steps": n_epochs * len(infos), "seed": seed,
+                                 "ap_clusters": int(grid.best["n_clusters"]),
+                                 "ap_ari": adjusted_rand_score(y, grid.labels),
+                                 "kmeans_ari": adjusted_rand_score(y, km), "median_sd": float(np.median(X.std(axis=0))),
+                                 "final_loss": float(history[-1]["loss"]), "train_s": seconds})
+                    r = rows[-1]
+                    print(f"{label} epochs {n_epochs:4d} lr {r['learning_rate']:.4g} ({r['steps']} steps) seed {seed}: "
+                          f"AP ARI {r['ap_ari']:6.3f} ({r['ap_clusters']} clusters)  k-means ARI {r['kmeans_ari']:6.3f}  "
+                          f"median SD {r['median_sd']:.4f}  loss {r['final_loss']:.4f}  {seconds:.0f} s", flush=True)
     return pd.DataFrame(rows)
 
 
@@ -225,15 +250,19 @@ def main() -> None:
     ep.add_argument("--learning-rates", type=float, nargs="+", default=[None])
     ep.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ep.add_argument("--threads", type=int, default=2)
+    ep.add_argument("--model-overrides", nargs="+", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="further model variants beside the config's (e.g. kernel_initializer=he_normal)")
     args = p.parse_args()
     if args.cmd == "prepare":
         prepare(args.work, args.n_subjects, args.seeds, args.config, args.simulate_args)
         return
     if args.cmd == "epochs":
-        table = epochs_sweep(args.dir, args.config, args.epochs, args.learning_rates, args.seeds, args.threads)
-        summary = table.groupby(["epochs", "learning_rate"]).agg(
+        table = epochs_sweep(args.dir, args.config, args.epochs, args.learning_rates, args.seeds, args.threads,
+                             args.model_overrides)
+        summary = table.groupby(["model", "epochs", "learning_rate"], sort=False).agg(
             ap_median=("ap_ari", "median"), ap_min=("ap_ari", "min"), kmeans_median=("kmeans_ari", "median"),
-            kmeans_min=("kmeans_ari", "min"), median_sd=("median_sd", "median"), train_s=("train_s", "median"))
+            kmeans_min=("kmeans_ari", "min"), median_sd=("median_sd", "median"), final_loss=("final_loss", "median"),
+            train_s=("train_s", "median"))
         print("\nmedian (min) over seeds")
         print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
         return

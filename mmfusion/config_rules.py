@@ -28,6 +28,8 @@ from mmfusion.spatial.presets import PRESETS
 DTI_FIT_METHODS = ("WLS", "OLS", "NLLS", "RESTORE")
 #: Depthwise algorithms of the separable layers (mmfusion/model/layers.py).
 DEPTHWISE_IMPLEMENTATIONS = ("auto", "dense", "sliced", "split", "grouped", "numba")
+#: Kernel initializers of every convolution (model.kernel_initializer; Keras names).
+KERNEL_INITIALIZERS = ("glorot_uniform", "he_normal")
 #: stratify.damping_min: [low, high) (scikit-learn's affinity propagation needs damping in [0.5, 1)).
 DAMPING_MIN_RANGE = (0.5, 1.0)
 #: Where the strata come from (mmfusion/strata/validity.py, choose_strata).
@@ -149,6 +151,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "skip_connections": BOOLEAN,
         "separable": BOOLEAN,
         "dropout": number(0, 1, hi_open=True),
+        "fusion_dropout": number(0, 1, hi_open=True),
+        "kernel_initializer": one_of(KERNEL_INITIALIZERS),
         "l2": number(0),
         "depthwise_implementation": one_of(DEPTHWISE_IMPLEMENTATIONS),
         "sync_batchnorm": Rule("null, auto, true or false", _parses(parse_sync_batchnorm)),

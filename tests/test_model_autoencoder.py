@@ -130,11 +130,47 @@ def test_skip_connections_switch():
         keras.Model(on.get_layer("embedding").output, on.output)
 
 
+def _kernel_initializers(model) -> set[str]:
+    names = set()
+    for layer in model.layers:
+        for attr in ("kernel_initializer", "depthwise_initializer", "pointwise_initializer"):
+            init = getattr(layer, attr, None)
+            if init is not None:
+                names.add(type(init).__name__)
+    return names
+
+
+def test_kernel_initializer_reaches_every_convolution():
+    glorot = build_autoencoder(_cfg(**SMALL), ["A", "B"])
+    he = build_autoencoder(_cfg(**SMALL, kernel_initializer="he_normal"), ["A", "B"])
+    assert default_config()["model"]["kernel_initializer"] == "glorot_uniform"
+    assert _kernel_initializers(glorot) == {"GlorotUniform"}
+    assert _kernel_initializers(he) == {"HeNormal"}
+    assert he.count_params() == glorot.count_params()
+
+
+def test_fusion_dropout_feeds_the_decoders_not_the_embedding():
+    # block dropout off, so in training the fusion Dropout is the only random layer
+    plain = build_autoencoder(_cfg(**SMALL, dropout=0.0), ["A", "B"])
+    dropped = build_autoencoder(_cfg(**SMALL, dropout=0.0, fusion_dropout=0.5), ["A", "B"])
+    assert default_config()["model"]["fusion_dropout"] == 0.0
+    assert "fusion_drop" not in [layer.name for layer in plain.layers]
+    drop = dropped.get_layer("fusion_drop")
+    assert drop.rate == 0.5 and drop.input is dropped.get_layer("embedding").output
+    x = _inputs(dropped, seed=3)
+    emb = embedding_model(dropped)
+    np.testing.assert_array_equal(np.asarray(emb(x, training=True)), np.asarray(emb(x, training=True)))
+    assert not np.allclose(_np(dropped(x, training=True))["rec_A"], _np(dropped(x, training=True))["rec_A"])
+    np.testing.assert_array_equal(_np(plain(x, training=True))["rec_A"], _np(plain(x, training=True))["rec_A"])
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"input_shape": [30, 32, 24]}, "divisible by 2\\*\\*levels"),
     ({"filters": [2, 4]}, "one value per level"),
     ({"kernel_size": [3, 3]}, "3 values"),
     ({"dropout": 1.0}, "dropout"),
+    ({"fusion_dropout": -0.1}, "fusion_dropout"),
+    ({"kernel_initializer": "zeros"}, "kernel_initializer"),
     ({"levels": 0}, "levels"),
 ])
 def test_config_errors(overrides, match):

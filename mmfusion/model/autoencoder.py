@@ -17,7 +17,9 @@ Shapes for the default config (``mmfusion/defaults/model.yaml``: input 128x128x9
 Inputs and outputs are dicts keyed by ``in_<m>`` / ``rec_<m>``: feed
 ``{"in_T1w": x1, "in_FA": x2}`` and targets ``{"rec_T1w": x1, "rec_FA": x2}``.
 The skip feature ``skip_i`` is the ``down conv`` block's conv output before pooling.
-Fusion has no Dropout (the embedding is the subject's representation).
+Fusion has no Dropout by default (``fusion_dropout`` > 0 adds one between the
+``embedding`` layer and the decoders, as the reference code; the embedding itself is
+never dropped). ``kernel_initializer`` initializes every convolution kernel.
 """
 from __future__ import annotations
 
@@ -90,7 +92,8 @@ def _decoder(embedding, skips, mod: str, cfg: dict, settings: BlockSettings, ski
         x = mid_flow_block(x, settings, f"{name}_mid")
         x = conv_block(x, filters, settings, f"{name}_conv")
     return keras.layers.Conv3D(
-        1, 1, activation="sigmoid", dtype="float32", name=f"rec_{mod}"
+        1, 1, activation="sigmoid", kernel_initializer=settings.kernel_initializer,
+        dtype="float32", name=f"rec_{mod}",
     )(x)
 
 
@@ -125,6 +128,7 @@ def build_autoencoder(
         separable=bool(cfg["separable"]),
         implementation=str(cfg["depthwise_implementation"]),
         sync_batchnorm=_sync_default(cfg["sync_batchnorm"]) if sync_batchnorm is None else bool(sync_batchnorm),
+        kernel_initializer=str(cfg["kernel_initializer"]),
     )
     inputs, codes, all_skips = {}, [], {}
     for mod in modalities:
@@ -135,13 +139,16 @@ def build_autoencoder(
     fused = codes[0] if len(codes) == 1 else keras.layers.Concatenate(name="fusion_concat")(codes)
     bottom = tuple(int(d) for d in fused.shape[1:4])
     x = keras.layers.Conv3D(
-        cfg["embedding_filters"], bottom, padding="same",
+        cfg["embedding_filters"], bottom, padding="same", kernel_initializer=settings.kernel_initializer,
         kernel_regularizer=settings.regularizer(), name="fusion_conv",
     )(fused)
     x = batch_norm(settings, "fusion_bn")(x)
     embedding = keras.layers.Activation("elu", name="embedding")(x)
+    decoded = embedding
+    if cfg["fusion_dropout"] > 0:  # the decoders see it; the embedding layer's output is not dropped
+        decoded = keras.layers.Dropout(float(cfg["fusion_dropout"]), name="fusion_drop")(embedding)
     outputs = {
-        f"rec_{mod}": _decoder(embedding, all_skips[mod], mod, cfg, settings, bool(skip_on))
+        f"rec_{mod}": _decoder(decoded, all_skips[mod], mod, cfg, settings, bool(skip_on))
         for mod in modalities
     }
     model = keras.Model(inputs=inputs, outputs=outputs, name="mmfusion_autoencoder")

@@ -34,6 +34,8 @@ class BlockSettings:
         l2: L2 weight-decay factor on every kernel (0 = none).
         separable: mid-flow blocks use separable (True) or dense (False) convolutions.
         implementation: depthwise implementation of the separable layers (``"auto"``).
+        kernel_initializer: Keras initializer name of every convolution kernel
+            (``"glorot_uniform"``, Keras' default, or ``"he_normal"``, the reference code's).
         sync_batchnorm: BatchNormalization statistics over the global batch, i.e. all
             replicas of a ``tf.distribute`` strategy (``synchronized=True``), instead
             of each replica's share; see :func:`mmfusion.learning.distribute.sync_batchnorm`.
@@ -45,6 +47,7 @@ class BlockSettings:
     separable: bool = True
     implementation: str = "auto"
     sync_batchnorm: bool = False
+    kernel_initializer: str = "glorot_uniform"
 
     def regularizer(self):
         return keras.regularizers.L2(self.l2) if self.l2 > 0 else None
@@ -83,6 +86,7 @@ def conv_block(x, filters: int, settings: BlockSettings, name: str, kernel_size=
         filters,
         kernel_size or settings.kernel_size,
         padding="same",
+        kernel_initializer=settings.kernel_initializer,
         kernel_regularizer=settings.regularizer(),
         name=f"{name}_conv",
     )(x)
@@ -96,6 +100,8 @@ def sep_conv_block(x, filters: int, settings: BlockSettings, name: str):
         filters,
         settings.kernel_size,
         padding="same",
+        depthwise_initializer=settings.kernel_initializer,
+        pointwise_initializer=settings.kernel_initializer,
         depthwise_regularizer=reg,
         pointwise_regularizer=reg,
         implementation=settings.implementation,
