@@ -13,6 +13,13 @@ registration runs in a fresh process so its wall time and peak RSS are its own.
 Usage:
     python bench/bench_registration.py --presets default --n-subjects 8 --threads 2
     python bench/bench_registration.py --presets paper --n-subjects 1
+    python bench/bench_registration.py --source simulate --whole-head --brain-extraction 3 --data DIR
+    python bench/bench_registration.py --source simulate --whole-head --self-check --data DIR
+
+``--whole-head`` simulates T1w with a synthetic skull and scalp; ``--brain-extraction M``
+registers as ``spatial.brain_extraction`` with margin M mm; ``--self-check`` registers the
+simulator's undeformed (head) template to its brain-only template, where the true log-JAC
+is 0 everywhere, and prints the in-mask SD of the recovered one (``sd``).
 Data: ``mmfusion.simulate.simulate_dataset`` when available (``--source simulate``),
 else the built-in generator here (``--source builtin``, the default).
 """
@@ -117,11 +124,11 @@ def builtin_dataset(out: Path, n_subjects: int, voxel: float, seed: int) -> list
     return rows
 
 
-def simulate_rows(out: Path, n_subjects: int, voxel: float, seed: int) -> list[dict]:
-    from mmfusion.simulate import simulate_dataset  # noqa: F401 (lands with issue 'simulate')
+def simulate_rows(out: Path, n_subjects: int, voxel: float, seed: int, whole_head: bool = False) -> list[dict]:
+    from mmfusion.simulate import simulate_dataset
     if not (out / "dataset_description.json").is_file():
         simulate_dataset(out, n_subjects=n_subjects, n_strata=min(2, n_subjects), voxel_size=voxel, seed=seed,
-                         bias_field=True, noise=True, random_affine=True)
+                         bias_field=True, noise=True, random_affine=True, whole_head=whole_head)
     gt = out / "sourcedata" / "ground_truth"
     rows = []
     for sub in sorted(p.name for p in out.glob("sub-*") if p.is_dir())[:n_subjects]:
@@ -131,8 +138,23 @@ def simulate_rows(out: Path, n_subjects: int, voxel: float, seed: int) -> list[d
     return rows
 
 
+def self_check_row(data: Path, whole_head: bool) -> dict:
+    """The template-to-itself check: the simulator's undeformed template T1w (with its
+    synthetic head when ``whole_head``) as the subject, an all-zero log-JAC as the truth."""
+    import ants
+    gt = data / "sourcedata" / "ground_truth"
+    tpl = ants.image_read(str(gt / "template_T1w.nii.gz"))
+    zero = data / "self_check_truth_logjac.nii.gz"
+    if not zero.is_file():
+        ants.image_write(tpl.new_image_like(np.zeros(tpl.shape, np.float32)), str(zero))
+    return {"subject": "template" + ("-head" if whole_head else ""), "truth": zero,
+            "t1w": gt / ("template_head_T1w.nii.gz" if whole_head else "template_T1w.nii.gz"),
+            "template": gt / "template_T1w.nii.gz", "mask": gt / "template_mask.nii.gz"}
+
+
 # ----------------------------------------------------------------- one subject
-def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, overrides=None) -> None:
+def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, overrides=None,
+            brain_margin: float | None = None) -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import ants
     from mmfusion.spatial import registration as reg
@@ -151,7 +173,7 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, ov
         moving = n4_correct(moving)
     t_n4 = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="benchreg_") as tmp:
-        res = reg.register_to_template(tpl, moving, params, tmp)
+        res = reg.register_t1w(tpl, mask, moving, params, tmp, brain_margin)
         logjac = reg.log_jacobian(tpl, res)
         wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -165,7 +187,10 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, ov
             m = to_grid(mask, grid, "nearestNeighbor").numpy() > 0.5
             warped, tplg = to_grid(res.warped, grid).numpy(), to_grid(tpl, grid).numpy()
             x, y = true[m], rec[m]
-            scores.update({f"{prefix}r": float(np.corrcoef(x, y)[0, 1]), f"{prefix}slope": float(np.polyfit(x, y, 1)[0]),
+            flat = np.ptp(x) == 0  # the self-check's all-zero truth: no r or slope
+            scores.update({f"{prefix}r": float("nan") if flat else float(np.corrcoef(x, y)[0, 1]),
+                           f"{prefix}slope": float("nan") if flat else float(np.polyfit(x, y, 1)[0]),
+                           f"{prefix}sd": float(y.std()), f"{prefix}p1_p99": np.percentile(y, [1, 99]).round(3).tolist(),
                            f"{prefix}mae": float(np.abs(x - y).mean()),
                            f"{prefix}t1_r": float(np.corrcoef(warped[m], tplg[m])[0, 1])})
         scores["grid"] = f"{'x'.join(map(str, grids[''].shape))} at {grids[''].spacing[0]:.2f} mm"
@@ -192,11 +217,22 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1,
                     help="subjects registered at the same time (each with --threads); >1 inflates wall times")
     ap.add_argument("--only", default=None, help="comma-separated subject labels to run (default: all)")
+    ap.add_argument("--whole-head", action="store_true",
+                    help="with --source simulate: T1w with a synthetic skull and scalp (mmfusion simulate --whole-head)")
+    ap.add_argument("--brain-extraction", type=float, default=None, metavar="MARGIN_MM",
+                    help="skull-strip every T1w first, as spatial.brain_extraction with this margin")
+    ap.add_argument("--self-check", action="store_true",
+                    help="with --whole-head: register the undeformed head template itself (truth: log-JAC 0) "
+                         "instead of the subjects; prints the in-mask SD of the recovered log-JAC")
     args = ap.parse_args(argv)
+    if (args.whole_head or args.self_check) and args.source != "simulate":
+        ap.error("--whole-head and --self-check need --source simulate")
     data = args.data or Path(tempfile.mkdtemp(prefix="benchreg_data_"))
     t0 = time.perf_counter()
-    rows = (simulate_rows if args.source == "simulate" else builtin_dataset)(
-        data, args.n_subjects, args.voxel, args.seed)
+    rows = (simulate_rows(data, args.n_subjects, args.voxel, args.seed, args.whole_head)
+            if args.source == "simulate" else builtin_dataset(data, args.n_subjects, args.voxel, args.seed))
+    if args.self_check:
+        rows = [self_check_row(data, args.whole_head)]
     print(f"data: {len(rows)} subjects at {args.voxel} mm ({args.source}), {time.perf_counter() - t0:.0f}s; "
           f"load average={' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     if args.only:
@@ -209,7 +245,8 @@ def main(argv=None) -> int:
         while jobs and len(running) < args.jobs:
             preset, row = jobs.pop(0)
             q = ctx.Queue()
-            p = ctx.Process(target=run_one, args=(row, preset, args.threads, not args.no_n4, args.seed, q, args.overrides))
+            p = ctx.Process(target=run_one, args=(row, preset, args.threads, not args.no_n4, args.seed, q,
+                                                  args.overrides, args.brain_extraction))
             p.start()
             running.append((p, q))
         out = None
@@ -226,6 +263,7 @@ def main(argv=None) -> int:
                 break
         results.append(out)
         print(f"{out['preset']:10s} sub-{out['subject']} r={out['r']:.3f} slope={out['slope']:.3f} "
+              f"sd={out['sd']:.4f} p1/p99={out['p1_p99']} "
               f"mae={out['mae']:.4f} t1_r={out['t1_r']:.3f} (grid {out['grid']}; old 2.5 mm grid: "
               f"r={out['old_r']:.3f} slope={out['old_slope']:.3f}) wall={out['wall_s']:.0f}s cpu={out['cpu_s']:.0f}s "
               f"peak={out['peak_rss_gb']:.2f}GB stages={ {k: round(v) for k, v in out['stages_s'].items()} }",

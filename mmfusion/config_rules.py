@@ -179,6 +179,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "grid_shape": int_list(3),
         "grid_margin_mm": number(0),
         "n4": BOOLEAN,
+        "brain_extraction": BOOLEAN,
+        "brain_extraction_margin_mm": number(0),
         "template_iterations": count(1),
         "template_subjects": optional(count(1)),
         "keep_transforms": BOOLEAN,

@@ -11,7 +11,7 @@ offline) deformed by a smooth diffeomorphism, plus realistic nuisances. The layo
         sub-XX[_ses-Y]_space-T1w_model-noddi_param-icvf_dwimap.nii.gz
     OUT/sourcedata/ground_truth/strata.tsv, latent_factors.tsv, planted.json,
         sites.tsv (only with --n-sites > 1),
-        template_T1w.nii.gz, template_mask.nii.gz,
+        template_T1w.nii.gz, template_mask.nii.gz (template_head_T1w.nii.gz with --whole-head),
         sub-XX_space-template_desc-true_logjac.nii.gz,
         sub-XX_space-template_desc-true_{fa,ndi}.nii.gz (before the warp and the noise)
 
@@ -76,6 +76,11 @@ DESIGN, PHENO, TEXTURE, SUBJECTS, SITES = range(5)
 SITE_T1W_OFFSET, SITE_NDI_OFFSET = 0.10, 0.05
 SITE_VENDORS = ("mmfusion simulate A", "mmfusion simulate B", "mmfusion simulate C")
 DEFAULT_SIDECAR = {"Manufacturer": "mmfusion simulate", "MagneticFieldStrength": 3}
+# Whole head (--whole-head): tissue layers outside the brain mask, by distance from it, as
+# (outer edge in mm, T1w intensity on the template's [0, 1] scale): CSF, the skull's inner
+# table, diploe, outer table, scalp (fat-rich, bright on T1w). A synthetic head: MNI152's
+# own head is not shipped offline; the layers are what a brain-only template lacks.
+HEAD_LAYERS_MM = ((2.0, 0.10), (3.5, 0.04), (6.0, 0.35), (7.5, 0.04), (13.0, 0.80))
 
 
 # --------------------------------------------------------------------------- template
@@ -138,6 +143,22 @@ def load_template_grid(voxel_size: float) -> TemplateGrid:
         voxel_size=float(voxel_size), shape=shape, affine=affine, t1=t1,
         gm=np.clip(out["gm"], 0, 1) * mask, wm=np.clip(out["wm"], 0, 1) * mask, mask=mask,
     )
+
+
+def synthetic_head(grid: TemplateGrid) -> np.ndarray:
+    """float32 (X, Y, Z) in [0, 1]: ``grid.t1`` inside the brain mask and, outside it, the
+    layers of :data:`HEAD_LAYERS_MM` by Euclidean distance (mm) from the mask, edges
+    smoothed over half a voxel (partial volume); air (0) beyond the scalp."""
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(~grid.mask, sampling=grid.voxel_size)
+    head = np.zeros(grid.shape, np.float32)
+    inner = 0.0
+    for outer, value in HEAD_LAYERS_MM:
+        head[(distance > inner) & (distance <= outer)] = value
+        inner = outer
+    head = ndimage.gaussian_filter(head, 0.5)
+    return np.where(grid.mask, grid.t1, head).astype(np.float32)
 
 
 # ------------------------------------------------------------------ control grid & maps
@@ -831,7 +852,8 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
                      seed: int = 0, bias_field: bool = True, noise: bool = True,
                      random_affine: bool = True, sessions: int = 1, null_phenotypes: bool = False,
                      overwrite: bool = False, n_sites: int = 1, site_follows_stratum: bool = False,
-                     design_seed: int | None = None, dwi: dict | None = None) -> Path:
+                     design_seed: int | None = None, dwi: dict | None = None,
+                     whole_head: bool = False) -> Path:
     """Write a complete synthetic BIDS dataset to ``out_dir`` (atomically) and return it.
 
     Subjects are assigned to strata 1..``n_strata`` in near-equal numbers. With
@@ -845,7 +867,11 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
     subjects; two datasets with the same ``design_seed`` and different ``seed`` are two
     samples of one population (same strata, different subjects). ``dwi`` (keys of
     :data:`mmfusion.simulate_dwi.DEFAULTS`, ``{}`` for the defaults) writes multi-shell DWI
-    in QSIPrep naming instead of the QSIRecon FA/NDI maps (``mmfusion.simulate_dwi``). Raises ``UsageError`` (exit 64) for impossible options and ``OutputError``
+    in QSIPrep naming instead of the QSIRecon FA/NDI maps (``mmfusion.simulate_dwi``).
+    ``whole_head`` renders the T1w with a synthetic skull and scalp around the brain
+    (:func:`synthetic_head`, deformed with the subject), as real T1w images come; FA, NDI
+    and the truth are unchanged, and ``ground_truth/template_head_T1w.nii.gz`` holds the
+    undeformed head. Raises ``UsageError`` (exit 64) for impossible options and ``OutputError``
     (exit 73) if ``out_dir`` is not empty and ``overwrite`` is False.
     """
     out_dir = Path(out_dir)
@@ -864,6 +890,8 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
         opts["dwi"] = {**DWI_DEFAULTS, **dwi, "acq_seed": int(seed)}
         if not (opts["dwi"]["snr"] > 0 and opts["dwi"]["directions"] >= 6 and opts["dwi"]["factor"] >= 1):
             raise UsageError("--dwi-snr must be > 0, --dwi-directions >= 6 and --dwi-factor >= 1")
+    if whole_head:  # only then: a run without it writes the same planted.json as before
+        opts["whole_head"] = True
     design_seed = seed if design_seed is None else int(design_seed)
     if design_seed != seed:  # only then: a run without it writes the same planted.json as before
         opts.update(design_seed=design_seed)
@@ -883,7 +911,8 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
     stratum_maps = {k: {m: base_maps[m] * _gaussian_bumps(regions, m, k, grid) for m in base_maps}
                     for k in range(1, n_strata + 1)}
     from scipy import ndimage
-    t1_coeffs = ndimage.spline_filter(grid.t1, order=3, mode="nearest").astype(np.float32)
+    t1_template = synthetic_head(grid) if whole_head else grid.t1
+    t1_coeffs = ndimage.spline_filter(t1_template, order=3, mode="nearest").astype(np.float32)
 
     width = max(2, len(str(n_subjects)))
     labels = [f"{i + 1:0{width}d}" for i in range(n_subjects)]
@@ -901,6 +930,8 @@ def simulate_dataset(out_dir, n_subjects: int = 12, n_strata: int = 3, voxel_siz
                 site=sites[site_of[i] - 1] if sites else None,
                 dwi_seed=np.random.SeedSequence(seed, spawn_key=(SITES + 1, i)) if dwi is not None else None)
         _write_truth(truth_dir, grid, labels, strata, regions, pheno, subjects_info, opts, sites, site_of)
+        if whole_head:
+            _save_nifti(truth_dir / "template_head_T1w.nii.gz", t1_template * T1_SCALE, grid.affine, code=4)
     return out_dir
 
 
@@ -1043,6 +1074,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dwi-directions", type=int, default=30, help="with --dwi: directions per shell (default 30)")
     p.add_argument("--dwi-factor", type=int, default=1,
                    help="with --dwi: DWI voxel = this many T1w voxels per axis (default 1: the T1w grid)")
+    p.add_argument("--whole-head", action="store_true",
+                   help="T1w with a synthetic skull and scalp around the brain (as real T1w images come; "
+                        "default: skull-stripped)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
@@ -1063,7 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
                          n_sites=args.n_sites, site_follows_stratum=args.site_follows_stratum,
                          design_seed=args.design_seed,
                          dwi={"snr": args.dwi_snr, "directions": args.dwi_directions, "factor": args.dwi_factor}
-                         if args.dwi else None)
+                         if args.dwi else None, whole_head=args.whole_head)
     except OSError as exc:  # a write refused inside the folder OUT_DIR goes into
         err = output_permission_error(exc, (Path(os.path.abspath(args.out_dir)).parent,))
         if err is None:

@@ -269,6 +269,30 @@ def test_clean_options_give_clean_images(tmp_path):
     assert np.corrcoef(data[mask], tdata[mask])[0, 1] > 0.8
 
 
+def test_whole_head_adds_skull_and_scalp_around_an_unchanged_brain(tmp_path):
+    kw = dict(n_subjects=2, n_strata=2, voxel_size=6.0, seed=1, bias_field=False, noise=False, random_affine=False)
+    brain = sim.simulate_dataset(tmp_path / "brain", **kw)
+    head = sim.simulate_dataset(tmp_path / "head", whole_head=True, **kw)
+    truth = head / "sourcedata" / "ground_truth"
+    mask = nib.load(truth / "template_mask.nii.gz").get_fdata() > 0.5
+    tpl_head = nib.load(truth / "template_head_T1w.nii.gz").get_fdata()
+    distance = ndimage.distance_transform_edt(~mask) * 6.0  # mm outside the brain
+    scalp = (distance > 9.0) & (distance <= 12.0)
+    assert tpl_head[scalp].mean() > 0.5 * sim.T1_SCALE  # bright scalp
+    assert tpl_head[distance > 20.0].max() < 0.02 * sim.T1_SCALE  # air beyond it (edges smoothed)
+    np.testing.assert_allclose(tpl_head[mask], nib.load(truth / "template_T1w.nii.gz").get_fdata()[mask], atol=1)
+    t1_brain = nib.load(brain / "sub-01" / "anat" / "sub-01_T1w.nii.gz").get_fdata()
+    t1_head = nib.load(head / "sub-01" / "anat" / "sub-01_T1w.nii.gz").get_fdata()
+    deep = ndimage.binary_erosion(t1_brain > 0.2 * sim.T1_SCALE, iterations=2)  # well inside the brain
+    diff = np.abs(t1_head[deep] - t1_brain[deep])  # same brain, same deformation (the cubic
+    assert np.median(diff) <= 1 and diff.max() <= 0.02 * sim.T1_SCALE  # spline's prefilter is global)
+    assert (t1_head > 0.5 * sim.T1_SCALE).sum() > 1.2 * (t1_brain > 0.5 * sim.T1_SCALE).sum()
+    for name in ("strata.tsv", "sub-01_space-template_desc-true_logjac.nii.gz"):
+        a, b = (root / "sourcedata" / "ground_truth" / name for root in (brain, head))
+        assert a.read_bytes() == b.read_bytes()  # the truth is the same
+    assert json.loads((truth / "planted.json").read_text())["generator"]["options"]["whole_head"] is True
+
+
 # --------------------------------------------------------------------- phenotypes
 def _kw(values, labels) -> float:
     values = np.asarray(values, float)

@@ -131,6 +131,32 @@ def test_recovers_planted_logjac_on_a_small_subject(tmp_path):
     assert np.corrcoef(warped[m], tpl.numpy()[m])[0, 1] > 0.8
 
 
+def test_brain_extraction_keeps_the_brain_and_drops_the_scalp(tmp_path):
+    """A whole-head simulated subject at 4 mm (rigid header transform, bias, noise) is
+    skull-stripped with the template's brain mask: the brain stays, the scalp goes."""
+    reg.set_ants_threads(2, 1)
+    root = simulate_dataset(tmp_path / "bids", n_subjects=1, n_strata=1, voxel_size=4.0, seed=5, whole_head=True)
+    truth_dir = root / "sourcedata" / "ground_truth"
+    tpl = ants.image_read(str(truth_dir / "template_T1w.nii.gz"))
+    mask = ants.image_read(str(truth_dir / "template_mask.nii.gz"))
+    moving = ants.image_read(str(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz"))
+    stripped, kept = reg.extract_brain(tpl, mask, moving, presets.resolve_preset("fast-test"), tmp_path / "b", 3.0)
+    assert stripped.shape == moving.shape and set(np.unique(kept.numpy())) <= {0.0, 1.0}
+    # the subject's own brain and scalp: the template's, carried by the header transform
+    # (the small planted warp moves them by ~2 mm at most)
+    header = np.linalg.inv(nib.load(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz").affine) @ nib.load(
+        truth_dir / "template_mask.nii.gz").affine
+    from scipy import ndimage
+    inside = ndimage.affine_transform((mask.numpy() > 0.5).astype(float), np.linalg.inv(header), order=0) > 0.5
+    distance = ndimage.distance_transform_edt(~inside) * 4.0
+    brain_core = ndimage.binary_erosion(inside, iterations=1)
+    scalp = (distance > 9.0) & (distance <= 13.0)
+    k = kept.numpy() > 0.5
+    assert k[brain_core].mean() > 0.99, k[brain_core].mean()
+    assert k[scalp].mean() < 0.05, k[scalp].mean()
+    assert reg.dilate_mask(mask, 4.0).numpy().sum() > mask.numpy().sum()
+
+
 def test_crop_to_foreground_keeps_the_grid_and_a_margin():
     arr = np.zeros((40, 48, 40), np.float32)
     arr[10:25, 12:30, 15:35] = 100.0

@@ -267,7 +267,8 @@ def _register_and_resample(cfg, t1_nii, maps, template: TemplateInfo, params,
     if cfg["n4"]:
         t1 = reg.n4_correct(t1)
     timings["n4"] = time.perf_counter() - t0
-    result = reg.register_to_template(template.image, t1, params, workdir / "reg")
+    margin = float(cfg["brain_extraction_margin_mm"]) if cfg["brain_extraction"] else None
+    result = reg.register_t1w(template.image, template.mask, t1, params, workdir, margin)
     timings.update({f"reg_{k}": v for k, v in result.timings_s.items()})
     t0 = time.perf_counter()
     in_template = {"t1": result.warped, "jac": reg.log_jacobian(template.image, result)}

@@ -47,8 +47,10 @@ class RegistrationResult:
         return [str(self.warp), str(self.affine)]
 
 
-def _linear_chain(fixed, moving, params: dict, workdir: Path) -> tuple[str, dict]:
-    """Rigid -> similarity -> affine from a centre-of-mass start; returns the affine .mat."""
+def _linear_chain(fixed, moving, params: dict, workdir: Path,
+                  fixed_mask: ants.ANTsImage | None = None) -> tuple[str, dict]:
+    """Rigid -> similarity -> affine from a centre-of-mass start; returns the affine .mat.
+    ``fixed_mask`` (0/1 on ``fixed``'s grid): the metric is evaluated inside it only."""
     timings: dict[str, float] = {}
     fixed_lin, moving_lin = fixed, moving
     res = params.get("linear_resolution")
@@ -58,6 +60,9 @@ def _linear_chain(fixed, moving, params: dict, workdir: Path) -> tuple[str, dict
             fixed_lin = ants.resample_image(fixed, spacing, use_voxels=False, interp_type=0)
         if min(moving.spacing) < res:
             moving_lin = ants.resample_image(moving, spacing, use_voxels=False, interp_type=0)
+    mask_lin = None
+    if fixed_mask is not None:
+        mask_lin = ants.resample_image_to_target(fixed_mask, fixed_lin, interp_type="nearestNeighbor")
     init = None  # None -> ANTs' centre-of-mass initialisation "[fixed,moving,1]"
     for i, stage in enumerate(params["linear_stages"]):
         t0 = time.perf_counter()
@@ -70,6 +75,7 @@ def _linear_chain(fixed, moving, params: dict, workdir: Path) -> tuple[str, dict
             aff_shrink_factors=tuple(params["aff_shrink_factors"]),
             aff_smoothing_sigmas=tuple(params["aff_smoothing_sigmas"]),
             use_legacy_histogram_matching=bool(params["histogram_matching"]),
+            mask=mask_lin, mask_all_stages=mask_lin is not None,
         )
         init = reg["fwdtransforms"][0]
         timings[stage.lower()] = time.perf_counter() - t0
@@ -118,6 +124,54 @@ def register_to_template(fixed: ants.ANTsImage, moving: ants.ANTsImage, params: 
     if flatten or fixed_syn is not fixed:
         warped = ants.apply_transforms(fixed, moving_orig, transformlist=[str(warp), str(mat)])
     return RegistrationResult(affine=mat, warp=warp, inverse_warp=inv, warped=warped, timings_s=timings)
+
+
+def dilate_mask(mask: ants.ANTsImage, margin_mm: float) -> ants.ANTsImage:
+    """0/1 ``mask`` grown by ``margin_mm`` (Euclidean distance, mm) on its own grid."""
+    from scipy import ndimage
+
+    inside = mask.numpy() > 0.5
+    distance = ndimage.distance_transform_edt(~inside, sampling=mask.spacing)
+    return mask.new_image_like((distance <= float(margin_mm)).astype(np.float32))
+
+
+def extract_brain(fixed: ants.ANTsImage, fixed_mask: ants.ANTsImage, moving: ants.ANTsImage,
+                  params: dict, workdir: str | Path, margin_mm: float) -> tuple[ants.ANTsImage, ants.ANTsImage]:
+    """Skull-strip a whole-head ``moving`` T1w with the template's brain mask.
+
+    The linear chain (rigid -> similarity -> affine, :func:`_linear_chain`) aligns
+    ``moving`` to ``fixed`` with the metric restricted to the template brain mask grown by
+    ``margin_mm``, so skull and scalp outside it do not pull the alignment; that grown
+    mask, carried into ``moving``'s space by the inverse affine, keeps the brain. Returns
+    (``moving`` x mask, the 0/1 mask on ``moving``'s grid).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    grown = dilate_mask(fixed_mask, margin_mm)
+    affine, _ = _linear_chain(fixed, moving, params, workdir, fixed_mask=grown)
+    mask = ants.apply_transforms(moving, grown, transformlist=[affine], whichtoinvert=[True],
+                                 interpolator="nearestNeighbor")
+    return moving * mask, mask
+
+
+def register_t1w(template: ants.ANTsImage, template_mask: ants.ANTsImage, t1: ants.ANTsImage,
+                 params: dict, workdir: str | Path, brain_margin_mm: float | None = None) -> RegistrationResult:
+    """The participant level's registration of an (N4-corrected) T1w to the template.
+
+    With ``brain_margin_mm`` (``spatial.brain_extraction``), ``t1`` is skull-stripped first
+    (:func:`extract_brain`) and the template masked by the same grown mask, so brain is
+    registered to brain; the result's timings gain ``brain_extraction`` (s).
+    """
+    workdir = Path(workdir)
+    if brain_margin_mm is None:
+        return register_to_template(template, t1, params, workdir / "reg")
+    t0 = time.perf_counter()
+    t1, _ = extract_brain(template, template_mask, t1, params, workdir / "brain", brain_margin_mm)
+    fixed = template * dilate_mask(template_mask, brain_margin_mm)
+    seconds = time.perf_counter() - t0
+    result = register_to_template(fixed, t1, params, workdir / "reg")
+    result.timings_s = {"brain_extraction": seconds, **result.timings_s}
+    return result
 
 
 def crop_to_foreground(image: ants.ANTsImage, margin_mm: float) -> ants.ANTsImage:
