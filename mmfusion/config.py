@@ -119,6 +119,21 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     return cfg
 
 
+#: spatial keys that shape nothing while brain extraction is off (kept out of the hash then,
+#: so shards and templates made before the keys existed stay valid)
+_BRAIN_EXTRACTION_KEYS = ("brain_extraction", "brain_extraction_margin_mm")
+
+
+def spatial_hash(cfg: dict) -> str:
+    """:func:`config_hash` of the ``spatial`` section (what shapes a shard or a study
+    template), without the brain-extraction keys while ``brain_extraction`` is off."""
+    spatial = dict(cfg["spatial"])
+    if not spatial.get("brain_extraction"):
+        for key in _BRAIN_EXTRACTION_KEYS:
+            spatial.pop(key, None)
+    return config_hash({"spatial": spatial})
+
+
 def config_hash(cfg: dict, sections: list[str] | None = None) -> str:
     """sha256 (hex, first 16 chars) of the canonical JSON of ``cfg`` (or some sections)."""
     part = cfg if sections is None else {s: cfg[s] for s in sections}

@@ -189,3 +189,23 @@ def test_missing_modality_and_too_many_folds_fail_before_any_model(tmp_path, no_
     code, _ = _group(root, out, config, "--modalities", "jac")
     err = capsys.readouterr().err
     assert code == 64 and "5 subject(s) but training.cv_folds is 6; set training.cv_folds <= 5" in err
+
+
+def test_spatial_hash_ignores_brain_extraction_keys_while_it_is_off():
+    import copy
+
+    from mmfusion.config import config_hash, default_config, spatial_hash
+
+    cfg = default_config()
+    before = copy.deepcopy(cfg)
+    for key in ("brain_extraction", "brain_extraction_margin_mm"):
+        before["spatial"].pop(key)
+    # the hash of a config written before the keys existed: old shards stay valid
+    assert spatial_hash(cfg) == config_hash(before, ["spatial"])
+    cfg["spatial"]["brain_extraction_margin_mm"] = 5.0
+    assert spatial_hash(cfg) == config_hash(before, ["spatial"])
+    cfg["spatial"]["brain_extraction"] = True
+    on = spatial_hash(cfg)
+    assert on != config_hash(before, ["spatial"])
+    cfg["spatial"]["brain_extraction_margin_mm"] = 3.0
+    assert spatial_hash(cfg) != on

@@ -25,7 +25,7 @@ from mmfusion.io import derivatives
 from mmfusion.io import dwi as dwi_io
 from mmfusion.report import figures, subject_qc
 from mmfusion.io.atomic import atomic_path
-from mmfusion.config import config_hash
+from mmfusion.config import spatial_hash  # the hash of what shapes a shard
 from mmfusion.context import scratch_dir
 from mmfusion.io.images import check_same_space, load_3d, load_subject_inputs, missing_t1w_error
 from mmfusion.provenance import library_versions, reuse_existing, sha256_file
@@ -52,11 +52,6 @@ class GridImages:
     affine: np.ndarray             # (4, 4) RAS affine of the grid
     grid: ants.ANTsImage           # the grid as an ANTs image, the reference for writing NIfTIs
     record: dict                   # shape, voxel size, rule, margin (grid_record): stored in the shard
-
-
-def spatial_hash(config: dict) -> str:
-    """Hash of the config sections that shape a shard (``spatial``)."""
-    return config_hash(config, ["spatial"])
 
 
 def run_participant_level(ctx) -> list[Path]:

@@ -16,7 +16,7 @@ import ants
 import numpy as np
 
 from mmfusion import __version__
-from mmfusion.config import config_hash
+from mmfusion.config import spatial_hash
 from mmfusion.context import scratch_dir
 from mmfusion.errors import MissingInputError
 from mmfusion.io.atomic import atomic_path, write_json
@@ -72,7 +72,7 @@ def run_template_level(ctx) -> Path:
         "n4": cfg["n4"],
         "preset": cfg["preset"],
         "registration_params": params,
-        "config_hash": config_hash(ctx.config, ["spatial"]),
+        "config_hash": spatial_hash(ctx.config),
         "template_hash": image_hash(ants.image_read(str(paths["t1w"]))),
         "inputs": _input_record(ctx, chosen),
         "mask": "MNI152 2009 brain mask (nilearn) registered to the template and thresholded at 0.5",
@@ -95,7 +95,7 @@ def _up_to_date(ctx, paths: dict, chosen: list) -> bool:
     (exit 75) unless ``--force``: rebuilding would make every existing shard stale."""
     finished = paths["provenance"].is_file() and paths["t1w"].is_file()
     recorded = json.loads(paths["provenance"].read_text()) if finished else None
-    expected = {"config_hash": config_hash(ctx.config, ["spatial"]),
+    expected = {"config_hash": spatial_hash(ctx.config),
                 "inputs": _input_record(ctx, chosen)}
     return reuse_existing(paths["t1w"], recorded, expected, ctx.force,
                           "rerun with --force to rebuild it (then also rerun the participant level with "
