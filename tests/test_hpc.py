@@ -740,7 +740,8 @@ def test_slurm_dag_runs_the_folds_concurrently_and_equals_the_plain_group_run(da
 @pytest.mark.extended
 def test_slurm_fold_job_signalled_requeues_itself_and_ends_with_the_uninterrupted_weights(dag_run, slurm_cluster):
     """A fold job warned (SIGUSR1 to its batch shell, as --signal=B:USR1@N does) during epoch 2
-    checkpoints, requeues itself and resumes at epoch 3; its weights equal the DAG's fold 1."""
+    (held open for the signal by MMFUSION_HOLD_AT_EPOCH) checkpoints, requeues itself and
+    resumes at epoch 3; its weights equal the DAG's fold 1."""
     start = time.monotonic()
     root = dag_run["out"].parent / "requeue"
     out = root / "out"
@@ -752,11 +753,14 @@ def test_slurm_fold_job_signalled_requeues_itself_and_ends_with_the_uninterrupte
          "--cpus-per-task=1", "--mem=3G", "--time=00:10:00", "--gres=none", "--signal=B:USR1@60", "--requeue",
          "--open-mode=append", "--export=ALL,MMFUSION_GROUP_STEP=train-fold,MMFUSION_CV_FOLDS=2", str(GROUP),
          str(dag_run["bids"]), str(out), "--config", str(dag_run["config"]), "--skip-bids-validation"],
-        env={**dag_run["env"], "MMFUSION_HOME": str(REPO)}, capture_output=True, text=True, timeout=30)
+        env={**dag_run["env"], "MMFUSION_HOME": str(REPO), "MMFUSION_HOLD_AT_EPOCH": "2"}, capture_output=True,
+        text=True, timeout=30)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
     slurm_cluster.append(job)
-    _wait_for_text(log, "fold-01/embedding_only epoch 1/3", start + 400, [job])
+    # Epoch 2 waits for the signal, so it lands inside epoch 2 however fast the epochs run
+    # (a CI run's 0.3 s epochs let a signal sent after epoch 1 land in the last epoch).
+    _wait_for_text(log, "epoch 2 waits for a stop signal", start + 400, [job])
     subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_1"], check=True, timeout=30)
     # the requeued job waits ~120 s (reason BeginTime: SLURM's hold of requeued jobs; 121 s measured)
     (record,) = _wait_for([job], deadline=start + 800)[job]

@@ -40,7 +40,9 @@ without it). A fold whose metrics were
 written is not redone. Checkpoints from another config/seed/subject set are refused.
 For tests, the environment variable ``MMFUSION_KILL_AFTER_EPOCHS=N`` makes the process
 SIGKILL itself right after the N-th epoch checkpoint of this process, and
-``MMFUSION_SIGNAL_AT_EPOCH=N`` makes it send itself SIGUSR1 as its N-th epoch begins.
+``MMFUSION_SIGNAL_AT_EPOCH=N`` makes it send itself SIGUSR1 as its N-th epoch begins, and
+``MMFUSION_HOLD_AT_EPOCH=N`` makes the model's epoch N (counted from the start of training,
+so a resumed run does not hold again) wait, up to 10 min, for a stop signal from outside.
 
 Steps (``group --step``, docs/hpc.md): :func:`learn` runs everything in one process; the
 same work also runs as independent steps, in separate processes or nodes, each resumable
@@ -85,6 +87,7 @@ from mmfusion.runlog import get_logger, progress
 log = get_logger(__name__)
 KILL_ENV = "MMFUSION_KILL_AFTER_EPOCHS"
 SIGNAL_ENV = "MMFUSION_SIGNAL_AT_EPOCH"
+HOLD_ENV = "MMFUSION_HOLD_AT_EPOCH"
 _epochs_this_process = 0
 #: Signals that stop training after the current epoch's checkpoint (:func:`stop_on_signals`).
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -121,6 +124,14 @@ def _on_stop_signal(signum, frame) -> None:
     log.warning("%s received: stopping after the current epoch's checkpoint", _stop["signal"])
     if not _stop["in_epoch"]:
         _raise_interrupted()
+
+
+def _hold_for_stop_signal(epoch: int, limit_s: float = 600.0) -> None:
+    """Test hook: wait inside an epoch until a stop signal arrives (or ``limit_s`` passes)."""
+    log.warning("%s: epoch %d waits for a stop signal (test hook)", HOLD_ENV, epoch)
+    deadline = time.monotonic() + limit_s
+    while not _stop["signal"] and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _raise_interrupted(label: str = "") -> None:
@@ -238,6 +249,9 @@ class _Checkpointer:
                 if at and _epochs_this_process + 1 == int(at):
                     log.warning("%s=%s: sending SIGUSR1 to this process (test hook)", SIGNAL_ENV, at)
                     os.kill(os.getpid(), signal.SIGUSR1)
+                hold = os.environ.get(HOLD_ENV)
+                if hold and epoch + 1 == int(hold):
+                    _hold_for_stop_signal(epoch + 1)
 
             def on_epoch_end(self, epoch, logs=None):
                 try:
