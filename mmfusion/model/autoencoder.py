@@ -1,18 +1,19 @@
 """The multimodal fusion autoencoder (docs/method.md#3-autoencoder).
 
-Shapes for the default config (``mmfusion/defaults/model.yaml``: input 128x128x96,
-5 levels, filters 2,4,8,16,32, kernel 5x6x5, embedding_filters 32), M modalities::
+Shapes for the default config (``mmfusion/defaults/model.yaml``: input = the default
+brain-fitted grid, 96x128x96; 5 levels, filters 2,4,8,16,32, kernel 5x6x5,
+embedding_filters 32), M modalities::
 
-    in_<m>        (B, 128, 128, 96, 1)   values in [0, 1], one input per modality
+    in_<m>        (B, 96, 128, 96, 1)   values in [0, 1], one input per modality
     encoder <m>   level i (grid G_i = input / 2**i, f_i = filters[i]):
                   conv(f_i) -> mid-flow -> down conv(f_i)  [skip_i = (B, *G_i, f_i)]
-                  -> code (B, 4, 4, 3, 32) = 1536 values per modality
-    fusion        concat codes (B, 4, 4, 3, 32*M) -> Conv3D(embedding_filters,
-                  kernel 4x4x3, 'same') -> BN -> ELU: layer ``embedding``
-                  (B, 4, 4, 3, 32) = 1536 values
+                  -> code (B, 3, 4, 3, 32) = 1152 values per modality
+    fusion        concat codes (B, 3, 4, 3, 32*M) -> Conv3D(embedding_filters,
+                  kernel = the code's grid, 3x4x3, 'same') -> BN -> ELU: layer
+                  ``embedding`` (B, 3, 4, 3, 32) = 1152 values
     decoder <m>   level i = L-1 .. 0: up conv(f_i) (B, *G_i, f_i)
                   [-> concat skip_i: (B, *G_i, 2*f_i)] -> mid-flow -> conv(f_i)
-                  -> Conv3D(1, 1x1x1, sigmoid, float32): ``rec_<m>`` (B, 128, 128, 96, 1)
+                  -> Conv3D(1, 1x1x1, sigmoid, float32): ``rec_<m>`` (B, 96, 128, 96, 1)
 
 Inputs and outputs are dicts keyed by ``in_<m>`` / ``rec_<m>``: feed
 ``{"in_T1w": x1, "in_FA": x2}`` and targets ``{"rec_T1w": x1, "rec_FA": x2}``.
