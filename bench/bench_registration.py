@@ -154,7 +154,7 @@ def self_check_row(data: Path, whole_head: bool) -> dict:
 
 # ----------------------------------------------------------------- one subject
 def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, overrides=None,
-            brain_margin: float | None = None) -> None:
+            brain_margin: float | None = None, n4_levels: int = 4) -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import ants
     from mmfusion.spatial import registration as reg
@@ -170,7 +170,7 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, ov
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     moving = ants.image_read(str(row["t1w"]))
     if n4:
-        moving = n4_correct(moving)
+        moving = n4_correct(moving, levels=n4_levels)
     t_n4 = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="benchreg_") as tmp:
         res = reg.register_t1w(tpl, mask, moving, params, tmp, brain_margin)
@@ -195,7 +195,7 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, ov
                            f"{prefix}t1_r": float(np.corrcoef(warped[m], tplg[m])[0, 1])})
         scores["grid"] = f"{'x'.join(map(str, grids[''].shape))} at {grids[''].spacing[0]:.2f} mm"
     queue.put({
-        "subject": row["subject"], "preset": preset, "n4": n4, **scores,
+        "subject": row["subject"], "preset": preset, "n4": n4, "n4_levels": n4_levels if n4 else None, **scores,
         "wall_s": wall, "cpu_s": cpu, "n4_s": t_n4, "stages_s": res.timings_s,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
     })
@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-n4", action="store_true")
+    ap.add_argument("--n4-levels", type=int, default=4, help="N4 fitting levels (the participant level uses 4)")
     ap.add_argument("--source", choices=["builtin", "simulate"], default="builtin")
     ap.add_argument("--data", type=Path, default=None, help="reuse/keep data here")
     ap.add_argument("--json", type=Path, default=None)
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
             preset, row = jobs.pop(0)
             q = ctx.Queue()
             p = ctx.Process(target=run_one, args=(row, preset, args.threads, not args.no_n4, args.seed, q,
-                                                  args.overrides, args.brain_extraction))
+                                                  args.overrides, args.brain_extraction, args.n4_levels))
             p.start()
             running.append((p, q))
         out = None
