@@ -138,6 +138,20 @@ def _model_variants(overrides: list[str]) -> list[tuple[str, dict]]:
     return variants
 
 
+def score_embedding(X: np.ndarray, y: np.ndarray, stratify: dict, seed: int, threads: int) -> dict:
+    """The product's AP grid search and k-means at the planted k on ``X`` (subjects x
+    features), each against the planted strata ``y``: ``ap_clusters``, ``ap_ari``, ``kmeans_ari``."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from mmfusion.strata import ap_grid
+
+    grid = ap_grid.grid_search(X, stratify, seed=seed, n_threads=threads, quiet=True)
+    km = KMeans(len(np.unique(y)), n_init=10, random_state=0).fit_predict(X)
+    return {"ap_clusters": int(grid.best["n_clusters"]), "ap_ari": adjusted_rand_score(y, grid.labels),
+            "kmeans_ari": adjusted_rand_score(y, km)}
+
+
 def epochs_sweep(d: Path, config_path: Path, epochs: list[int], learning_rates: list[float | None],
                  seeds: list[int], threads: int, model_overrides: list[str] = ()) -> pd.DataFrame:
     """Final models on one dataset's shards for every (model variant, epochs, learning rate,
@@ -145,12 +159,8 @@ def epochs_sweep(d: Path, config_path: Path, epochs: list[int], learning_rates: 
     median per-dimension SD across subjects, the last epoch's loss and the training time (s).
     ``model_overrides`` adds model variants (``KEY=VALUE[,KEY=VALUE]`` of the model section)
     beside the config's own model."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score
-
     from mmfusion.config import load_config
     from mmfusion.learning import shard_data
-    from mmfusion.strata import ap_grid
 
     out, modalities = _derivatives(d), ["jac", "ndi"]
     truth = pd.read_csv(d / "bids" / "sourcedata" / "ground_truth" / "strata.tsv", sep="\t")
@@ -166,13 +176,10 @@ def epochs_sweep(d: Path, config_path: Path, epochs: list[int], learning_rates: 
                     t0, history = time.monotonic(), []
                     X = final_embedding(out, config, modalities, seed, history)
                     seconds = time.monotonic() - t0
-                    grid = ap_grid.grid_search(X, config["stratify"], seed=seed, n_threads=threads, quiet=True)
-                    km = KMeans(len(np.unique(y)), n_init=10, random_state=0).fit_predict(X)
                     rows.append({"model": label, "epochs": n_epochs, "learning_rate": config["training"]["learning_rate"],
                                  "steps": n_epochs * len(infos), "seed": seed,
-                                 "ap_clusters": int(grid.best["n_clusters"]),
-                                 "ap_ari": adjusted_rand_score(y, grid.labels),
-                                 "kmeans_ari": adjusted_rand_score(y, km), "median_sd": float(np.median(X.std(axis=0))),
+                                 **score_embedding(X, y, config["stratify"], seed, threads),
+                                 "median_sd": float(np.median(X.std(axis=0))),
                                  "final_loss": float(history[-1]["loss"]), "train_s": seconds})
                     r = rows[-1]
                     print(f"{label} epochs {n_epochs:4d} lr {r['learning_rate']:.4g} ({r['steps']} steps) seed {seed}: "
@@ -182,10 +189,8 @@ def epochs_sweep(d: Path, config_path: Path, epochs: list[int], learning_rates: 
 
 
 def ladder(dirs: list[Path], with_skips: bool, threads: int) -> pd.DataFrame:
-    from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
-    from mmfusion.strata import ap_grid
     from mmfusion.io.embeddings import read_embeddings
 
     rows = []
@@ -211,11 +216,8 @@ def ladder(dirs: list[Path], with_skips: bool, threads: int) -> pd.DataFrame:
         if with_skips:
             stages["with skips (paper)"] = with_skips_embedding(out, config, modalities, seed)
         for stage, X in stages.items():
-            grid = ap_grid.grid_search(X, config["stratify"], seed=seed, n_threads=threads, quiet=True)
-            km = KMeans(len(np.unique(y)), n_init=10, random_state=0).fit_predict(X)
             rows.append({"dataset": d.name, "stage": stage, "dim": X.shape[1], "n": X.shape[0],
-                         "ap_clusters": int(grid.best["n_clusters"]),
-                         "ap_ari": adjusted_rand_score(y, grid.labels), "kmeans_ari": adjusted_rand_score(y, km)})
+                         **score_embedding(X, y, config["stratify"], seed, threads)})
             r = rows[-1]
             print(f"{d.name:10s} {stage:28s} dim {r['dim']:6d}  AP ARI {r['ap_ari']:6.3f} "
                   f"({r['ap_clusters']} clusters)  k-means ARI {r['kmeans_ari']:6.3f}", flush=True)
