@@ -154,7 +154,7 @@ def self_check_row(data: Path, whole_head: bool) -> dict:
 
 # ----------------------------------------------------------------- one subject
 def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, overrides=None,
-            brain_margin: float | None = None, n4_levels: int = 4) -> None:
+            brain_margin: float | None = None, n4_levels: int = 4, template_n4: bool = False) -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     import ants
     from mmfusion.spatial import registration as reg
@@ -165,6 +165,8 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, ov
     reg.set_ants_threads(threads, seed)
     params = resolve_preset(preset, overrides)
     tpl = ants.image_read(str(row["template"]))
+    if template_n4:  # like with like: the template corrected by the same N4 as the subject
+        tpl = n4_correct(tpl, levels=n4_levels)
     mask = ants.image_read(str(row["mask"]))
     t0 = time.perf_counter()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -195,7 +197,8 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, ov
                            f"{prefix}t1_r": float(np.corrcoef(warped[m], tplg[m])[0, 1])})
         scores["grid"] = f"{'x'.join(map(str, grids[''].shape))} at {grids[''].spacing[0]:.2f} mm"
     queue.put({
-        "subject": row["subject"], "preset": preset, "n4": n4, "n4_levels": n4_levels if n4 else None, **scores,
+        "subject": row["subject"], "preset": preset, "n4": n4, "n4_levels": n4_levels if n4 else None,
+        "template_n4": template_n4, **scores,
         "wall_s": wall, "cpu_s": cpu, "n4_s": t_n4, "stages_s": res.timings_s,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
     })
@@ -210,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-n4", action="store_true")
     ap.add_argument("--n4-levels", type=int, default=4, help="N4 fitting levels (the participant level uses 4)")
+    ap.add_argument("--template-n4", action="store_true",
+                    help="run the same N4 on the template too (the participant level does not correct a built-in or user template)")
     ap.add_argument("--source", choices=["builtin", "simulate"], default="builtin")
     ap.add_argument("--data", type=Path, default=None, help="reuse/keep data here")
     ap.add_argument("--json", type=Path, default=None)
@@ -247,7 +252,8 @@ def main(argv=None) -> int:
             preset, row = jobs.pop(0)
             q = ctx.Queue()
             p = ctx.Process(target=run_one, args=(row, preset, args.threads, not args.no_n4, args.seed, q,
-                                                  args.overrides, args.brain_extraction, args.n4_levels))
+                                                  args.overrides, args.brain_extraction, args.n4_levels,
+                                                  args.template_n4))
             p.start()
             running.append((p, q))
         out = None
