@@ -165,7 +165,7 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, ov
     reg.set_ants_threads(threads, seed)
     params = resolve_preset(preset, overrides)
     tpl = ants.image_read(str(row["template"]))
-    if template_n4:  # like with like: the template corrected by the same N4 as the subject
+    if template_n4:  # as the participant level does for a built-in or user template
         tpl = n4_correct(tpl, levels=n4_levels)
     mask = ants.image_read(str(row["mask"]))
     t0 = time.perf_counter()
@@ -213,8 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-n4", action="store_true")
     ap.add_argument("--n4-levels", type=int, default=4, help="N4 fitting levels (the participant level uses 4)")
-    ap.add_argument("--template-n4", action="store_true",
-                    help="run the same N4 on the template too (the participant level does not correct a built-in or user template)")
+    ap.add_argument("--raw-template", action="store_true",
+                    help="do not run the subjects' N4 on the template (the participant level corrects a built-in "
+                         "or user template since 0.3.0; before, it did not)")
     ap.add_argument("--source", choices=["builtin", "simulate"], default="builtin")
     ap.add_argument("--data", type=Path, default=None, help="reuse/keep data here")
     ap.add_argument("--json", type=Path, default=None)
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
             q = ctx.Queue()
             p = ctx.Process(target=run_one, args=(row, preset, args.threads, not args.no_n4, args.seed, q,
                                                   args.overrides, args.brain_extraction, args.n4_levels,
-                                                  args.template_n4))
+                                                  not (args.no_n4 or args.raw_template)))
             p.start()
             running.append((p, q))
         out = None

@@ -236,6 +236,10 @@ def test_nan_in_ndi_is_zeroed_and_counted(dataset, tmp_path):
     shard = read_shard(path)  # check_finite: raises on NaN
     assert sorted(shard.images) == ["jac", "ndi", "t1"], "no FA given -> no FA dataset"
     assert shard.meta["qc"]["nonfinite_ndi"] == 7 and shard.meta["template_source"] == "builtin"
+    # the built-in template was N4-corrected like the subject, once, and the shard says so
+    from mmfusion.spatial.template import builtin_mni, image_hash
+    assert len(list((out / "template").glob("tpl-MNI152NLin2009aSym-*_desc-n4_T1w.nii.gz"))) == 1
+    assert shard.meta["template_hash"] != image_hash(builtin_mni(SMALL["spatial"]["registration_resolution"])[0])
 
 
 def test_map_on_a_coarser_grid_in_t1w_space_is_resampled(dataset, tmp_path):

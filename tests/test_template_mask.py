@@ -65,3 +65,41 @@ def test_user_template_mask_is_computed_once_and_shared(tmp_path, monkeypatch):
     tp.resolve_template(_ctx(tmp_path, path), dict(params, reg_iterations=[2, 0]))
     assert len(calls) == 2
     assert len(list((tmp_path / "out" / "template").glob("tpl-custom*_desc-brain_mask.nii.gz"))) == 2
+
+
+def test_a_builtin_template_is_n4_corrected_once_and_shared(tmp_path, monkeypatch):
+    """Subjects are N4-corrected, so the bias-free built-in template is too: once per output
+    directory, the same file for every array task, a new hash, the mask and grid unchanged."""
+    reg.set_ants_threads(2, 1)
+    mni, mni_mask = tp.builtin_mni(4.0)
+    raw = tp.TemplateInfo(mni, mni_mask, "builtin", tp.MNI_SPACE, "nilearn", tp.image_hash(mni))
+    calls = []
+    real = reg.n4_correct
+
+    def counting(img):
+        calls.append(time.time())
+        return real(img)
+
+    monkeypatch.setattr(reg, "n4_correct", counting)
+    ctx = SimpleNamespace(output_dir=tmp_path / "out")
+    results = [None, None]
+
+    def correct(k):
+        results[k] = tp.n4_corrected_template(ctx, raw)
+
+    threads = [threading.Thread(target=correct, args=(k,)) for k in range(2)]  # two array tasks at once
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert len(list((tmp_path / "out" / "template").glob("tpl-MNI152NLin2009aSym-*_desc-n4_T1w.nii.gz"))) == 1
+    a, b = results
+    np.testing.assert_array_equal(a.image.numpy(), b.image.numpy())
+    assert a.hash == b.hash != raw.hash and a.mask is raw.mask and (a.source, a.space) == ("builtin", tp.MNI_SPACE)
+    assert a.image.shape == mni.shape and np.allclose(a.image.spacing, mni.spacing)
+    brain = (mni_mask.numpy() > 0.5) & (mni.numpy() > 0.1 * mni.numpy().max())
+    ratio = a.image.numpy()[brain] / mni.numpy()[brain]  # N4 also rescales: compare the shape
+    assert np.ptp(np.percentile(ratio / np.median(ratio), [5, 95])) > 0.05  # N4 changed it (0.87-1.17 measured)
+    tp.n4_corrected_template(ctx, raw)  # a later run reuses the file
+    assert len(calls) == 1

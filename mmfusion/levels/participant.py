@@ -34,7 +34,7 @@ from mmfusion.io.shards import Shard, read_attrs, shard_path, write_shard
 from mmfusion.spatial import registration as reg
 from mmfusion.spatial.presets import resolve_preset
 from mmfusion.spatial.resample import grid_coverage, grid_for_template, ras_affine, to_grid
-from mmfusion.spatial.template import TemplateInfo, resolve_template
+from mmfusion.spatial.template import TemplateInfo, n4_corrected_template, resolve_template
 
 log = get_logger(__name__)
 
@@ -64,6 +64,8 @@ def run_participant_level(ctx) -> list[Path]:
             raise missing_t1w_error(record.key)
     derivatives.init_output_dir(ctx.output_dir, ctx.bids_dir)
     template = resolve_template(ctx, params)
+    if cfg["n4"] and template.source != "study":  # like with like: the subjects are N4-corrected
+        template = n4_corrected_template(ctx, template)
     ctx.logger.info("template: %s (space-%s, hash %s); preset %s",
                     template.source, template.space, template.hash, cfg["preset"])
     ctx.provenance.extra["template"] = template.as_dict()

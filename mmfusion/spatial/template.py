@@ -6,6 +6,12 @@ derived by registering the MNI mask, once per output directory: see
 :func:`user_template_mask`) > the study template in ``output_dir/template/`` >
 the built-in MNI152 2009 template that nilearn ships (offline). Every output records
 which (``source``), its space label and a content hash.
+
+With ``spatial.n4`` on, a built-in or user template is corrected by the same N4 as the
+subjects, once (:func:`n4_corrected_template`): a study template is built from N4-corrected
+images already. N4 changes the intensities of a bias-free image (its finer levels fit
+anatomy), so a corrected subject on an uncorrected template leaves a log-JAC floor
+(docs/registration.md, "Whole-head T1w images").
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import fcntl
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ants
@@ -119,6 +125,34 @@ def resolve_template(ctx, params: dict) -> TemplateInfo:
     img, mask = builtin_mni(res)
     return TemplateInfo(img, mask, "builtin", MNI_SPACE,
                         "nilearn MNI152 2009 (load_mni152_template)", image_hash(img))
+
+
+def n4_corrected_template(ctx, template: TemplateInfo) -> TemplateInfo:
+    """``template`` with its image corrected by the subjects' N4 (:func:`reg.n4_correct`), ONCE.
+
+    Cached as ``output_dir/template/tpl-<space>-<hash>_desc-n4_T1w.nii.gz`` (``<hash>``: 12
+    hex digits of the uncorrected template's hash), under an exclusive lock like
+    :func:`user_template_mask`, and read back from the file by every task, so all subjects
+    of an array job use the same image. The returned hash names the uncorrected template
+    plus the correction (not the corrected voxels: N4's result varies slightly with ITK's
+    thread count, and two sites must agree on the template of a bundle); the mask, grid,
+    source, space and reference are unchanged.
+    """
+    folder = Path(ctx.output_dir) / "template"
+    path = folder / f"tpl-{template.space}-{template.hash[:12]}_desc-n4_T1w.nii.gz"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            log.info("%s template: N4 bias correction as for the subjects (once; cached in %s)",
+                     template.source, path)
+            corrected = reg.n4_correct(template.image)
+            with atomic_path(path) as tmp_path:
+                ants.image_write(corrected, str(tmp_path))
+        else:
+            log.info("%s template, N4-corrected: reusing %s", template.source, path)
+    corrected_hash = hashlib.sha256(f"{template.hash} n4".encode()).hexdigest()[:16]
+    return replace(template, image=ants.image_read(str(path)), hash=corrected_hash)
 
 
 def user_template_mask(ctx, img: ants.ANTsImage, params: dict, res: float) -> ants.ANTsImage:
