@@ -25,6 +25,21 @@ def _ctx(tmp_path: Path, template: Path):
                            output_dir=tmp_path / "out", work_dir=tmp_path / "work", provenance=_Inputs())
 
 
+def _as_two_tasks(call) -> list:
+    """``call()`` in two threads started together (two array tasks at once); their results."""
+    results = [None, None]
+
+    def run(k):
+        results[k] = call()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_user_template_mask_is_computed_once_and_shared(tmp_path, monkeypatch):
     reg.set_ants_threads(2, 1)
     mni, mni_mask = tp.builtin_mni(4.0)
@@ -40,16 +55,7 @@ def test_user_template_mask_is_computed_once_and_shared(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tp, "_mask_by_mni", counting)
     params = presets.resolve_preset("fast-test")
-    results = [None, None]
-
-    def resolve(k):
-        results[k] = tp.resolve_template(_ctx(tmp_path, path), params)
-
-    threads = [threading.Thread(target=resolve, args=(k,)) for k in range(2)]  # two array tasks at once
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _as_two_tasks(lambda: tp.resolve_template(_ctx(tmp_path, path), params))
     assert len(calls) == 1
     cached = list((tmp_path / "out" / "template").glob("tpl-custom*_res-4_desc-brain_mask.nii.gz"))
     assert len(cached) == 1
@@ -82,16 +88,7 @@ def test_a_builtin_template_is_n4_corrected_once_and_shared(tmp_path, monkeypatc
 
     monkeypatch.setattr(reg, "n4_correct", counting)
     ctx = SimpleNamespace(output_dir=tmp_path / "out")
-    results = [None, None]
-
-    def correct(k):
-        results[k] = tp.n4_corrected_template(ctx, raw)
-
-    threads = [threading.Thread(target=correct, args=(k,)) for k in range(2)]  # two array tasks at once
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _as_two_tasks(lambda: tp.n4_corrected_template(ctx, raw))
     assert len(calls) == 1
     assert len(list((tmp_path / "out" / "template").glob("tpl-MNI152NLin2009aSym-*_desc-n4_T1w.nii.gz"))) == 1
     a, b = results

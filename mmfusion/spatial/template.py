@@ -127,32 +127,38 @@ def resolve_template(ctx, params: dict) -> TemplateInfo:
                         "nilearn MNI152 2009 (load_mni152_template)", image_hash(img))
 
 
+def _computed_once(path: Path, compute, what: str) -> ants.ANTsImage:
+    """The image at ``path``, made by ``compute()`` if it is not there yet (``what`` says what
+    it is, for the log). An exclusive lock on a ``.lock`` file next to it makes array tasks
+    that start together wait for the first one instead of computing it too; the file is
+    written atomically and every caller reads it back, so all subjects use the same image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            log.info("%s (once; cached in %s)", what, path)
+            image = compute()
+            with atomic_path(path) as tmp_path:
+                ants.image_write(image, str(tmp_path))
+        else:
+            log.info("%s: reusing %s", what, path)
+    return ants.image_read(str(path))
+
+
 def n4_corrected_template(ctx, template: TemplateInfo) -> TemplateInfo:
     """``template`` with its image corrected by the subjects' N4 (:func:`reg.n4_correct`), ONCE.
 
     Cached as ``output_dir/template/tpl-<space>-<hash>_desc-n4_T1w.nii.gz`` (``<hash>``: 12
-    hex digits of the uncorrected template's hash), under an exclusive lock like
-    :func:`user_template_mask`, and read back from the file by every task, so all subjects
-    of an array job use the same image. The returned hash names the uncorrected template
-    plus the correction (not the corrected voxels: N4's result varies slightly with ITK's
-    thread count, and two sites must agree on the template of a bundle); the mask, grid,
-    source, space and reference are unchanged.
+    hex digits of the uncorrected template's hash; :func:`_computed_once`). The returned hash
+    names the uncorrected template plus the correction (not the corrected voxels: N4's result
+    varies slightly with ITK's thread count, and two sites must agree on the template of a
+    bundle); the mask, grid, source, space and reference are unchanged.
     """
-    folder = Path(ctx.output_dir) / "template"
-    path = folder / f"tpl-{template.space}-{template.hash[:12]}_desc-n4_T1w.nii.gz"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.is_file():
-            log.info("%s template: N4 bias correction as for the subjects (once; cached in %s)",
-                     template.source, path)
-            corrected = reg.n4_correct(template.image)
-            with atomic_path(path) as tmp_path:
-                ants.image_write(corrected, str(tmp_path))
-        else:
-            log.info("%s template, N4-corrected: reusing %s", template.source, path)
+    path = Path(ctx.output_dir) / "template" / f"tpl-{template.space}-{template.hash[:12]}_desc-n4_T1w.nii.gz"
+    image = _computed_once(path, lambda: reg.n4_correct(template.image),
+                           f"{template.source} template: N4 bias correction as for the subjects")
     corrected_hash = hashlib.sha256(f"{template.hash} n4".encode()).hexdigest()[:16]
-    return replace(template, image=ants.image_read(str(path)), hash=corrected_hash)
+    return replace(template, image=image, hash=corrected_hash)
 
 
 def user_template_mask(ctx, img: ants.ANTsImage, params: dict, res: float) -> ants.ANTsImage:
@@ -160,28 +166,18 @@ def user_template_mask(ctx, img: ants.ANTsImage, params: dict, res: float) -> an
 
     Cached as ``output_dir/template/tpl-custom<hash>_res-<r>_desc-brain_mask.nii.gz``
     (``<hash>``: 12 hex digits of the resampled template's voxels and grid plus the
-    registration parameters), so the subjects of an array job don't each repeat the
-    registration (~1-2 CPU minutes). An exclusive lock on a ``.lock`` file next to it
-    makes tasks that start together wait for the first one instead of computing it
-    too; every task reads the mask back from the file, so all subjects use the same
-    mask. Written atomically.
+    registration parameters; :func:`_computed_once`), so the subjects of an array job
+    don't each repeat the registration (~1-2 CPU minutes).
     """
     key = hashlib.sha256((image_hash(img) + json.dumps(params, sort_keys=True)).encode()).hexdigest()[:12]
-    folder = Path(ctx.output_dir) / "template"
-    path = folder / f"tpl-{USER_SPACE}{key}_res-{res_label(res)}_desc-brain_mask.nii.gz"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.is_file():
-            log.info("user template has no brain mask next to it: registering the MNI mask to it "
-                     "(once; cached in %s)", path)
-            with tempfile.TemporaryDirectory(prefix="mmf_tplmask_", dir=scratch_dir(ctx)) as tmp:
-                mask = _mask_by_mni(img, params, Path(tmp))
-            with atomic_path(path) as tmp_path:
-                ants.image_write(mask, str(tmp_path))
-        else:
-            log.info("user template mask: reusing %s", path)
-    return ants.image_read(str(path))
+    path = Path(ctx.output_dir) / "template" / f"tpl-{USER_SPACE}{key}_res-{res_label(res)}_desc-brain_mask.nii.gz"
+
+    def register_mni_mask() -> ants.ANTsImage:
+        with tempfile.TemporaryDirectory(prefix="mmf_tplmask_", dir=scratch_dir(ctx)) as tmp:
+            return _mask_by_mni(img, params, Path(tmp))
+
+    return _computed_once(path, register_mni_mask,
+                          "user template has no brain mask next to it: registering the MNI mask to it")
 
 
 def _initial_template(images: list[ants.ANTsImage], params: dict, workdir: Path) -> ants.ANTsImage:
