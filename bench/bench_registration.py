@@ -165,7 +165,7 @@ def run_one(row: dict, preset: str, threads: int, n4: bool, seed: int, queue, ov
     reg.set_ants_threads(threads, seed)
     params = resolve_preset(preset, overrides)
     tpl = ants.image_read(str(row["template"]))
-    if template_n4:  # as the participant level does for a built-in or user template
+    if template_n4:  # as the participant level does for the built-in template
         tpl = n4_correct(tpl, levels=n4_levels)
     mask = ants.image_read(str(row["mask"]))
     t0 = time.perf_counter()
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n4-levels", type=int, default=4, help="N4 fitting levels (the participant level uses 4)")
     ap.add_argument("--raw-template", action="store_true",
                     help="do not run the subjects' N4 on the template (the participant level corrects a built-in "
-                         "or user template since 0.3.0; before, it did not)")
+                         "template since 0.3.0; before, it did not)")
     ap.add_argument("--source", choices=["builtin", "simulate"], default="builtin")
     ap.add_argument("--data", type=Path, default=None, help="reuse/keep data here")
     ap.add_argument("--json", type=Path, default=None)

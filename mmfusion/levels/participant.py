@@ -64,7 +64,7 @@ def run_participant_level(ctx) -> list[Path]:
             raise missing_t1w_error(record.key)
     derivatives.init_output_dir(ctx.output_dir, ctx.bids_dir)
     template = resolve_template(ctx, params)
-    if cfg["n4"] and template.source != "study":  # like with like: the subjects are N4-corrected
+    if cfg["n4"] and template.source == "builtin":  # like with like: the subjects are N4-corrected
         template = n4_corrected_template(ctx, template)
     ctx.logger.info("template: %s (space-%s, hash %s); preset %s",
                     template.source, template.space, template.hash, cfg["preset"])

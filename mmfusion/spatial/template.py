@@ -7,9 +7,10 @@ derived by registering the MNI mask, once per output directory: see
 the built-in MNI152 2009 template that nilearn ships (offline). Every output records
 which (``source``), its space label and a content hash.
 
-With ``spatial.n4`` on, a built-in or user template is corrected by the same N4 as the
-subjects, once (:func:`n4_corrected_template`): a study template is built from N4-corrected
-images already. N4 changes the intensities of a bias-free image (its finer levels fit
+With ``spatial.n4`` on, the built-in template (bias-free, never N4-corrected) is corrected by
+the same N4 as the subjects, once (:func:`n4_corrected_template`). A study template is built
+from N4-corrected images already; a user template is used as given (it may be a study
+template from a bundle, which must keep its hash). N4 changes the intensities of a bias-free image (its finer levels fit
 anatomy), so a corrected subject on an uncorrected template leaves a log-JAC floor
 (docs/registration.md, "Whole-head T1w images").
 """
